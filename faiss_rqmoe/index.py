@@ -1,0 +1,380 @@
+"""IndexRQMoE: a FAISS-shaped index over RQ-MoE codes (DESIGN.md §2).
+
+Search pipeline: faiss IVF probes ``nprobe`` lists and scans them with
+static additive codebooks fitted to our codes (the LUT stage), returning a
+shortlist of ``nshort`` candidates with their codes; torch decodes the
+shortlist with the RQ-MoE model (all steps in parallel) and re-ranks it by
+exact distance to the query.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Optional
+
+import faiss
+import numpy as np
+import torch
+
+from . import lut
+from .model import RQMoE, RQMoEConfig
+from .train import TrainHistory, resolve_device, train_rqmoe
+
+logger = logging.getLogger(__name__)
+
+METRICS = {faiss.METRIC_L2: "L2", faiss.METRIC_INNER_PRODUCT: "IP"}
+
+
+def _as_vectors(x, d: int, name: str = "x") -> np.ndarray:
+    """Validate and convert vectors the way faiss's Python layer does: (n, d) C-contiguous float32."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array of shape (n, {d}), got shape {x.shape}")
+    if x.shape[1] != d:
+        raise ValueError(f"{name} has {x.shape[1]} columns, index expects d={d}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise TypeError(f"{name} must be a numeric array (float32), got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def _as_ids(ids, n: int) -> np.ndarray:
+    ids = np.ascontiguousarray(np.asarray(ids), dtype=np.int64) if ids is not None else None
+    if ids is None or ids.shape != (n,):
+        raise ValueError(f"ids must have shape ({n},), got {None if ids is None else ids.shape}")
+    return ids
+
+
+class IndexRQMoE:
+    """A compressed vector index with the FAISS interface, backed by an RQ-MoE codec.
+
+    config: the codec (d, M, nbits, architecture). nlist: inverted lists;
+    0 builds the flat variant (one list, every code scanned by the LUT
+    stage). metric: faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT.
+    hnsw_m: > 0 uses an HNSW coarse quantizer with that many links.
+    nprobe: lists probed a query; nshort: shortlist length re-ranked by the
+    neural decoder (at least k is used). encode_candidates: see
+    ``RQMoE.encode``. device: torch device for the codec (None: cuda if
+    available). train_options: keyword arguments for ``train_rqmoe``.
+    """
+
+    def __init__(self, config: RQMoEConfig, nlist: int = 0, metric: int = faiss.METRIC_L2, *,
+                 hnsw_m: int = 0, nprobe: int = 1, nshort: int = 100, encode_candidates: Optional[int] = None,
+                 device=None, train_options: Optional[dict] = None):
+        if not isinstance(config, RQMoEConfig):
+            raise TypeError(f"config must be an RQMoEConfig, got {type(config).__name__}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT, got {metric}")
+        if int(nlist) < 0 or int(hnsw_m) < 0:
+            raise ValueError(f"nlist and hnsw_m must be >= 0, got nlist={nlist}, hnsw_m={hnsw_m}")
+        self.config = config
+        self.d = config.d
+        self.nlist = int(nlist)
+        self.metric_type = metric
+        self.hnsw_m = int(hnsw_m)
+        self.encode_candidates = encode_candidates
+        self.train_options = dict(train_options or {})
+        self.device = resolve_device(device)
+        self.model = RQMoE(config).to(self.device)
+        self.ivf: Optional[faiss.IndexIVFResidualQuantizer] = None
+        self.centroids: Optional[np.ndarray] = None
+        self.train_history: Optional[TrainHistory] = None
+        self._nprobe = 1
+        self.nprobe = nprobe
+        self.nshort = nshort
+
+    # ----------------------------------------------------------- properties
+    @property
+    def is_trained(self) -> bool:
+        return self.ivf is not None
+
+    @property
+    def ntotal(self) -> int:
+        return 0 if self.ivf is None else int(self.ivf.ntotal)
+
+    @property
+    def nprobe(self) -> int:
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int):
+        if int(value) < 1:
+            raise ValueError(f"nprobe must be >= 1, got {value}")
+        self._nprobe = int(value)
+        if self.ivf is not None:
+            self.ivf.nprobe = self._nprobe
+
+    @property
+    def nshort(self) -> int:
+        return self._nshort
+
+    @nshort.setter
+    def nshort(self, value: int):
+        if int(value) < 1:
+            raise ValueError(f"nshort must be >= 1, got {value}")
+        self._nshort = int(value)
+
+    def __repr__(self) -> str:
+        return (f"IndexRQMoE(d={self.d}, M={self.config.M}, nbits={self.config.nbits}, nlist={self.nlist}, "
+                f"metric={METRICS[self.metric_type]}, ntotal={self.ntotal}, is_trained={self.is_trained})")
+
+    def _require_trained(self, what: str):
+        if not self.is_trained:
+            raise RuntimeError(f"IndexRQMoE must be trained before {what}: call index.train(x) first")
+
+    # ------------------------------------------------------------- training
+    def _make_quantizer(self, centroids: np.ndarray) -> faiss.Index:
+        if self.hnsw_m > 0:
+            quantizer = faiss.IndexHNSWFlat(self.d, self.hnsw_m, self.metric_type)
+        elif self.metric_type == faiss.METRIC_INNER_PRODUCT:
+            quantizer = faiss.IndexFlatIP(self.d)
+        else:
+            quantizer = faiss.IndexFlatL2(self.d)
+        quantizer.add(centroids)
+        return quantizer
+
+    def _assign(self, x: np.ndarray) -> np.ndarray:
+        """Inverted list of each vector: (n,) int64."""
+        if self.ivf.nlist == 1:
+            return np.zeros(len(x), dtype=np.int64)
+        _, assign = self.ivf.quantizer.search(x, 1)
+        return assign[:, 0]
+
+    def train(self, x, xval=None) -> None:
+        """Train the coarse quantizer, the RQ-MoE codec and the LUT stage.
+
+        x: (n, d) float32 (float64, integer, non-contiguous and torch tensors
+        are converted). xval: optional (nv, d) validation vectors for the
+        codec's schedule. Retraining discards stored vectors.
+        """
+        x = _as_vectors(x, self.d)
+        if len(x) == 0:
+            raise ValueError("cannot train on an empty set of vectors")
+        options = dict(self.train_options)
+        seed = int(options.get("seed", 0))
+        nlist = max(1, self.nlist)
+        if self.nlist > 1:
+            if len(x) < nlist:
+                raise ValueError(f"training needs at least nlist={nlist} vectors, got {len(x)}")
+            if len(x) < 30 * nlist:
+                warnings.warn(f"training IVF{nlist} on {len(x)} vectors: faiss recommends at least "
+                              f"{30 * nlist} (30 per list); lists will be poorly placed", stacklevel=2)
+            kmeans = faiss.Kmeans(self.d, nlist, niter=20, seed=seed + 1234, spherical=False,
+                                  verbose=False, max_points_per_centroid=256)
+            kmeans.train(x)
+            centroids = kmeans.centroids
+        else:
+            centroids = np.zeros((1, self.d), dtype=np.float32)
+        quantizer = self._make_quantizer(centroids)
+        list_nos = np.zeros(len(x), dtype=np.int64) if nlist == 1 else quantizer.search(x, 1)[1][:, 0]
+        residuals = x - centroids[list_nos]
+        xval_residuals = None
+        if xval is not None:
+            xval = _as_vectors(xval, self.d, "xval")
+            val_lists = np.zeros(len(xval), dtype=np.int64) if nlist == 1 else quantizer.search(xval, 1)[1][:, 0]
+            xval_residuals = xval - centroids[val_lists]
+        options.setdefault("device", self.device)
+        options.setdefault("encode_candidates", self.encode_candidates)
+        lut_train_max = int(options.pop("lut_train_max", 200_000))
+        self.model = RQMoE(self.config, mem_budget_bytes=self.model.mem_budget_bytes).to(self.device)
+        self.train_history = train_rqmoe(self.model, residuals, xval_residuals, **options)
+
+        sample = residuals
+        if len(sample) > lut_train_max:
+            rows = np.sort(np.random.default_rng(seed).choice(len(sample), lut_train_max, replace=False))
+            sample = sample[rows]
+        codes = self._encode(sample)
+        codebooks = lut.fit_additive_codebooks(codes, sample, self.config.K)
+        static_recons = codebooks[np.arange(self.config.M), codes].sum(1)
+        self.ivf = lut.build_ivf_index(quantizer, self.d, nlist, codebooks, self.config.nbits, self.metric_type,
+                                       (static_recons ** 2).sum(1))
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.ivf.nprobe = self._nprobe
+
+    # --------------------------------------------------------------- codec
+    def _encode(self, residuals: np.ndarray) -> np.ndarray:
+        return self.model.encode(residuals, self.encode_candidates).cpu().numpy()
+
+    def _decode(self, codes: np.ndarray, list_nos: np.ndarray) -> np.ndarray:
+        """Reconstructions (n, d) float32 of codes (n, M) stored in lists list_nos (n,)."""
+        if len(codes) == 0:
+            return np.empty((0, self.d), dtype=np.float32)
+        residuals = self.model.decode(codes).cpu().numpy()
+        return residuals + self.centroids[list_nos]
+
+    def sa_code_size(self) -> int:
+        """Bytes of one standalone code: list number + M*nbits bits + 8-bit norm."""
+        self._require_trained("sa_code_size")
+        return int(self.ivf.sa_code_size())
+
+    def sa_encode(self, x) -> np.ndarray:
+        """Standalone codes of vectors: x (n, d) float32 -> (n, sa_code_size()) uint8."""
+        self._require_trained("sa_encode")
+        x = _as_vectors(x, self.d)
+        if len(x) == 0:
+            return np.empty((0, self.sa_code_size()), dtype=np.uint8)
+        list_nos = self._assign(x)
+        codes = self._encode(x - self.centroids[list_nos])
+        return lut.encode_sa_codes(self.ivf, codes, list_nos)
+
+    def sa_decode(self, codes) -> np.ndarray:
+        """Vectors from standalone codes: (n, sa_code_size()) uint8 -> (n, d) float32."""
+        self._require_trained("sa_decode")
+        codes = np.asarray(codes)
+        if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != self.sa_code_size():
+            raise ValueError(f"codes must be uint8 of shape (n, {self.sa_code_size()}), "
+                             f"got {codes.dtype} {codes.shape}")
+        list_nos, rq_codes = lut.decode_sa_codes(self.ivf, codes, self.config.M, self.config.nbits)
+        if (list_nos >= self.ivf.nlist).any():
+            raise ValueError(f"codes name inverted lists beyond nlist={self.ivf.nlist}")
+        return self._decode(rq_codes, list_nos)
+
+    # ---------------------------------------------------------------- adding
+    def add(self, x) -> None:
+        """Encode and store vectors with sequential ids ntotal, ntotal+1, ...: x (n, d) float32."""
+        self._add(x, None)
+
+    def add_with_ids(self, x, ids) -> None:
+        """Encode and store vectors under given ids: x (n, d) float32, ids (n,) int64."""
+        self._add(x, ids)
+
+    def _add(self, x, ids) -> None:
+        from tqdm.auto import tqdm
+
+        self._require_trained("adding vectors")
+        x = _as_vectors(x, self.d)
+        if ids is not None:
+            ids = _as_ids(ids, len(x))
+        bs = 65_536
+        progress = bool(self.train_options.get("progress", True)) and len(x) > bs
+        for i0 in tqdm(range(0, len(x), bs), desc="add RQ-MoE", unit="chunk", disable=not progress):
+            chunk = x[i0:i0 + bs]
+            list_nos = self._assign(chunk)
+            codes = self._encode(chunk - self.centroids[list_nos])
+            sa_codes = lut.encode_sa_codes(self.ivf, codes, list_nos)
+            self.ivf.add_sa_codes(sa_codes, None if ids is None else ids[i0:i0 + bs])
+
+    # -------------------------------------------------------------- searching
+    def _search_options(self, params):
+        nprobe, nshort = self._nprobe, self._nshort
+        if params is not None:
+            get = params.get if isinstance(params, dict) else (lambda key, default: getattr(params, key, default))
+            nprobe = int(get("nprobe", nprobe))
+            nshort = int(get("nshort", nshort))
+            if nprobe < 1 or nshort < 1:
+                raise ValueError(f"params: nprobe and nshort must be >= 1, got nprobe={nprobe}, nshort={nshort}")
+        return nprobe, nshort
+
+    def _shortlist_distances(self, xq: np.ndarray, nshort: int, nprobe: int):
+        """LUT shortlist re-ranked by exact distance: returns (dist (nq, nshort), ids (nq, nshort))."""
+        nq = len(xq)
+        worst = np.inf if self.metric_type == faiss.METRIC_L2 else -np.inf
+        params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.ivf.nlist))
+        _, ids, sa_codes = self.ivf.search_and_return_codes(xq, nshort, include_listnos=True, params=params)
+        valid = ids >= 0
+        list_nos, codes = lut.decode_sa_codes(self.ivf, sa_codes[valid], self.config.M, self.config.nbits)
+        recons = torch.from_numpy(self._decode(codes, list_nos))
+        queries = torch.from_numpy(xq)[torch.from_numpy(np.nonzero(valid)[0])]
+        if self.metric_type == faiss.METRIC_L2:
+            exact = ((queries - recons) ** 2).sum(1)
+        else:
+            exact = (queries * recons).sum(1)
+        dist = np.full((nq, nshort), worst, dtype=np.float32)
+        dist[valid] = exact.numpy()
+        return dist, ids
+
+    def search(self, x, k: int, params=None, D=None, I=None):
+        """k nearest neighbours of each query.
+
+        x: (nq, d) float32; k: int > 0; params: optional dict or object with
+        ``nprobe``/``nshort`` for this call. Returns D (nq, k) float32 and
+        I (nq, k) int64, best first; missing results have id -1 and distance
+        +inf (L2) or -inf (inner product).
+        """
+        if isinstance(k, bool) or int(k) != k or int(k) <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        k = int(k)
+        self._require_trained("searching")
+        x = _as_vectors(x, self.d)
+        nprobe, nshort = self._search_options(params)
+        nshort = max(nshort, k)
+        nq = len(x)
+        largest = self.metric_type == faiss.METRIC_INNER_PRODUCT
+        D_out = np.empty((nq, k), dtype=np.float32) if D is None else D
+        I_out = np.empty((nq, k), dtype=np.int64) if I is None else I
+        if D_out.shape != (nq, k) or I_out.shape != (nq, k):
+            raise ValueError(f"D and I must have shape ({nq}, {k})")
+        if nq == 0:
+            return D_out, I_out
+        if self.ntotal == 0:
+            D_out[:] = -np.inf if largest else np.inf
+            I_out[:] = -1
+            return D_out, I_out
+        bs = max(1, (64 << 20) // (nshort * self.d * 4))
+        for i0 in range(0, nq, bs):
+            dist, ids = self._shortlist_distances(x[i0:i0 + bs], nshort, nprobe)
+            order = np.argsort(-dist if largest else dist, axis=1, kind="stable")[:, :k]
+            D_out[i0:i0 + bs] = np.take_along_axis(dist, order, 1)
+            I_out[i0:i0 + bs] = np.where(np.isfinite(D_out[i0:i0 + bs]), np.take_along_axis(ids, order, 1), -1)
+        return D_out, I_out
+
+    def range_search(self, x, radius: float, params=None):
+        """All stored vectors within ``radius`` of each query, among the nshort re-ranked candidates.
+
+        L2: squared distance < radius; inner product: similarity > radius.
+        Returns (lims (nq+1,) int64, D float32, I int64) as faiss does.
+        """
+        self._require_trained("range_search")
+        x = _as_vectors(x, self.d)
+        nprobe, nshort = self._search_options(params)
+        nshort = min(nshort, max(1, self.ntotal))
+        if self.ntotal == 0 or len(x) == 0:
+            return np.zeros(len(x) + 1, dtype=np.int64), np.empty(0, np.float32), np.empty(0, np.int64)
+        D, I = self.search(x, nshort, params={"nprobe": nprobe, "nshort": nshort})
+        keep = (I >= 0) & ((D > radius) if self.metric_type == faiss.METRIC_INNER_PRODUCT else (D < radius))
+        lims = np.zeros(len(x) + 1, dtype=np.int64)
+        lims[1:] = np.cumsum(keep.sum(1))
+        return lims, D[keep].astype(np.float32), I[keep].astype(np.int64)
+
+    # ---------------------------------------------------------- reconstruct
+    def reconstruct_batch(self, ids) -> np.ndarray:
+        """Decoded vectors for stored ids: ids (n,) int64 -> (n, d) float32. Unknown id: KeyError."""
+        self._require_trained("reconstruct")
+        ids = np.ascontiguousarray(np.asarray(ids), dtype=np.int64).ravel()
+        stored_ids, list_nos, raw_codes = lut.all_codes(self.ivf)
+        order = np.argsort(stored_ids, kind="stable")
+        pos = np.searchsorted(stored_ids, ids, sorter=order)
+        pos = np.minimum(pos, max(len(order) - 1, 0))
+        found = (len(order) > 0) & (stored_ids[order[pos]] == ids) if len(order) else np.zeros(len(ids), bool)
+        if not np.all(found):
+            raise KeyError(f"id {int(ids[~found][0])} is not in the index")
+        rows = order[pos]
+        codes = lut.unpack_bits(raw_codes[rows], self.config.M, self.config.nbits)
+        return self._decode(codes, list_nos[rows])
+
+    def reconstruct(self, key: int) -> np.ndarray:
+        """Decoded vector of one stored id: (d,) float32."""
+        return self.reconstruct_batch([key])[0]
+
+    def reconstruct_n(self, i0: int = 0, ni: Optional[int] = None) -> np.ndarray:
+        """Decoded vectors of ids i0 .. i0+ni-1 (default: all ntotal): (ni, d) float32."""
+        ni = self.ntotal - i0 if ni is None else ni
+        return self.reconstruct_batch(np.arange(i0, i0 + ni))
+
+    # --------------------------------------------------------------- editing
+    def remove_ids(self, ids) -> int:
+        """Remove stored vectors by ids (array) or a faiss.IDSelector; returns how many were removed."""
+        self._require_trained("remove_ids")
+        if isinstance(ids, faiss.IDSelector):
+            return int(self.ivf.remove_ids(ids))
+        ids = np.ascontiguousarray(np.asarray(ids), dtype=np.int64).ravel()
+        return int(self.ivf.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+
+    def reset(self) -> None:
+        """Remove every stored vector; the trained codec is kept."""
+        if self.ivf is not None:
+            self.ivf.reset()

@@ -1,0 +1,448 @@
+"""The RQ-MoE quantizer: two-part codebooks, morphing mixture of experts,
+greedy encoding and parallel decoding (DESIGN.md §1).
+
+All learned tensors live in a *scaled* space (raw vectors divided by the
+scalar buffer ``scale``); the public methods take and return raw vectors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+CONDITIONS = ("instruction", "reconstruction", "none")
+
+DEFAULT_MEM_BUDGET_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class RQMoEConfig:
+    """Architecture of an RQ-MoE quantizer.
+
+    d: vector dimension; M: quantization steps; nbits: bits a step
+    (K = 2**nbits codewords); n_experts (N), n_layers (L residual blocks an
+    expert), hidden (H): the morphing networks; instr_dim (De): width of the
+    instruction codewords, None means d; condition: "instruction" (RQ-MoE),
+    "reconstruction" (QINCo-style: condition on the partial reconstruction)
+    or "none" (plain RQ, no morphing).
+    """
+
+    d: int
+    M: int
+    nbits: int = 8
+    n_experts: int = 4
+    n_layers: int = 2
+    hidden: int = 256
+    instr_dim: Optional[int] = None
+    condition: str = "instruction"
+
+    def __post_init__(self):
+        for name in ("d", "M", "nbits", "n_experts", "n_layers", "hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RQMoEConfig.{name} must be a positive integer, got {value!r}")
+        if self.nbits > 16:
+            raise ValueError(f"RQMoEConfig.nbits must be at most 16, got {self.nbits}")
+        if self.instr_dim is not None and (not isinstance(self.instr_dim, (int, np.integer)) or self.instr_dim < 0):
+            raise ValueError(f"RQMoEConfig.instr_dim must be None or an integer >= 0, got {self.instr_dim!r}")
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"RQMoEConfig.condition must be one of {CONDITIONS}, got {self.condition!r}")
+
+    @property
+    def K(self) -> int:
+        """Codewords a step."""
+        return 1 << self.nbits
+
+    @property
+    def De(self) -> int:
+        """Width of the instruction codewords (0 unless condition='instruction')."""
+        if self.condition != "instruction":
+            return 0
+        return self.d if self.instr_dim is None else int(self.instr_dim)
+
+    @property
+    def cond_dim(self) -> int:
+        """Width of the conditioning vector fed to the morphing projection."""
+        return {"instruction": self.De, "reconstruction": self.d, "none": 0}[self.condition]
+
+    @property
+    def n_morph_steps(self) -> int:
+        """Steps whose codewords are morphed (all but the first, none for 'none')."""
+        return 0 if self.condition == "none" else self.M - 1
+
+    @property
+    def code_size(self) -> int:
+        """Bytes a vector when codes are packed (M * nbits bits, rounded up)."""
+        return (self.M * self.nbits + 7) // 8
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RQMoEConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - fields
+        if unknown:
+            raise ValueError(f"unknown RQMoEConfig fields {sorted(unknown)}; expected {sorted(fields)}")
+        return cls(**values)
+
+
+def _uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound)
+
+
+class RQMoE(nn.Module):
+    """RQ-MoE quantizer: ``encode`` raw vectors to codes, ``decode`` codes back.
+
+    Parameters are stacked over the M-1 morphed steps so that decoding runs
+    one batched matmul a layer for all steps. ``mem_budget_bytes`` bounds the
+    temporaries of ``encode``/``decode`` (chunking over vectors).
+    """
+
+    def __init__(self, config: RQMoEConfig, mem_budget_bytes: int = DEFAULT_MEM_BUDGET_BYTES):
+        super().__init__()
+        if not isinstance(config, RQMoEConfig):
+            raise TypeError(f"config must be an RQMoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.mem_budget_bytes = int(mem_budget_bytes)
+        c = config
+        S, N, L, H, d, K = c.n_morph_steps, c.n_experts, c.n_layers, c.hidden, c.d, c.K
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.codebooks = nn.Parameter(torch.randn(c.M, K, d) * 0.1)
+        if c.condition == "instruction":
+            # E_m for m < M (the last step's instruction is never read). Small
+            # random values, not 0: with the projection's instruction part at 0
+            # the model is still exactly RQ, but E = P_I = 0 would be a saddle
+            # point where neither ever receives a gradient.
+            self.instr_codebooks = nn.Parameter(torch.randn(c.M - 1, K, c.De) * 0.1)
+        else:
+            self.register_parameter("instr_codebooks", None)
+        if S > 0:
+            Dc = c.cond_dim
+            self.proj_code = nn.Parameter(torch.eye(d).repeat(S, 1, 1))  # (S, d, d), z = c @ W
+            self.proj_cond = nn.Parameter(torch.zeros(S, Dc, d))
+            self.proj_bias = nn.Parameter(torch.zeros(S, d))
+            self.gate_w1 = nn.Parameter(_uniform_(torch.empty(S, d, H), d))
+            self.gate_b1 = nn.Parameter(_uniform_(torch.empty(S, H), d))
+            self.gate_w2 = nn.Parameter(_uniform_(torch.empty(S, H, N), H))
+            self.gate_b2 = nn.Parameter(_uniform_(torch.empty(S, N), H))
+            # layer-major so that expert_w1[l] is one contiguous (S, N, d, H) block
+            self.expert_w1 = nn.Parameter(_uniform_(torch.empty(L, S, N, d, H), d))
+            self.expert_b1 = nn.Parameter(_uniform_(torch.empty(L, S, N, 1, H), d))
+            self.expert_w2 = nn.Parameter(torch.zeros(L, S, N, H, d))
+            self.expert_b2 = nn.Parameter(torch.zeros(L, S, N, 1, d))
+
+    # ------------------------------------------------------------------ utils
+    @property
+    def device(self) -> torch.device:
+        return self.codebooks.device
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items())
+
+    def _morph_bytes_per_row(self) -> int:
+        """Float32 temporaries a morphed codeword needs (peak estimate)."""
+        c = self.config
+        return 4 * (4 * c.d + c.cond_dim + c.hidden + 3 * c.n_experts * c.d + 2 * c.n_experts * c.hidden + 8)
+
+    def _rows_per_chunk(self, rows_per_item: int) -> int:
+        """How many items fit the memory budget when each needs rows_per_item morphed rows."""
+        per_item = max(1, rows_per_item) * self._morph_bytes_per_row()
+        return max(1, self.mem_budget_bytes // per_item)
+
+    def _check_vectors(self, x, name: str = "x") -> torch.Tensor:
+        """Validate raw vectors and return a float32 tensor on the model's device."""
+        if isinstance(x, np.ndarray):
+            if not np.issubdtype(x.dtype, np.floating):
+                raise TypeError(f"{name} must be a floating-point array (float32), got dtype {x.dtype}")
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        elif isinstance(x, torch.Tensor):
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor (float32), got dtype {x.dtype}")
+        else:
+            raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
+        if x.ndim != 2 or x.shape[1] != self.config.d:
+            raise ValueError(f"{name} must have shape (n, {self.config.d}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} is empty: expected at least one vector of dimension {self.config.d}")
+        x = x.to(device=self.device, dtype=torch.float32)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+        return x
+
+    def _check_codes(self, codes) -> torch.Tensor:
+        """Validate codes and return an int64 tensor on the model's device."""
+        if isinstance(codes, np.ndarray):
+            if not np.issubdtype(codes.dtype, np.integer):
+                raise TypeError(f"codes must be an integer array, got dtype {codes.dtype}")
+            codes = torch.from_numpy(codes.astype(np.int64))
+        elif isinstance(codes, torch.Tensor):
+            if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+                raise TypeError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+        else:
+            raise TypeError(f"codes must be a numpy array or torch tensor, got {type(codes).__name__}")
+        M, K = self.config.M, self.config.K
+        if codes.ndim != 2 or codes.shape[1] != M:
+            raise ValueError(f"codes must have shape (n, M={M}), got {tuple(codes.shape)}")
+        if codes.shape[0] == 0:
+            raise ValueError("codes is empty: expected at least one code")
+        codes = codes.to(device=self.device, dtype=torch.int64)
+        if (codes < 0).any() or (codes >= K).any():
+            raise ValueError(f"codes must lie in [0, K={K}), got values in "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+        return codes
+
+    # ---------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def init_from_rq(self, rq, scale: Optional[float] = None) -> "RQMoE":
+        """Initialise from a trained ``faiss.ResidualQuantizer`` so the model *is* that RQ.
+
+        rq: trained, with the same d, M and nbits. scale: the data scale
+        (max |x| of the training set); None keeps the current ``scale``.
+        Codebooks become rq's (divided by scale); the morphing networks are
+        set to identity, so greedy encoding and decoding equal faiss RQ's.
+        """
+        import faiss  # the model's only contact with faiss
+
+        c = self.config
+        if not rq.is_trained:
+            raise ValueError("the ResidualQuantizer is not trained")
+        nbits = [int(b) for b in faiss.vector_to_array(rq.nbits)]
+        if rq.d != c.d or rq.M != c.M or any(b != c.nbits for b in nbits):
+            raise ValueError(f"ResidualQuantizer has d={rq.d}, M={rq.M}, nbits={nbits}; "
+                             f"model expects d={c.d}, M={c.M}, nbits={c.nbits}")
+        if scale is not None:
+            if not (scale > 0 and math.isfinite(scale)):
+                raise ValueError(f"scale must be a positive finite number, got {scale}")
+            self.scale.fill_(float(scale))
+        codebooks = faiss.vector_to_array(rq.codebooks).reshape(c.M, c.K, c.d)
+        self.codebooks.copy_(torch.from_numpy(codebooks) / self.scale.cpu())
+        if c.n_morph_steps > 0:
+            self.proj_code.copy_(torch.eye(c.d).repeat(c.n_morph_steps, 1, 1))
+            self.proj_cond.zero_()
+            self.proj_bias.zero_()
+            self.expert_w2.zero_()
+            self.expert_b2.zero_()
+        self.initialized.fill_(True)
+        return self
+
+    # ---------------------------------------------------------------- morphing
+    def _project(self, s0: int, s1: int, base: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """z = P([c; cond]) for steps s0..s1-1 of the morphed steps.
+
+        base: (S', B, d) codewords; cond: (S', B, Dc) or None. Returns (S', B, d).
+        """
+        z = torch.matmul(base, self.proj_code[s0:s1]) + self.proj_bias[s0:s1, None, :]
+        if cond is not None and cond.shape[-1] > 0:
+            z = z + torch.matmul(cond, self.proj_cond[s0:s1])
+        return z
+
+    def _morph(self, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
+        """Mixture of experts applied to z: (S', B, d) for morphed steps s0..s1-1 -> (S', B, d).
+
+        One batched matmul a layer covers all S' steps and all N experts.
+        """
+        gate_hidden = torch.relu(torch.matmul(z, self.gate_w1[s0:s1]) + self.gate_b1[s0:s1, None, :])
+        gate = torch.softmax(torch.matmul(gate_hidden, self.gate_w2[s0:s1]) + self.gate_b2[s0:s1, None, :], dim=-1)
+        y = z.unsqueeze(1)  # (S', 1, B, d), broadcast over experts until the first block
+        for layer in range(self.config.n_layers):
+            h = torch.relu(torch.matmul(y, self.expert_w1[layer, s0:s1]) + self.expert_b1[layer, s0:s1])
+            y = y + torch.matmul(h, self.expert_w2[layer, s0:s1]) + self.expert_b2[layer, s0:s1]
+        # gate: (S', B, N) -> (S', N, B, 1); y: (S', N, B, d)
+        return (y * gate.transpose(1, 2).unsqueeze(-1)).sum(dim=1)
+
+    def _step_codewords(self, step: int, base: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """Morphed codewords of one step (1..M-1): base (B, d), cond (B, Dc) -> (B, d)."""
+        s = step - 1
+        z = self._project(s, s + 1, base.unsqueeze(0), None if cond is None else cond.unsqueeze(0))
+        return self._morph(s, s + 1, z)[0]
+
+    # ----------------------------------------------------------------- decode
+    def decode_steps(self, codes: torch.Tensor) -> torch.Tensor:
+        """Per-step codewords in the scaled space, differentiable.
+
+        codes: (n, M) int64, already validated. Returns (n, M, d) float32 whose
+        sum over steps is the scaled reconstruction. Parallel over steps for
+        condition 'instruction'/'none', sequential for 'reconstruction'.
+        """
+        c = self.config
+        steps = torch.arange(c.M, device=codes.device)
+        base = self.codebooks[steps, codes]  # (n, M, d)
+        if c.n_morph_steps == 0:
+            return base
+        if c.condition == "reconstruction":
+            return self._decode_steps_sequential(codes, base)
+        S = c.n_morph_steps
+        cond = None
+        if c.De > 0:
+            instr = self.instr_codebooks[steps[:-1], codes[:, :-1]]  # (n, S, De): E_m[i_m], m < M
+            cond = torch.cumsum(instr, dim=1).transpose(0, 1)  # (S, n, De): I_2 .. I_M
+        z = self._project(0, S, base[:, 1:].transpose(0, 1), cond)
+        morphed = self._morph(0, S, z)  # (S, n, d)
+        return torch.cat([base[:, :1], morphed.transpose(0, 1)], dim=1)
+
+    def _decode_steps_sequential(self, codes: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Step-by-step reference: codes (n, M), base (n, M, d) -> (n, M, d)."""
+        c = self.config
+        outputs = [base[:, 0]]
+        recon = base[:, 0]
+        instr = None
+        for m in range(1, c.M):
+            if c.condition == "instruction":
+                e = self.instr_codebooks[m - 1, codes[:, m - 1]]
+                instr = e if instr is None else instr + e
+                cond = instr
+            else:
+                cond = recon
+            out = self._step_codewords(m, base[:, m], cond)
+            outputs.append(out)
+            recon = recon + out
+        return torch.stack(outputs, dim=1)
+
+    def _decode_chunked(self, codes, sequential: bool) -> torch.Tensor:
+        codes = self._check_codes(codes)
+        c = self.config
+        steps = torch.arange(c.M, device=codes.device)
+        bs = self._rows_per_chunk(max(1, c.n_morph_steps))
+        out = torch.empty(codes.shape[0], c.d, device=self.device)
+        with torch.inference_mode():
+            for i0 in range(0, codes.shape[0], bs):
+                chunk = codes[i0:i0 + bs]
+                if sequential and c.n_morph_steps > 0:
+                    steps_out = self._decode_steps_sequential(chunk, self.codebooks[steps, chunk])
+                else:
+                    steps_out = self.decode_steps(chunk)
+                out[i0:i0 + bs] = steps_out.sum(dim=1)
+        return out * self.scale
+
+    def decode(self, codes) -> torch.Tensor:
+        """Reconstruct raw vectors from codes, all steps in parallel.
+
+        codes: (n, M) integer array/tensor with values in [0, K).
+        Returns (n, d) float32 on the model's device. (For condition
+        'reconstruction' the steps depend on each other and run in sequence.)
+        """
+        return self._decode_chunked(codes, sequential=False)
+
+    def decode_sequential(self, codes) -> torch.Tensor:
+        """Reference decoder, one step after the other; same output as ``decode``.
+
+        codes: (n, M) integers in [0, K). Returns (n, d) float32.
+        """
+        return self._decode_chunked(codes, sequential=True)
+
+    # ----------------------------------------------------------------- encode
+    def encode(self, x, n_candidates: Optional[int] = None) -> torch.Tensor:
+        """Greedy encoding of raw vectors.
+
+        x: (n, d) float32 (float64 accepted). n_candidates: None evaluates the
+        morphing networks on all K codewords of every step (exact greedy);
+        an integer A < K first ranks the K base codewords by distance to the
+        residual and runs the networks on the best A only (faster, approximate).
+        Returns (n, M) int64 codes on the model's device. Temporaries stay
+        within ``mem_budget_bytes``.
+        """
+        x = self._check_vectors(x)
+        if n_candidates is not None and not (int(n_candidates) >= 1):
+            raise ValueError(f"n_candidates must be None or >= 1, got {n_candidates}")
+        with torch.inference_mode():
+            return self.encode_scaled(x / self.scale, n_candidates)
+
+    def encode_scaled(self, xs: torch.Tensor, n_candidates: Optional[int] = None) -> torch.Tensor:
+        """Greedy codes of already validated, scaled vectors, in memory-bounded chunks.
+
+        xs: (n, d) float32 on the model's device (raw / scale). Runs under the
+        caller's grad mode (training calls it under ``no_grad``).
+        Returns (n, M) int64.
+        """
+        c = self.config
+        preselect = n_candidates is not None and int(n_candidates) < c.K
+        bs = self._rows_per_chunk(int(n_candidates) if preselect else c.K)
+        codes = torch.empty(xs.shape[0], c.M, dtype=torch.int64, device=xs.device)
+        for i0 in range(0, xs.shape[0], bs):
+            codes[i0:i0 + bs] = self._encode_chunk(xs[i0:i0 + bs], int(n_candidates) if preselect else None)
+        return codes
+
+    def _encode_chunk(self, xs: torch.Tensor, n_candidates: Optional[int]) -> torch.Tensor:
+        """Greedy codes of scaled vectors xs: (b, d) -> (b, M) int64."""
+        c = self.config
+        b = xs.shape[0]
+        codes = torch.empty(b, c.M, dtype=torch.int64, device=xs.device)
+        residual = xs.clone()
+        instr = None
+        rows = torch.arange(b, device=xs.device)
+        for m in range(c.M):
+            book = self.codebooks[m]  # (K, d)
+            base_scores = (book * book).sum(1)[None, :] - 2 * residual @ book.T  # (b, K)
+            if m == 0 or c.n_morph_steps == 0:
+                idx = base_scores.argmin(1)
+                chosen = book[idx]
+            else:
+                cond = instr if c.condition == "instruction" else xs - residual
+                if n_candidates is None:
+                    idx, chosen = self._select_all(m, codes[:, :m], residual, cond)
+                else:
+                    candidates = base_scores.topk(n_candidates, dim=1, largest=False).indices  # (b, A)
+                    morphed = self._morph_candidates(m, book[candidates], cond)  # (b, A, d)
+                    scores = (morphed * morphed).sum(-1) - 2 * torch.einsum("bad,bd->ba", morphed, residual)
+                    best = scores.argmin(1)
+                    idx = candidates[rows, best]
+                    chosen = morphed[rows, best]
+            codes[:, m] = idx
+            residual = residual - chosen
+            if c.condition == "instruction" and m < c.M - 1:
+                e = self.instr_codebooks[m, idx]
+                instr = e if instr is None else instr + e
+        return codes
+
+    def _select_all(self, m: int, prefix: torch.Tensor, residual: torch.Tensor, cond: Optional[torch.Tensor]):
+        """Exact greedy choice at step m over all K morphed codewords.
+
+        The morphed codebook depends only on the code prefix, so it is
+        computed once per distinct prefix in the chunk (at step 2 there are
+        at most K distinct prefixes, whatever the batch size).
+        prefix: (b, m) int64, residual: (b, d), cond: (b, Dc) or None.
+        Returns idx (b,) int64 and the chosen morphed codewords (b, d).
+        """
+        c = self.config
+        b = prefix.shape[0]
+        unique_prefixes, inverse = torch.unique(prefix, dim=0, return_inverse=True)
+        u = unique_prefixes.shape[0]
+        first = torch.full((u,), b, dtype=torch.int64, device=prefix.device)
+        first.scatter_reduce_(0, inverse, torch.arange(b, device=prefix.device), reduce="amin")
+        cond_unique = None if cond is None else cond[first]
+        morphed = self._morph_candidates(m, self.codebooks[m].unsqueeze(0), cond_unique, n_rows=u)  # (u, K, d)
+        norms = (morphed * morphed).sum(-1)  # (u, K)
+        scores = norms[inverse] - 2 * torch.einsum("bkd,bd->bk", morphed[inverse], residual)
+        idx = scores.argmin(1)
+        return idx, morphed[inverse, idx]
+
+    def _morph_candidates(self, m: int, base: torch.Tensor, cond: Optional[torch.Tensor],
+                          n_rows: Optional[int] = None) -> torch.Tensor:
+        """Morphed candidate codewords of step m for several conditioning rows.
+
+        base: (u, A, d) candidates a row, or (1, A, d) shared by all rows;
+        cond: (u, Dc) or None; n_rows: u where neither tensor says it.
+        The projection is linear, so it runs on the A codewords and the u
+        conditions apart and only the sum is broadcast to (u, A, d).
+        """
+        s = m - 1
+        d = self.config.d
+        z = torch.matmul(base, self.proj_code[s]) + self.proj_bias[s]
+        if cond is not None and cond.shape[-1] > 0:
+            z = z + torch.matmul(cond, self.proj_cond[s]).unsqueeze(1)
+        u = n_rows if n_rows is not None else z.shape[0]
+        z = z.expand(u, z.shape[1], d)
+        return self._morph(s, s + 1, z.reshape(1, -1, d))[0].reshape(u, -1, d)
+
+    # --------------------------------------------------------------- training
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """Differentiable scaled reconstruction: codes (n, M) int64 -> (n, d)."""
+        return self.decode_steps(codes).sum(dim=1)

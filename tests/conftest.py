@@ -1,0 +1,24 @@
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def sift():
+    """Small split of the default real SIFT set (built and cached on first use)."""
+    from faiss_rqmoe import datasets
+
+    return datasets.load_small(n_train=6_000, n_val=1_000, n_db=5_000, n_query=200)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def clustered(n, d=32, seed=0, n_clusters=40):
+    """Synthetic clustered float32 data for tests that need no real data."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, d)).astype(np.float32) * 3
+    return centers[rng.integers(0, n_clusters, n)] + rng.standard_normal((n, d)).astype(np.float32)

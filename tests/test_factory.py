@@ -1,0 +1,48 @@
+import faiss
+import pytest
+
+from faiss_rqmoe import RQMoEConfig, index_factory
+from faiss_rqmoe.factory import parse_description
+
+
+@pytest.mark.parametrize("description, fields, nlist, hnsw_m", [
+    ("RQMoE8x8", {"M": 8, "nbits": 8}, 0, 0),
+    ("IVF1024,RQMoE8x8", {"M": 8, "nbits": 8}, 1024, 0),
+    ("IVF4096_HNSW32,RQMoE16x8", {"M": 16, "nbits": 8}, 4096, 32),
+    ("RQMoE8x8_N4L2H256", {"M": 8, "nbits": 8, "n_experts": 4, "n_layers": 2, "hidden": 256}, 0, 0),
+    ("IVF64,RQMoE8x6_N2_L1_H64_E32_qinco",
+     {"M": 8, "nbits": 6, "n_experts": 2, "n_layers": 1, "hidden": 64, "instr_dim": 32,
+      "condition": "reconstruction"}, 64, 0),
+    ("RQMoE4x8_rq", {"M": 4, "nbits": 8, "condition": "none"}, 0, 0),
+])
+def test_grammar(description, fields, nlist, hnsw_m):
+    assert parse_description(description) == (fields, nlist, hnsw_m)
+
+
+def test_factory_builds_the_configured_index():
+    index = index_factory(96, "IVF256_HNSW16,RQMoE16x8_N2L3H128", faiss.METRIC_INNER_PRODUCT,
+                          nprobe=8, nshort=50, max_epochs=3)
+    assert index.config == RQMoEConfig(96, 16, 8, n_experts=2, n_layers=3, hidden=128)
+    assert (index.nlist, index.hnsw_m, index.nprobe, index.nshort) == (256, 16, 8, 50)
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT and index.d == 96
+    assert index.train_options == {"max_epochs": 3} and not index.is_trained
+
+
+@pytest.mark.parametrize("description, token", [
+    ("IVF1024,PQ8", "PQ8"),
+    ("RQMoE8x8_Z7", "Z7"),
+    ("IVFabc,RQMoE8x8", "IVFabc"),
+    ("OPQ16,IVF1024,RQMoE8x8", "RQMoE8x8"),
+    ("RQMoE8", "RQMoE8"),
+])
+def test_bad_strings_name_the_token_and_show_the_grammar(description, token):
+    with pytest.raises(ValueError) as info:
+        index_factory(64, description)
+    assert repr(token) in str(info.value) and "Grammar" in str(info.value)
+
+
+def test_bad_values_and_metric():
+    with pytest.raises(ValueError, match="nbits"):
+        index_factory(64, "RQMoE8x20")
+    with pytest.raises(ValueError, match="metric"):
+        index_factory(64, "RQMoE8x8", metric=7)

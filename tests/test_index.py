@@ -1,0 +1,218 @@
+import faiss
+import numpy as np
+import pytest
+import torch
+
+import faiss_rqmoe
+from faiss_rqmoe import IndexRQMoE, RQMoEConfig
+
+TRAIN = dict(max_epochs=2, batch_size=256, progress=False, device="cpu")
+
+
+def build(sift, description="IVF16,RQMoE4x6_N2L1H32", metric=faiss.METRIC_L2, n_db=3000):
+    index = faiss_rqmoe.index_factory(128, description, metric, **TRAIN)
+    index.train(sift.xt[:3000], sift.xval[:300])
+    index.add(sift.xb[:n_db])
+    return index
+
+
+@pytest.fixture(scope="module")
+def ivf_l2(sift):
+    return build(sift)
+
+
+@pytest.fixture(scope="module")
+def ivf_ip(sift):
+    return build(sift, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def brute_force(reconstructions, xq, k, metric, ids=None):
+    flat = faiss.IndexFlat(reconstructions.shape[1], metric)
+    if ids is None:
+        flat.add(reconstructions)
+    else:
+        flat = faiss.IndexIDMap(flat)
+        flat.add_with_ids(reconstructions, ids)
+    return flat.search(xq, k)
+
+
+@pytest.mark.parametrize("which", ["ivf_l2", "ivf_ip"])
+def test_exhaustive_search_equals_brute_force_over_reconstructions(sift, which, request):
+    index = request.getfixturevalue(which)
+    xq = sift.xq[:50]
+    D, I = index.search(xq, 10, params={"nprobe": 16, "nshort": index.ntotal})
+    D_ref, I_ref = brute_force(index.reconstruct_n(0, index.ntotal), xq, 10, index.metric_type)
+    assert (I == I_ref).mean() > 0.99  # ties in float rounding aside
+    np.testing.assert_allclose(D, D_ref, rtol=1e-4, atol=1e-2)
+
+
+def test_flat_variant_scans_everything(sift):
+    index = build(sift, "RQMoE4x8_N2L1H32", n_db=1500)
+    D, I = index.search(sift.xq[:30], 5, params={"nshort": index.ntotal})
+    D_ref, I_ref = brute_force(index.reconstruct_n(0, index.ntotal), sift.xq[:30], 5, faiss.METRIC_L2)
+    assert (I == I_ref).mean() > 0.99
+    assert index.sa_code_size() == 4 + 1  # 4 bytes of codes + 1 norm byte, no list number
+
+
+def test_recall_grows_with_nprobe_and_nshort(ivf_l2, sift):
+    xq, gt = sift.xq, sift.gt
+    # ground truth restricted to the 3000 stored vectors
+    _, gt = brute_force(sift.xb[:3000], xq, 1, faiss.METRIC_L2)
+
+    def recall(nprobe, nshort):
+        _, I = ivf_l2.search(xq, 10, params={"nprobe": nprobe, "nshort": nshort})
+        return float((I[:, :1] == gt[:, :1]).mean())
+
+    by_nprobe = [recall(p, 50) for p in (1, 2, 4, 16)]
+    by_nshort = [recall(16, s) for s in (10, 20, 50, 200)]
+    tol = 2 / len(xq)
+    assert all(b >= a - tol for a, b in zip(by_nprobe, by_nprobe[1:])) and by_nprobe[-1] > by_nprobe[0]
+    assert all(b >= a - tol for a, b in zip(by_nshort, by_nshort[1:])) and by_nshort[-1] >= by_nshort[0]
+    assert by_nshort[-1] > 0.3
+
+
+def test_search_params_object_like_faiss(ivf_l2, sift):
+    class Params:
+        nprobe = 16
+        nshort = 100
+
+    D1, I1 = ivf_l2.search(sift.xq[:20], 5, params=Params())
+    ivf_l2.nprobe, ivf_l2.nshort = 16, 100
+    D2, I2 = ivf_l2.search(sift.xq[:20], 5)
+    ivf_l2.nprobe, ivf_l2.nshort = 1, 100
+    assert np.array_equal(I1, I2) and np.array_equal(D1, D2)
+
+
+def test_add_with_ids_and_remove_ids_match_faiss_idmap(sift):
+    index = faiss_rqmoe.index_factory(128, "IVF8,RQMoE4x6_N2L1H32", **TRAIN)
+    index.train(sift.xt[:2000])
+    rng = np.random.default_rng(0)
+    ids = rng.choice(10**9, 1000, replace=False).astype(np.int64)
+    index.add_with_ids(sift.xb[:1000], ids)
+    recons = index.reconstruct_batch(ids)
+    reference = faiss.IndexIDMap(faiss.IndexFlatL2(128))
+    reference.add_with_ids(recons, ids)
+    to_remove = np.concatenate([ids[::3], [-5, 10**12]])  # includes ids that are not there
+    assert index.remove_ids(to_remove) == reference.remove_ids(to_remove)
+    assert index.ntotal == reference.ntotal
+    selector = faiss.IDSelectorRange(0, 10**8)
+    assert index.remove_ids(selector) == reference.remove_ids(faiss.IDSelectorRange(0, 10**8))
+    D, I = index.search(sift.xq[:40], 10, params={"nprobe": 8, "nshort": 1000})
+    D_ref, I_ref = reference.search(sift.xq[:40], 10)
+    assert (I == I_ref).mean() > 0.99
+    with pytest.raises(KeyError, match="not in the index"):
+        index.reconstruct(int(ids[0]))
+
+
+def test_sa_encode_decode_round_trip(ivf_l2, sift):
+    codes = ivf_l2.sa_encode(sift.xb[:200])
+    assert codes.dtype == np.uint8 and codes.shape == (200, ivf_l2.sa_code_size())
+    np.testing.assert_array_equal(ivf_l2.sa_decode(codes), ivf_l2.reconstruct_n(0, 200))
+    np.testing.assert_array_equal(ivf_l2.sa_encode(ivf_l2.sa_decode(codes)) .shape, codes.shape)
+    with pytest.raises(ValueError, match="uint8"):
+        ivf_l2.sa_decode(codes.astype(np.int32))
+
+
+def test_reconstruct_forms_agree(ivf_l2):
+    batch = ivf_l2.reconstruct_batch([5, 0, 17])
+    np.testing.assert_array_equal(batch[0], ivf_l2.reconstruct(5))
+    np.testing.assert_array_equal(ivf_l2.reconstruct_n(0, 20)[17], batch[2])
+
+
+def test_range_search_equals_brute_force(ivf_l2, sift):
+    xq = sift.xq[:10]
+    D, _ = ivf_l2.search(xq, 20, params={"nprobe": 16, "nshort": ivf_l2.ntotal})
+    radius = float(np.median(D[:, -1]))
+    lims, Dr, Ir = ivf_l2.range_search(xq, radius, params={"nprobe": 16, "nshort": ivf_l2.ntotal})
+    flat = faiss.IndexFlatL2(128)
+    flat.add(ivf_l2.reconstruct_n(0, ivf_l2.ntotal))
+    lims_ref, D_ref, I_ref = flat.range_search(xq, radius)
+    assert lims.shape == (11,) and lims.dtype == np.int64
+    for q in range(10):
+        assert set(Ir[lims[q]:lims[q + 1]]) == set(I_ref[lims_ref[q]:lims_ref[q + 1]])
+
+
+def test_faiss_conventions_for_missing_results(sift):
+    index = faiss_rqmoe.index_factory(128, "IVF4,RQMoE4x6_N2L1H32", **TRAIN)
+    index.train(sift.xt[:1000])
+    D, I = index.search(sift.xq[:3], 5)  # empty index
+    assert (I == -1).all() and np.isinf(D).all() and (D > 0).all()
+    index.add(sift.xb[:3])
+    D, I = index.search(sift.xq[:2], 5, params={"nprobe": 4})  # k > ntotal
+    assert D.shape == (2, 5) and D.dtype == np.float32 and I.dtype == np.int64
+    assert (I[:, 3:] == -1).all() and np.isinf(D[:, 3:]).all()
+    assert sorted(I[0, :3]) == [0, 1, 2]
+    index.reset()
+    assert index.ntotal == 0 and index.is_trained
+    ip = faiss_rqmoe.index_factory(128, "RQMoE4x6_N2L1H32", faiss.METRIC_INNER_PRODUCT, **TRAIN)
+    ip.train(sift.xt[:1000])
+    D, I = ip.search(sift.xq[:2], 3)
+    assert (I == -1).all() and (D == -np.inf).all()
+
+
+def test_float64_and_non_contiguous_inputs_are_converted(ivf_l2, sift):
+    xq = sift.xq[:20]
+    D, I = ivf_l2.search(xq, 5)
+    D64, I64 = ivf_l2.search(xq.astype(np.float64), 5)
+    strided = np.asfortranarray(xq)
+    Ds, Is = ivf_l2.search(strided, 5)
+    Dt, It = ivf_l2.search(torch.from_numpy(xq), 5)
+    for D2, I2 in ((D64, I64), (Ds, Is), (Dt, It)):
+        assert np.array_equal(I, I2) and np.array_equal(D, D2)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda ix, x: ix.search(x, 0), ValueError, "k must be a positive integer"),
+    (lambda ix, x: ix.search(x, -3), ValueError, "k must be a positive integer"),
+    (lambda ix, x: ix.search(x[:, :64], 5), ValueError, "64 columns, index expects d=128"),
+    (lambda ix, x: ix.search(x[0], 5), ValueError, "2-D"),
+    (lambda ix, x: ix.add(np.full_like(x, np.nan)), ValueError, "NaN"),
+    (lambda ix, x: ix.search(x.astype(str), 5), TypeError, "numeric"),
+    (lambda ix, x: ix.add_with_ids(x, np.arange(3)), ValueError, "ids must have shape"),
+    (lambda ix, x: ix.search(x, 5, params={"nprobe": 0}), ValueError, "nprobe"),
+])
+def test_bad_input_raises_clear_errors(ivf_l2, sift, call, error, message):
+    ntotal = ivf_l2.ntotal
+    with pytest.raises(error, match=message):
+        call(ivf_l2, sift.xq[:10])
+    assert ivf_l2.ntotal == ntotal  # nothing was half-added
+
+
+def test_untrained_index_refuses_work(sift):
+    index = faiss_rqmoe.index_factory(128, "IVF16,RQMoE4x8", **TRAIN)
+    assert not index.is_trained and index.ntotal == 0
+    for call in (lambda: index.add(sift.xb[:10]), lambda: index.search(sift.xq[:2], 1),
+                 lambda: index.sa_encode(sift.xb[:2]), lambda: index.reconstruct(0)):
+        with pytest.raises(RuntimeError, match="must be trained"):
+            call()
+
+
+def test_swaps_into_code_written_for_faiss_ivfpq(sift):
+    def recall_at_1(index, xt, xb, xq, nprobe):
+        """Ordinary faiss code: train, add, set nprobe, search, score."""
+        index.train(xt)
+        index.add(xb)
+        index.nprobe = nprobe
+        D, I = index.search(xq, 10)
+        assert D.shape == I.shape == (len(xq), 10)
+        _, gt = faiss.knn(xq, xb, 1)
+        return (I[:, 0] == gt[:, 0]).mean()
+
+    args = (sift.xt[:3000], sift.xb[:3000], sift.xq[:100], 4)
+    pq = recall_at_1(faiss.IndexIVFPQ(faiss.IndexFlatL2(128), 128, 16, 4, 6), *args)
+    ours = recall_at_1(faiss_rqmoe.index_factory(128, "IVF16,RQMoE4x6_N2L1H32", **TRAIN), *args)
+    assert ours > 0 and pq > 0
+
+
+def test_hnsw_coarse_quantizer(sift):
+    index = build(sift, "IVF16_HNSW8,RQMoE4x6_N2L1H32", n_db=1000)
+    assert isinstance(faiss.downcast_index(index.ivf.quantizer), faiss.IndexHNSWFlat)
+    D, I = index.search(sift.xq[:10], 5, params={"nprobe": 16, "nshort": 1000})
+    _, I_ref = brute_force(index.reconstruct_n(0, 1000), sift.xq[:10], 5, faiss.METRIC_L2)
+    assert (I == I_ref).mean() > 0.99
+
+
+def test_too_few_training_vectors_warns(sift):
+    index = faiss_rqmoe.index_factory(128, "IVF64,RQMoE4x6_N2L1H32", **TRAIN)
+    with pytest.warns(UserWarning, match="30 per list"):
+        index.train(sift.xt[:1000])

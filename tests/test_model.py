@@ -1,0 +1,177 @@
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from faiss_rqmoe import RQMoE, RQMoEConfig
+from faiss_rqmoe.lut import unpack_bits
+
+from conftest import clustered
+
+
+def faiss_rq(x, M, nbits):
+    rq = faiss.ResidualQuantizer(x.shape[1], M, nbits)
+    rq.max_beam_size = 1
+    rq.train(x)
+    return rq
+
+
+def perturb(model, scale=0.05, seed=1):
+    """Move every weight off its initial value so morphing is non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+@pytest.mark.parametrize("condition", ["instruction", "reconstruction", "none"])
+def test_untrained_model_is_faiss_rq(condition):
+    x = clustered(4000, d=32)
+    M, nbits = 4, 6
+    rq = faiss_rq(x, M, nbits)
+    faiss_codes = unpack_bits(rq.compute_codes(x), M, nbits)
+    model = RQMoE(RQMoEConfig(32, M, nbits, n_experts=2, n_layers=2, hidden=16, condition=condition))
+    model.init_from_rq(rq, scale=float(np.abs(x).max()))
+    codes = model.encode(x).numpy()
+    assert (codes == faiss_codes).mean() > 0.999
+    recon = model.decode(codes).numpy()
+    np.testing.assert_allclose(recon, rq.decode(rq.compute_codes(x)), rtol=1e-4, atol=1e-4)
+    mse_model = ((recon - x) ** 2).sum(1).mean()
+    mse_faiss = ((rq.decode(rq.compute_codes(x)) - x) ** 2).sum(1).mean()
+    assert mse_model == pytest.approx(mse_faiss, rel=1e-5)
+
+
+@pytest.mark.parametrize("condition", ["instruction", "reconstruction", "none"])
+def test_parallel_decode_equals_sequential(condition):
+    model = perturb(RQMoE(RQMoEConfig(24, 5, 5, n_experts=3, n_layers=2, hidden=20, condition=condition)))
+    codes = torch.randint(0, 32, (300, 5))
+    parallel = model.decode(codes)
+    sequential = model.decode_sequential(codes)
+    torch.testing.assert_close(parallel, sequential, rtol=1e-5, atol=1e-5)
+    # morphing actually changed something
+    base = model.codebooks[torch.arange(5), codes].sum(1) * model.scale
+    assert condition == "none" or (parallel - base).abs().max() > 1e-3
+
+
+def test_decode_matches_hand_computed_single_step():
+    """M=2, N=1, L=1: the morphed codeword follows the formula of DESIGN.md §1."""
+    cfg = RQMoEConfig(3, 2, 1, n_experts=1, n_layers=1, hidden=2, instr_dim=2)
+    model = perturb(RQMoE(cfg), scale=0.3)
+    codes = torch.tensor([[1, 0]])
+    with torch.no_grad():
+        c1 = model.codebooks[0, 1]
+        c2 = model.codebooks[1, 0]
+        instr = model.instr_codebooks[0, 1]
+        z = c2 @ model.proj_code[0] + instr @ model.proj_cond[0] + model.proj_bias[0]
+        h = torch.relu(z @ model.expert_w1[0, 0, 0] + model.expert_b1[0, 0, 0, 0])
+        expert = z + h @ model.expert_w2[0, 0, 0] + model.expert_b2[0, 0, 0, 0]
+        expected = c1 + expert  # one expert: gate weight is 1
+    torch.testing.assert_close(model.decode(codes)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_encode_is_greedy_argmin():
+    """Each code is the nearest morphed codeword to the current residual (brute force)."""
+    cfg = RQMoEConfig(8, 3, 3, n_experts=2, n_layers=1, hidden=8)
+    model = perturb(RQMoE(cfg), scale=0.2)
+    x = torch.randn(50, 8)
+    codes = model.encode(x)
+    K = cfg.K
+    for i in range(len(x)):
+        prefix = codes[i:i + 1].clone()
+        residual = x[i].clone()
+        for m in range(cfg.M):
+            candidates = prefix.repeat(K, 1)
+            candidates[:, m] = torch.arange(K)
+            candidates[:, m + 1:] = 0
+            steps = model.decode_steps(candidates).detach()[:, m]
+            best = ((residual - steps) ** 2).sum(1).argmin()
+            assert int(best) == int(codes[i, m])
+            residual = residual - steps[best]
+
+
+@pytest.mark.parametrize("budget", [20_000, 300_000, 1 << 30])
+def test_encode_chunking_gives_identical_codes(budget):
+    cfg = RQMoEConfig(16, 4, 5, n_experts=2, n_layers=2, hidden=16)
+    reference = perturb(RQMoE(cfg))
+    x = torch.randn(700, 16)
+    expected = reference.encode(x)
+    model = RQMoE(cfg, mem_budget_bytes=budget)
+    model.load_state_dict(reference.state_dict())
+    assert torch.equal(model.encode(x), expected)
+    assert torch.equal(model.encode(x, n_candidates=8), reference.encode(x, n_candidates=8))
+    torch.testing.assert_close(model.decode(expected), reference.decode(expected), rtol=0, atol=0)
+
+
+def test_candidate_preselection_with_all_candidates_is_exact():
+    cfg = RQMoEConfig(16, 3, 4, n_experts=2, n_layers=1, hidden=8)
+    model = perturb(RQMoE(cfg))
+    x = torch.randn(200, 16)
+    assert torch.equal(model.encode(x, n_candidates=cfg.K), model.encode(x))
+
+
+def test_scale_is_a_buffer_in_the_state_dict():
+    model = RQMoE(RQMoEConfig(8, 2, 2, n_experts=1, n_layers=1, hidden=4))
+    rq = faiss_rq(clustered(500, d=8) * 100, 2, 2)
+    model.init_from_rq(rq, scale=250.0)
+    state = model.state_dict()
+    assert float(state["scale"]) == 250.0 and bool(state["initialized"])
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (np.zeros((4, 7), np.float32), ValueError, "shape"),
+    (np.zeros((4, 8), np.int32), TypeError, "floating"),
+    (np.full((4, 8), np.nan, np.float32), ValueError, "NaN"),
+    (np.full((4, 8), np.inf, np.float32), ValueError, "infinite"),
+    (np.zeros((0, 8), np.float32), ValueError, "empty"),
+    ([[0.0] * 8], TypeError, "numpy array or torch tensor"),
+])
+def test_encode_rejects_bad_vectors(bad, error, message):
+    model = RQMoE(RQMoEConfig(8, 2, 2, n_experts=1, n_layers=1, hidden=4))
+    with pytest.raises(error, match=message):
+        model.encode(bad)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (np.full((3, 2), 4), ValueError, r"\[0, K=4\)"),
+    (np.full((3, 2), -1), ValueError, r"\[0, K=4\)"),
+    (np.zeros((3, 3), np.int64), ValueError, "shape"),
+    (np.zeros((3, 2), np.float32), TypeError, "integer"),
+    (np.zeros((0, 2), np.int64), ValueError, "empty"),
+])
+def test_decode_rejects_bad_codes(bad, error, message):
+    model = RQMoE(RQMoEConfig(8, 2, 2, n_experts=1, n_layers=1, hidden=4))
+    with pytest.raises(error, match=message):
+        model.decode(bad)
+    with pytest.raises(error, match=message):
+        model.decode_sequential(bad)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"d": 0, "M": 2}, "d must be a positive integer"),
+    ({"d": 8, "M": 2, "nbits": 17}, "nbits"),
+    ({"d": 8, "M": 2, "condition": "magic"}, "condition"),
+    ({"d": 8, "M": 2, "instr_dim": -1}, "instr_dim"),
+])
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RQMoEConfig(**kwargs)
+
+
+def test_init_from_rq_rejects_mismatched_quantizer():
+    rq = faiss_rq(clustered(500, d=8), 2, 3)
+    model = RQMoE(RQMoEConfig(8, 2, 2, n_experts=1, n_layers=1, hidden=4))
+    with pytest.raises(ValueError, match="nbits"):
+        model.init_from_rq(rq)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_encode_decode_match_cpu():
+    cfg = RQMoEConfig(16, 4, 5, n_experts=2, n_layers=2, hidden=16)
+    model = perturb(RQMoE(cfg))
+    x = torch.randn(300, 16)
+    codes = model.encode(x)
+    gpu = RQMoE(cfg).cuda()
+    gpu.load_state_dict(model.state_dict())
+    assert (gpu.encode(x).cpu() == codes).float().mean() > 0.99
+    torch.testing.assert_close(gpu.decode(codes).cpu(), model.decode(codes), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+
+from faiss_rqmoe import RQMoE, RQMoEConfig, train_rqmoe
+from faiss_rqmoe.train import normalized_residual_loss
+
+from conftest import clustered
+
+TINY = dict(n_experts=2, n_layers=1, hidden=32)
+
+
+@pytest.mark.parametrize("condition", ["instruction", "reconstruction", "none"])
+def test_each_mode_lowers_validation_mse_on_real_sift(sift, condition):
+    model = RQMoE(RQMoEConfig(128, 4, 6, condition=condition, **TINY))
+    history = train_rqmoe(model, sift.xt[:4000], sift.xval[:500], max_epochs=4, batch_size=256,
+                          device="cpu", progress=False)
+    assert history.best_val_mse < history.init_val_mse * 0.99
+    # the restored weights are the best ones
+    codes = model.encode(sift.xval[:500])
+    mse = ((model.decode(codes).numpy() - sift.xval[:500]) ** 2).sum(1).mean()
+    assert mse == pytest.approx(history.best_val_mse, rel=1e-3)
+
+
+def test_morphing_modes_beat_plain_rq_on_real_sift(sift):
+    results = {}
+    for condition in ("instruction", "none"):
+        torch.manual_seed(0)
+        model = RQMoE(RQMoEConfig(128, 4, 6, condition=condition, **TINY))
+        results[condition] = train_rqmoe(model, sift.xt[:4000], sift.xval[:500], max_epochs=4,
+                                         batch_size=256, device="cpu", progress=False).best_val_mse
+    assert results["instruction"] < results["none"]
+
+
+def test_training_is_deterministic_for_a_seed():
+    x = clustered(3000, d=16)
+    states = []
+    for _ in range(2):
+        torch.manual_seed(123)  # model init is the caller's; training's own randomness is seeded
+        model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
+        history = train_rqmoe(model, x, max_epochs=2, batch_size=128, device="cpu", seed=7, progress=False)
+        states.append((model.state_dict(), history.val_mse))
+    assert states[0][1] == states[1][1]
+    for key, value in states[0][0].items():
+        assert torch.equal(value, states[1][0][key]), key
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    x = clustered(3000, d=16)
+
+    def fresh():
+        torch.manual_seed(5)
+        return RQMoE(RQMoEConfig(16, 3, 4, **TINY))
+
+    full = fresh()
+    full_history = train_rqmoe(full, x, max_epochs=4, batch_size=128, device="cpu", progress=False,
+                               lr_patience=1, stop_patience=10)
+    resumed = fresh()
+    ckpt = tmp_path / "train.ckpt"
+    train_rqmoe(resumed, x, max_epochs=2, batch_size=128, device="cpu", progress=False, checkpoint_path=ckpt,
+                lr_patience=1, stop_patience=10)
+    again = fresh()
+    history = train_rqmoe(again, x, max_epochs=4, batch_size=128, device="cpu", progress=False,
+                          checkpoint_path=ckpt, lr_patience=1, stop_patience=10)
+    assert history.epoch == [1, 2, 3, 4]
+    assert history.val_mse == pytest.approx(full_history.val_mse, rel=1e-6)
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_time_budget_stops_training():
+    x = clustered(3000, d=16)
+    model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
+    history = train_rqmoe(model, x, max_epochs=1000, time_budget_s=0.5, batch_size=64, device="cpu",
+                          progress=False)
+    assert history.stop_reason == "time budget"
+    assert len(history.epoch) < 1000
+
+
+def test_loss_matches_hand_computation():
+    xs = torch.tensor([[2.0, 0.0]])
+    steps = torch.tensor([[[1.0, 0.0], [0.5, 0.0]]])
+    # r1 = (2,0): |r1|²=4; r2 = (1,0): 1; r3 = (0.5,0): 0.25
+    expected = np.log(1 + 1 / 4) + np.log(1 + 0.25 / 1)
+    assert float(normalized_residual_loss(xs, steps, eps=0.0)) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("xt, error, message", [
+    (np.zeros((100, 15), np.float32), ValueError, r"shape \(n, 16\)"),
+    (np.zeros((100, 16), np.int64), TypeError, "floating"),
+    (np.full((100, 16), np.nan, np.float32), ValueError, "NaN"),
+    (np.zeros((0, 16), np.float32), ValueError, "empty"),
+])
+def test_train_rejects_bad_input(xt, error, message):
+    model = RQMoE(RQMoEConfig(16, 2, 2, **TINY))
+    with pytest.raises(error, match=message):
+        train_rqmoe(model, xt, np.zeros((10, 16), np.float32), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_gpu_returns_model_to_its_device():
+    x = clustered(2000, d=16)
+    model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
+    history = train_rqmoe(model, x, max_epochs=2, device="cuda", progress=False)
+    assert model.device.type == "cpu"
+    assert history.best_val_mse <= history.init_val_mse
