@@ -1,0 +1,130 @@
+"""Static codecs the benchmark compares against: faiss PQ, OPQ+PQ, RQ, LSQ, RaBitQ,
+and a TurboQuant-style data-oblivious scalar quantizer (implemented here).
+
+Every codec has ``key``, ``name``, ``bytes_per_vector``, ``train(xt)``,
+``encode(x) -> (n, code_size) uint8`` and ``decode(codes) -> (n, d) float32``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List
+
+import faiss
+import numpy as np
+
+
+class FaissCodec:
+    """A faiss index used as a codec through sa_encode / sa_decode."""
+
+    def __init__(self, key: str, name: str, index: faiss.Index):
+        self.key, self.name, self.index = key, name, index
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return float(self.index.sa_code_size())
+
+    def train(self, xt: np.ndarray) -> None:
+        self.index.train(np.ascontiguousarray(xt, dtype=np.float32))
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return self.index.sa_encode(np.ascontiguousarray(x, dtype=np.float32))
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return self.index.sa_decode(codes)
+
+
+def _rq(d: int, n_bytes: int, beam: int) -> faiss.Index:
+    index = faiss.IndexResidualQuantizer(d, n_bytes, 8, faiss.METRIC_L2, faiss.AdditiveQuantizer.ST_decompress)
+    index.rq.max_beam_size = beam
+    return index
+
+
+def make_baselines(d: int, n_bytes: int) -> List:
+    """Static codecs at n_bytes bytes a vector (8-bit sub-codes); at 1 bit a dimension also the
+    data-oblivious RaBitQ and TurboQuant (which store a few extra bytes of scalars: see bytes_per_vector)."""
+    codecs = [
+        FaissCodec("pq", f"PQ{n_bytes}x8", faiss.index_factory(d, f"PQ{n_bytes}x8")),
+        FaissCodec("opq", f"OPQ{n_bytes},PQ{n_bytes}x8", faiss.index_factory(d, f"OPQ{n_bytes},PQ{n_bytes}x8")),
+        FaissCodec("rq1", f"RQ{n_bytes}x8 (beam 1)", _rq(d, n_bytes, 1)),
+        FaissCodec("rq32", f"RQ{n_bytes}x8 (beam 32)", _rq(d, n_bytes, 32)),
+        FaissCodec("lsq", f"LSQ{n_bytes}x8", faiss.IndexLocalSearchQuantizer(
+            d, n_bytes, 8, faiss.METRIC_L2, faiss.AdditiveQuantizer.ST_decompress)),
+    ]
+    if n_bytes * 8 == d:
+        codecs.append(FaissCodec("rabitq", "RaBitQ (1 bit/dim)", faiss.IndexRaBitQ(d, faiss.METRIC_L2)))
+        codecs.append(TurboQuantMSE(d, 1))
+    return codecs
+
+
+# ---------------------------------------------------------------- TurboQuant
+def sphere_coordinate_density(d: int, t: np.ndarray) -> np.ndarray:
+    """Unnormalised density of one coordinate of a uniform point on the unit sphere in R^d."""
+    return np.clip(1 - t * t, 0, None) ** ((d - 3) / 2)
+
+
+@functools.lru_cache(maxsize=None)
+def lloyd_max_codebook(d: int, bits: int, grid_size: int = 400_001, iters: int = 300):
+    """Optimal scalar quantizer of a sphere coordinate: (levels (2^bits,), boundaries (2^bits-1,)) float64."""
+    t = np.linspace(-1, 1, grid_size)
+    w = sphere_coordinate_density(d, t)
+    w /= w.sum()
+    cdf = np.cumsum(w)
+    levels = np.interp((np.arange(1 << bits) + 0.5) / (1 << bits), cdf, t)  # start at quantiles
+    for _ in range(iters):
+        bounds = (levels[1:] + levels[:-1]) / 2
+        cell = np.searchsorted(bounds, t)
+        mass = np.bincount(cell, weights=w, minlength=1 << bits)
+        levels = np.bincount(cell, weights=w * t, minlength=1 << bits) / np.maximum(mass, 1e-300)
+    return levels, (levels[1:] + levels[:-1]) / 2
+
+
+def analytic_mse_unit(d: int, bits: int) -> float:
+    """Expected ||x - x^||² of the TurboQuant-MSE quantizer for a uniformly random unit vector in R^d."""
+    levels, bounds = lloyd_max_codebook(d, bits)
+    t = np.linspace(-1, 1, 400_001)
+    w = sphere_coordinate_density(d, t)
+    w /= w.sum()
+    return float(d * (w * (t - levels[np.searchsorted(bounds, t)]) ** 2).sum())
+
+
+class TurboQuantMSE:
+    """TurboQuant-style codec, MSE variant: random rotation, then a per-coordinate Lloyd–Max
+    quantizer for the rotated-coordinate distribution of unit vectors.
+
+    Vectors are centred on the training mean (``center``) and normalised; the
+    norm is stored as float32, so bytes_per_vector = d*bits/8 + 4.
+    """
+
+    key = "turboquant"
+
+    def __init__(self, d: int, bits: int = 1, seed: int = 0, center: bool = True):
+        self.d, self.bits, self.center = d, bits, center
+        self.name = f"TurboQuant-MSE ({bits} bit/dim)"
+        gaussian = np.random.default_rng(seed).standard_normal((d, d))
+        q, r = np.linalg.qr(gaussian)
+        self.rotation = (q * np.sign(np.diag(r))).astype(np.float32)  # Haar-distributed orthogonal
+        self.levels, self.bounds = (a.astype(np.float32) for a in lloyd_max_codebook(d, bits))
+        self.mean = np.zeros(d, dtype=np.float32)
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return self.d * self.bits / 8 + 4
+
+    def train(self, xt: np.ndarray) -> None:
+        if self.center:
+            self.mean = np.asarray(xt, dtype=np.float64).mean(0).astype(np.float32)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32) - self.mean
+        norms = np.linalg.norm(x, axis=1, keepdims=True).astype(np.float32)
+        rotated = (x / np.maximum(norms, 1e-30)) @ self.rotation.T
+        idx = np.searchsorted(self.bounds, rotated).astype(np.uint8)  # (n, d) in [0, 2^bits)
+        bits = ((idx[:, :, None] >> np.arange(self.bits, dtype=np.uint8)) & 1).reshape(len(x), -1)
+        return np.hstack([np.packbits(bits, axis=1, bitorder="little"), norms.view(np.uint8)])
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        n, nb = len(codes), self.d * self.bits // 8
+        bits = np.unpackbits(codes[:, :nb], axis=1, bitorder="little").reshape(n, self.d, self.bits)
+        idx = (bits.astype(np.int64) << np.arange(self.bits)).sum(-1)
+        norms = np.ascontiguousarray(codes[:, nb:nb + 4]).view(np.float32)
+        return (self.levels[idx] @ self.rotation) * norms + self.mean

@@ -1,0 +1,291 @@
+"""Vector files, the built-in real SIFT data sets, fixed splits and exact ground truth.
+
+Nothing here downloads: the default set is SIFT computed with OpenCV on the
+photos scikit-image ships in its wheel; the "wallpaper" set on the photos
+of Debian's wallpaper packages. Both are cached as .npy under ``cache_dir()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAME = "sift_skimage_v1"
+WALLPAPER_NAME = "sift_wallpaper_v1"
+SHUFFLE_SEED = 20260514
+WALLPAPER_PACKAGES = ("plasma-workspace-wallpapers", "mate-backgrounds", "ukui-wallpapers", "gnome-backgrounds",
+                      "lomiri-wallpapers", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04")
+DATA_EXTRA_HINT = 'pip install "faiss_rqmoe[data]"'
+
+
+# ------------------------------------------------------------------ file formats
+def _read_vecs(path, dtype) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    raw = np.fromfile(path, dtype=np.uint8)
+    item = np.dtype(dtype).itemsize
+    if raw.size < 4:
+        raise ValueError(f"{path} is empty or truncated: no dimension header")
+    d = int(raw[:4].view(np.int32)[0])
+    row_bytes = 4 + d * item
+    if d <= 0 or raw.size % row_bytes:
+        raise ValueError(f"{path} is not a valid {path.suffix} file: {raw.size} bytes is not a multiple of "
+                         f"the row size {row_bytes} implied by d={d}")
+    rows = raw.reshape(-1, row_bytes)
+    if not (rows[:, :4].copy().view(np.int32)[:, 0] == d).all():
+        raise ValueError(f"{path} is corrupted: rows disagree on the dimension (first row says d={d})")
+    return np.ascontiguousarray(rows[:, 4:]).view(dtype)
+
+
+def read_fvecs(path) -> np.ndarray:
+    """Read a TEXMEX .fvecs file: returns (n, d) float32."""
+    return _read_vecs(path, np.float32)
+
+
+def read_bvecs(path) -> np.ndarray:
+    """Read a TEXMEX .bvecs file: returns (n, d) uint8."""
+    return _read_vecs(path, np.uint8)
+
+
+def read_ivecs(path) -> np.ndarray:
+    """Read a TEXMEX .ivecs file: returns (n, d) int32."""
+    return _read_vecs(path, np.int32)
+
+
+def _write_vecs(path, x: np.ndarray, dtype) -> None:
+    x = np.ascontiguousarray(x, dtype=dtype)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D array, got shape {x.shape}")
+    header = np.full((x.shape[0], 1), x.shape[1], dtype=np.int32).view(np.uint8)
+    np.hstack([header, x.view(np.uint8).reshape(x.shape[0], -1)]).tofile(path)
+
+
+def write_fvecs(path, x: np.ndarray) -> None:
+    """Write (n, d) float32 as .fvecs."""
+    _write_vecs(path, x, np.float32)
+
+
+def write_bvecs(path, x: np.ndarray) -> None:
+    """Write (n, d) uint8 as .bvecs."""
+    _write_vecs(path, x, np.uint8)
+
+
+def write_ivecs(path, x: np.ndarray) -> None:
+    """Write (n, d) int32 as .ivecs."""
+    _write_vecs(path, x, np.int32)
+
+
+def load_vectors(path) -> np.ndarray:
+    """Read .npy, .fvecs, .bvecs or .ivecs by suffix: returns the (n, d) array as stored."""
+    path = Path(path)
+    readers = {".fvecs": read_fvecs, ".bvecs": read_bvecs, ".ivecs": read_ivecs}
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        return np.load(path, allow_pickle=False)
+    if path.suffix not in readers:
+        raise ValueError(f"{path}: unknown vector file suffix {path.suffix!r}; expected .npy, .fvecs, .bvecs "
+                         f"or .ivecs")
+    return readers[path.suffix](path)
+
+
+# ------------------------------------------------------------------ SIFT
+def cache_dir() -> Path:
+    """Where built data sets live: $FAISS_RQMOE_CACHE or ~/.cache/faiss_rqmoe (created on demand)."""
+    path = Path(os.environ.get("FAISS_RQMOE_CACHE", Path.home() / ".cache" / "faiss_rqmoe"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as exc:
+        raise ImportError(f"the SIFT data sets need OpenCV: {DATA_EXTRA_HINT}") from exc
+    return cv2
+
+
+def sift_descriptors(image_paths: Sequence, scales: Sequence[int] = (1,), progress: bool = True) -> np.ndarray:
+    """SIFT descriptors (contrastThreshold=0) of grayscale images at integer scales, rounded.
+
+    image_paths: image files; scales: upsampling factors (bicubic).
+    Returns (n, 128) uint8, in image then scale order (deterministic).
+    """
+    from tqdm.auto import tqdm
+
+    cv2 = _cv2()
+    sift = cv2.SIFT_create(contrastThreshold=0)
+    parts = []
+    for path in tqdm(list(image_paths), desc="SIFT", unit="image", disable=not progress):
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise ValueError(f"cannot read image {path}")
+        for scale in scales:
+            scaled = image if scale == 1 else cv2.resize(image, None, fx=scale, fy=scale,
+                                                         interpolation=cv2.INTER_CUBIC)
+            _, desc = sift.detectAndCompute(scaled, None)
+            if desc is not None:
+                parts.append(np.clip(np.rint(desc), 0, 255).astype(np.uint8))
+    return np.concatenate(parts) if parts else np.empty((0, 128), np.uint8)
+
+
+def skimage_image_paths() -> List[Path]:
+    """The sample photos inside scikit-image's wheel (skimage/data/*.png, *.jpg), sorted by name."""
+    try:
+        import skimage.data
+    except ImportError as exc:
+        raise ImportError(f"the default data set needs scikit-image: {DATA_EXTRA_HINT}") from exc
+    folder = Path(skimage.data.__file__).parent
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg")), key=lambda p: p.name)
+
+
+def _dedup_shuffle(x: np.ndarray) -> np.ndarray:
+    unique = np.unique(x, axis=0)
+    return unique[np.random.default_rng(SHUFFLE_SEED).permutation(len(unique))]
+
+
+def _cached(name: str, build) -> np.ndarray:
+    path = cache_dir() / f"{name}.npy"
+    if not path.exists():
+        start = time.perf_counter()
+        data = build()
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, data)
+        os.replace(tmp, path)
+        logger.info("built %s: %s in %.0f s", path, data.shape, time.perf_counter() - start)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def default_descriptors(progress: bool = True) -> np.ndarray:
+    """The default real set: SIFT on scikit-image's photos at 1x and 2x, deduplicated, shuffled.
+
+    Built once (about a minute on 2 cores) and cached. Returns (n, 128) uint8 (memory-mapped).
+    """
+    return _cached(DEFAULT_NAME, lambda: _dedup_shuffle(
+        sift_descriptors(skimage_image_paths(), scales=(1, 2), progress=progress)))
+
+
+def _package_installed(name: str) -> bool:
+    if shutil.which("dpkg-query") is None:
+        return False
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", name], capture_output=True, text=True)
+    return result.returncode == 0 and "install ok installed" in result.stdout
+
+
+def wallpaper_image_paths() -> List[Path]:
+    """Photos of Debian's wallpaper packages (*.jpg, *.png, recursively), sorted.
+
+    Raises RuntimeError naming the `apt-get install` line when packages are missing.
+    """
+    missing = [p for p in WALLPAPER_PACKAGES if not _package_installed(p)]
+    if missing:
+        raise RuntimeError("the wallpaper data set needs Debian packages that are not installed; run:\n"
+                           f"    apt-get install -y {' '.join(missing)}")
+    roots = list(Path("/usr/share/wallpapers").glob("*/contents/images")) + [Path("/usr/share/backgrounds")]
+    paths = {p.resolve() for root in roots if root.is_dir() for p in root.rglob("*")
+             if p.suffix.lower() in (".jpg", ".png") and p.is_file()}
+    if not paths:
+        raise RuntimeError("no wallpaper images found under /usr/share/wallpapers or /usr/share/backgrounds; run:\n"
+                           f"    apt-get install -y {' '.join(WALLPAPER_PACKAGES)}")
+    return sorted(paths)
+
+
+def wallpaper_descriptors(progress: bool = True) -> np.ndarray:
+    """The wallpaper set: SIFT at 1x on Debian's wallpapers, deduplicated, shuffled, cached: (n, 128) uint8."""
+    return _cached(WALLPAPER_NAME, lambda: _dedup_shuffle(
+        sift_descriptors(wallpaper_image_paths(), scales=(1,), progress=progress)))
+
+
+# ------------------------------------------------------------------ splits
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A fixed split: train xt, validation xval, database xb, queries xq (float32),
+    gt (nq, k_gt) int64: exact L2 nearest neighbours of each query in xb, nearest first."""
+
+    name: str
+    xt: np.ndarray
+    xval: np.ndarray
+    xb: np.ndarray
+    xq: np.ndarray
+    gt: np.ndarray
+
+    @property
+    def d(self) -> int:
+        return self.xb.shape[1]
+
+
+def ground_truth(xb: np.ndarray, xq: np.ndarray, k: int = 100, metric: str = "l2") -> np.ndarray:
+    """Exact k nearest neighbours with faiss: xb (n, d), xq (nq, d) -> (nq, min(k, n)) int64."""
+    from .evaluation import knn_search_exhaustive
+
+    return knn_search_exhaustive(xb, xq, min(k, len(xb)), metric)[1]
+
+
+def split(name: str, data: np.ndarray, n_train: Optional[int], n_val: int, n_db: int, n_query: int,
+          gt: Optional[np.ndarray] = None, cache_gt: bool = False) -> Dataset:
+    """Deterministic split of rows: queries first, then database, validation, train (None: the rest).
+
+    data: (n, d) any numeric dtype. gt: precomputed ground truth for these
+    queries and database; else computed (and cached on disk if cache_gt).
+    """
+    needed = n_query + n_db + n_val
+    n_train = len(data) - needed if n_train is None else n_train
+    if min(n_query, n_db, n_train) <= 0 or n_val < 0 or needed + n_train > len(data):
+        raise ValueError(f"{name}: cannot split {len(data)} vectors into n_query={n_query}, n_db={n_db}, "
+                         f"n_val={n_val}, n_train={n_train}")
+    as_float = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+    xq = as_float(data[:n_query])
+    xb = as_float(data[n_query:n_query + n_db])
+    xval = as_float(data[n_query + n_db:needed])
+    xt = as_float(data[needed:needed + n_train])
+    if gt is None:
+        gt_path = cache_dir() / f"{name}_gt_q{n_query}_db{n_db}.npy"
+        if cache_gt and gt_path.exists():
+            gt = np.load(gt_path, allow_pickle=False)
+        else:
+            gt = ground_truth(xb, xq, 100)
+            if cache_gt:
+                np.save(gt_path, gt)
+    elif gt.shape[0] != n_query:
+        raise ValueError(f"{name}: ground truth has {gt.shape[0]} rows, expected n_query={n_query}")
+    return Dataset(name, xt, xval, xb, xq, np.ascontiguousarray(gt, dtype=np.int64))
+
+
+def load_default(n_train: Optional[int] = None, n_val: int = 10_000, n_db: int = 500_000,
+                 n_query: int = 10_000, progress: bool = True) -> Dataset:
+    """The default SIFT set (scikit-image photos), split, with cached 100-NN ground truth."""
+    return split(DEFAULT_NAME, default_descriptors(progress), n_train, n_val, n_db, n_query, cache_gt=True)
+
+
+def load_small(n_train: int = 20_000, n_val: int = 2_000, n_db: int = 20_000, n_query: int = 500) -> Dataset:
+    """A small split of the default SIFT set for tests and the quick demo (seconds once cached)."""
+    return split(DEFAULT_NAME, default_descriptors(), n_train, n_val, n_db, n_query, cache_gt=True)
+
+
+def load_wallpaper(n_train: int = 1_000_000, n_val: int = 10_000, n_db: int = 1_000_000,
+                   n_query: int = 10_000, progress: bool = True) -> Dataset:
+    """The wallpaper SIFT set (Debian wallpaper packages), split, with cached 100-NN ground truth."""
+    return split(WALLPAPER_NAME, wallpaper_descriptors(progress), n_train, n_val, n_db, n_query, cache_gt=True)
+
+
+def load_dataset(name_or_path: str, gt_path=None, **split_sizes) -> Dataset:
+    """'default', 'small', 'wallpaper', or a vector file (.npy/.fvecs/.bvecs) split like the built-in sets
+    (queries = first n_query rows, database = next n_db rows; gt_path, if given, must refer to those)."""
+    loaders = {"default": load_default, "small": load_small, "wallpaper": load_wallpaper}
+    if name_or_path in loaders:
+        return loaders[name_or_path](**split_sizes)
+    data = load_vectors(name_or_path)
+    gt = None if gt_path is None else load_vectors(gt_path).astype(np.int64)
+    sizes = {"n_train": None, "n_val": 10_000, "n_db": 100_000, "n_query": 1_000}
+    sizes.update(split_sizes)
+    return split(Path(name_or_path).stem, data, gt=gt, **sizes)
