@@ -82,6 +82,7 @@ class IndexRQMoE:
         self.model = RQMoE(config).to(self.device)
         self.ivf: Optional[faiss.IndexIVFResidualQuantizer] = None
         self.centroids: Optional[np.ndarray] = None
+        self._centroids_cache = None  # (centroids array, the same as a tensor on the codec's device)
         self.train_history: Optional[TrainHistory] = None
         self._nprobe = 1
         self.nprobe = nprobe
@@ -199,12 +200,16 @@ class IndexRQMoE:
     def _encode(self, residuals: np.ndarray) -> np.ndarray:
         return self.model.encode(residuals, self.encode_candidates).cpu().numpy()
 
+    def _decode_on_device(self, codes: np.ndarray, list_nos: np.ndarray) -> torch.Tensor:
+        """Reconstructions (n, d) float32 on the codec's device of codes (n, M) stored in lists list_nos (n,)."""
+        device = self.model.device
+        return self.model.decode(codes) + self._device_centroids()[torch.from_numpy(list_nos).to(device)]
+
     def _decode(self, codes: np.ndarray, list_nos: np.ndarray) -> np.ndarray:
-        """Reconstructions (n, d) float32 of codes (n, M) stored in lists list_nos (n,)."""
+        """Reconstructions (n, d) float32 numpy of codes (n, M) stored in lists list_nos (n,)."""
         if len(codes) == 0:
             return np.empty((0, self.d), dtype=np.float32)
-        residuals = self.model.decode(codes).cpu().numpy()
-        return residuals + self.centroids[list_nos]
+        return self._decode_on_device(codes, list_nos).cpu().numpy()
 
     def sa_code_size(self) -> int:
         """Bytes of one standalone code: list number + M*nbits bits + 8-bit norm."""
@@ -270,22 +275,38 @@ class IndexRQMoE:
         return nprobe, nshort
 
     def _shortlist_distances(self, xq: np.ndarray, nshort: int, nprobe: int):
-        """LUT shortlist re-ranked by exact distance: returns (dist (nq, nshort), ids (nq, nshort))."""
+        """LUT shortlist re-ranked by exact distance: returns (dist (nq, nshort), ids (nq, nshort)).
+
+        The shortlist is decoded and scored on the codec's device; only the
+        (nq, nshort) distances come back to the host.
+        """
         nq = len(xq)
         worst = np.inf if self.metric_type == faiss.METRIC_L2 else -np.inf
         params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.ivf.nlist))
         _, ids, sa_codes = self.ivf.search_and_return_codes(xq, nshort, include_listnos=True, params=params)
         valid = ids >= 0
+        dist = np.full((nq, nshort), worst, dtype=np.float32)
+        if not valid.any():
+            return dist, ids
         list_nos, codes = lut.decode_sa_codes(self.ivf, sa_codes[valid], self.config.M, self.config.nbits)
-        recons = torch.from_numpy(self._decode(codes, list_nos))
-        queries = torch.from_numpy(xq)[torch.from_numpy(np.nonzero(valid)[0])]
+        recons = self._decode_on_device(codes, list_nos)
+        device = recons.device
+        query_rows = torch.from_numpy(np.nonzero(valid)[0]).to(device)
+        queries = torch.from_numpy(xq).to(device)[query_rows]
         if self.metric_type == faiss.METRIC_L2:
             exact = ((queries - recons) ** 2).sum(1)
         else:
             exact = (queries * recons).sum(1)
-        dist = np.full((nq, nshort), worst, dtype=np.float32)
-        dist[valid] = exact.numpy()
+        dist[valid] = exact.cpu().numpy()
         return dist, ids
+
+    def _device_centroids(self) -> torch.Tensor:
+        """The IVF centroids (nlist, d) float32 on the codec's device, cached."""
+        cached = self._centroids_cache
+        if cached is None or cached[0] is not self.centroids or cached[1].device != self.model.device:
+            cached = (self.centroids, torch.from_numpy(self.centroids).to(self.model.device))
+            self._centroids_cache = cached
+        return cached[1]
 
     def search(self, x, k: int, params=None, D=None, I=None):
         """k nearest neighbours of each query.
