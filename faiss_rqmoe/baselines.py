@@ -70,11 +70,15 @@ def lloyd_max_codebook(d: int, bits: int, grid_size: int = 400_001, iters: int =
     w /= w.sum()
     cdf = np.cumsum(w)
     levels = np.interp((np.arange(1 << bits) + 0.5) / (1 << bits), cdf, t)  # start at quantiles
+    # cell j holds the grid points with bounds[j-1] < t <= bounds[j]; its mass and first moment are
+    # differences of prefix sums, so an iteration costs O(2^bits log grid_size), not O(grid_size)
+    mass_before = np.concatenate([[0.0], cdf])
+    moment_before = np.concatenate([[0.0], np.cumsum(w * t)])
     for _ in range(iters):
         bounds = (levels[1:] + levels[:-1]) / 2
-        cell = np.searchsorted(bounds, t)
-        mass = np.bincount(cell, weights=w, minlength=1 << bits)
-        levels = np.bincount(cell, weights=w * t, minlength=1 << bits) / np.maximum(mass, 1e-300)
+        cuts = np.concatenate([[0], np.searchsorted(t, bounds, side="right"), [grid_size]])
+        mass = np.diff(mass_before[cuts])
+        levels = np.diff(moment_before[cuts]) / np.maximum(mass, 1e-300)
     return levels, (levels[1:] + levels[:-1]) / 2
 
 

@@ -18,6 +18,25 @@ def recall_at(I: np.ndarray, gt: np.ndarray, ks: Sequence[int] = (1, 10, 100)) -
     return {f"R@{k}": float((I[:, :k] == gt[:, :1]).any(axis=1).mean()) for k in ks if k <= I.shape[1]}
 
 
+def knn_intersection(I: np.ndarray, gt: np.ndarray, k: int, chunk: int = 4096) -> float:
+    """k@k intersection recall: mean over queries of |I[:, :k] ∩ gt[:, :k]| / k.
+
+    Same value as faiss.contrib.evaluation.knn_intersection_measure(I[:, :k], gt[:, :k]) for result rows
+    without repeated ids (as search returns them; -1 padding never matches). I: (nq, >=k) int64,
+    gt: (nq, >=k) int64. Returns a float in [0, 1].
+    """
+    I, gt = np.asarray(I), np.asarray(gt)
+    if I.ndim != 2 or gt.ndim != 2 or len(I) != len(gt):
+        raise ValueError(f"I and gt must be 2-D with the same number of queries, got {I.shape} and {gt.shape}")
+    if not 1 <= k <= min(I.shape[1], gt.shape[1]):
+        raise ValueError(f"k={k} must be in 1..{min(I.shape[1], gt.shape[1])} for I {I.shape} and gt {gt.shape}")
+    hits = 0
+    for i0 in range(0, len(I), chunk):
+        found, truth = I[i0:i0 + chunk, :k], gt[i0:i0 + chunk, :k]
+        hits += int((found[:, :, None] == truth[:, None, :]).any(axis=2).sum())
+    return hits / (len(I) * k)
+
+
 def mse(x: np.ndarray, x_rec: np.ndarray, chunk: int = 65_536) -> float:
     """Mean over vectors of the squared L2 reconstruction error: x, x_rec (n, d) -> float (float64 sums)."""
     x, x_rec = np.asarray(x), np.asarray(x_rec)
