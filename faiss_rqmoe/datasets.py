@@ -7,6 +7,7 @@ of Debian's wallpaper packages. Both are cached as .npy under ``cache_dir()``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -149,21 +150,61 @@ def skimage_image_paths() -> List[Path]:
     return sorted((p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg")), key=lambda p: p.name)
 
 
+def unique_rows(x: np.ndarray) -> np.ndarray:
+    """Distinct rows of x (n, d) uint8, in lexicographic (unsigned byte) order: (n_unique, d) uint8.
+
+    Same result as np.unique(x, axis=0) for uint8, about 10x faster (rows compared as raw bytes).
+    """
+    x = np.ascontiguousarray(x, dtype=np.uint8)
+    as_bytes = x.view(np.dtype((np.void, x.shape[1]))).ravel()
+    return np.unique(as_bytes).view(np.uint8).reshape(-1, x.shape[1])
+
+
 def _dedup_shuffle(x: np.ndarray) -> np.ndarray:
-    unique = np.unique(x, axis=0)
+    # the shuffle starts from the sorted unique rows, so the result does not depend on image order
+    unique = unique_rows(x)
     return unique[np.random.default_rng(SHUFFLE_SEED).permutation(len(unique))]
 
 
+def _build_sift_set(image_paths: Sequence, scales: Sequence[int], progress: bool):
+    raw = sift_descriptors(image_paths, scales=scales, progress=progress)
+    data = _dedup_shuffle(raw)
+    info = {"n_images": len(image_paths), "scales": list(scales), "n_descriptors": len(raw),
+            "n_unique": len(data)}
+    return data, info
+
+
 def _cached(name: str, build) -> np.ndarray:
+    """Load cache_dir()/name.npy, building it first with build() -> (data, info dict) when absent;
+    info goes to name.json with the build time and library versions (see build_info)."""
     path = cache_dir() / f"{name}.npy"
     if not path.exists():
         start = time.perf_counter()
-        data = build()
+        data, info = build()
+        info = {"name": name, "shape": list(data.shape), **info,
+                "build_s": round(time.perf_counter() - start, 1), "versions": _versions()}
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, data)
         os.replace(tmp, path)
-        logger.info("built %s: %s in %.0f s", path, data.shape, time.perf_counter() - start)
+        path.with_suffix(".json").write_text(json.dumps(info, indent=1))
+        logger.info("built %s: %s", path, info)
     return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _versions() -> dict:
+    versions = {"numpy": np.__version__}
+    try:
+        import cv2
+        versions["opencv"] = cv2.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def build_info(name: str) -> Optional[dict]:
+    """What was recorded when the cached set `name` was built (counts, build_s, versions), or None."""
+    path = cache_dir() / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def default_descriptors(progress: bool = True) -> np.ndarray:
@@ -171,8 +212,7 @@ def default_descriptors(progress: bool = True) -> np.ndarray:
 
     Built once (about a minute on 2 cores) and cached. Returns (n, 128) uint8 (memory-mapped).
     """
-    return _cached(DEFAULT_NAME, lambda: _dedup_shuffle(
-        sift_descriptors(skimage_image_paths(), scales=(1, 2), progress=progress)))
+    return _cached(DEFAULT_NAME, lambda: _build_sift_set(skimage_image_paths(), (1, 2), progress))
 
 
 def _package_installed(name: str) -> bool:
@@ -183,7 +223,8 @@ def _package_installed(name: str) -> bool:
 
 
 def wallpaper_image_paths() -> List[Path]:
-    """Photos of Debian's wallpaper packages (*.jpg, *.png, recursively), sorted.
+    """Photos of Debian's wallpaper packages: *.jpg, *.png under /usr/share/wallpapers/*/contents/images
+    and /usr/share/backgrounds, recursively, each file once (symbolic links resolved), sorted.
 
     Raises RuntimeError naming the `apt-get install` line when packages are missing.
     """
@@ -201,9 +242,12 @@ def wallpaper_image_paths() -> List[Path]:
 
 
 def wallpaper_descriptors(progress: bool = True) -> np.ndarray:
-    """The wallpaper set: SIFT at 1x on Debian's wallpapers, deduplicated, shuffled, cached: (n, 128) uint8."""
-    return _cached(WALLPAPER_NAME, lambda: _dedup_shuffle(
-        sift_descriptors(wallpaper_image_paths(), scales=(1,), progress=progress)))
+    """The wallpaper set: SIFT at 1x on Debian's wallpapers, deduplicated, shuffled, cached: (n, 128) uint8.
+
+    On Debian 12 with OpenCV 5.0: 100 distinct image files, 8 461 442 descriptors, 8 385 691 unique,
+    built in about 19 minutes on 2 shared cores (build_info(WALLPAPER_NAME) has the numbers of yours).
+    """
+    return _cached(WALLPAPER_NAME, lambda: _build_sift_set(wallpaper_image_paths(), (1,), progress))
 
 
 # ------------------------------------------------------------------ splits
@@ -224,11 +268,31 @@ class Dataset:
         return self.xb.shape[1]
 
 
-def ground_truth(xb: np.ndarray, xq: np.ndarray, k: int = 100, metric: str = "l2") -> np.ndarray:
-    """Exact k nearest neighbours with faiss: xb (n, d), xq (nq, d) -> (nq, min(k, n)) int64."""
+def ground_truth(xb: np.ndarray, xq: np.ndarray, k: int = 100, metric: str = "l2",
+                 chunk_bytes: int = 256 << 20) -> np.ndarray:
+    """Exact k nearest neighbours with faiss, over the database in chunks of at most chunk_bytes of float32.
+
+    xb: (n, d) any numeric dtype (a uint8 memory map is fine: only one chunk is converted at a time);
+    xq: (nq, d). Returns (nq, min(k, n)) int64 row numbers of xb, nearest first.
+    """
+    import faiss
+
     from .evaluation import knn_search_exhaustive
 
-    return knn_search_exhaustive(xb, xq, min(k, len(xb)), metric)[1]
+    if metric not in ("l2", "ip"):
+        raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
+    if xb.ndim != 2 or xq.ndim != 2 or xb.shape[1] != xq.shape[1]:
+        raise ValueError(f"xb and xq must be 2-D with the same number of columns, got {xb.shape} and {xq.shape}")
+    k = min(k, len(xb))
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    heap = faiss.ResultHeap(len(xq), k, keep_max=metric == "ip")
+    bs = max(k, chunk_bytes // (4 * xb.shape[1]))
+    for i0 in range(0, len(xb), bs):
+        chunk = np.ascontiguousarray(xb[i0:i0 + bs], dtype=np.float32)
+        D, I = knn_search_exhaustive(chunk, xq, min(k, len(chunk)), metric)
+        heap.add_result(D, I + i0)
+    heap.finalize()
+    return heap.I
 
 
 def split(name: str, data: np.ndarray, n_train: Optional[int], n_val: int, n_db: int, n_query: int,
@@ -279,13 +343,105 @@ def load_wallpaper(n_train: int = 1_000_000, n_val: int = 10_000, n_db: int = 1_
 
 
 def load_dataset(name_or_path: str, gt_path=None, **split_sizes) -> Dataset:
-    """'default', 'small', 'wallpaper', or a vector file (.npy/.fvecs/.bvecs) split like the built-in sets
-    (queries = first n_query rows, database = next n_db rows; gt_path, if given, must refer to those)."""
+    """'default', 'small', 'wallpaper', a split written by export_split (.npz), or a vector file
+    (.npy/.fvecs/.bvecs) split like the built-in sets (queries = first n_query rows, database = next
+    n_db rows; gt_path, if given, must refer to those).
+
+    split_sizes: n_train, n_val, n_db, n_query (for an .npz: at most the stored sizes).
+    """
     loaders = {"default": load_default, "small": load_small, "wallpaper": load_wallpaper}
     if name_or_path in loaders:
         return loaders[name_or_path](**split_sizes)
+    if Path(name_or_path).suffix == ".npz":
+        if gt_path is not None:
+            raise ValueError(f"{name_or_path}: an exported split carries its own ground truth; gt_path must be None")
+        return load_exported(name_or_path, **split_sizes)
     data = load_vectors(name_or_path)
     gt = None if gt_path is None else load_vectors(gt_path).astype(np.int64)
     sizes = {"n_train": None, "n_val": 10_000, "n_db": 100_000, "n_query": 1_000}
     sizes.update(split_sizes)
     return split(Path(name_or_path).stem, data, gt=gt, **sizes)
+
+
+# ------------------------------------------------------------------ exported splits
+EXPORT_FORMAT = "faiss_rqmoe.split"
+EXPORT_VERSION = 1
+_PARTS = ("xt", "xval", "xb", "xq")
+
+
+def _head(n: Optional[int], available: int, what: str) -> int:
+    if n is None:
+        return available
+    if not 0 <= n <= available:
+        raise ValueError(f"{what}={n} is out of range: the split has {available}")
+    return n
+
+
+def export_split(ds: Dataset, path, n_train: Optional[int] = None, n_val: Optional[int] = None,
+                 n_db: Optional[int] = None, n_query: Optional[int] = None, k_gt: int = 100,
+                 name: Optional[str] = None) -> Path:
+    """Write a (reduced) split to one compressed .npz (np.savez_compressed, no pickle) for load_exported.
+
+    Keeps the first n_* rows of each part of ds (None: all). Rows are stored as uint8 when every value
+    is an integer in 0..255 (SIFT), else as float32; the ground truth is stored as (n_query, k_gt) int32,
+    recomputed with faiss when the database is cut. Returns the path written.
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: the file name must end in .npz")
+    n_train = _head(n_train, len(ds.xt), "n_train")
+    n_val = _head(n_val, len(ds.xval), "n_val")
+    n_db = _head(n_db, len(ds.xb), "n_db")
+    n_query = _head(n_query, len(ds.xq), "n_query")
+    if min(n_train, n_db, n_query) <= 0:
+        raise ValueError(f"n_train={n_train}, n_db={n_db} and n_query={n_query} must be positive")
+    if n_db >= 2**31:
+        raise ValueError(f"n_db={n_db} does not fit the int32 ground truth")
+    parts = {"xt": ds.xt[:n_train], "xval": ds.xval[:n_val], "xb": ds.xb[:n_db], "xq": ds.xq[:n_query]}
+    as_bytes = all(np.array_equal(a, np.clip(np.rint(a), 0, 255)) for a in parts.values())
+    dtype = np.uint8 if as_bytes else np.float32
+    parts = {key: np.ascontiguousarray(a, dtype=dtype) for key, a in parts.items()}
+    k_gt = min(k_gt, n_db)
+    if n_db == len(ds.xb) and ds.gt.shape[1] >= k_gt:
+        gt = ds.gt[:n_query, :k_gt]
+    else:
+        gt = ground_truth(parts["xb"], parts["xq"], k_gt)
+    meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "name": name or ds.name, "dtype": np.dtype(dtype).name,
+            "n_train": n_train, "n_val": n_val, "n_db": n_db, "n_query": n_query, "k_gt": k_gt,
+            "source": {"name": ds.name, "n_train": len(ds.xt), "n_val": len(ds.xval), "n_db": len(ds.xb),
+                       "n_query": len(ds.xq)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), gt=gt.astype(np.int32), **parts)
+    os.replace(tmp, path)
+    return path
+
+
+def load_exported(path, n_train: Optional[int] = None, n_val: Optional[int] = None, n_db: Optional[int] = None,
+                  n_query: Optional[int] = None) -> Dataset:
+    """Read a split written by export_split: a Dataset with float32 parts and (n_query, k_gt) int64 ground truth.
+
+    n_*: keep only the first rows of a part (at most the stored sizes); a smaller n_db recomputes the
+    ground truth with faiss.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    with np.load(path, allow_pickle=False) as npz:
+        missing = {"meta", "gt", *_PARTS} - set(npz.files)
+        if missing:
+            raise ValueError(f"{path} is not an exported split: missing arrays {sorted(missing)}")
+        meta = json.loads(str(npz["meta"]))
+        if meta.get("format") != EXPORT_FORMAT or meta.get("version") != EXPORT_VERSION:
+            raise ValueError(f"{path}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}, "
+                             f"expected {EXPORT_FORMAT!r} version {EXPORT_VERSION}")
+        stored = {key: npz[key] for key in _PARTS}
+        gt = npz["gt"]
+    sizes = {"xt": n_train, "xval": n_val, "xb": n_db, "xq": n_query}
+    names = {"xt": "n_train", "xval": "n_val", "xb": "n_db", "xq": "n_query"}
+    parts = {key: np.ascontiguousarray(stored[key][:_head(sizes[key], len(stored[key]), names[key])],
+                                       dtype=np.float32) for key in _PARTS}
+    if len(parts["xb"]) < len(stored["xb"]):
+        gt = ground_truth(parts["xb"], parts["xq"], gt.shape[1])
+    return Dataset(meta["name"], parts["xt"], parts["xval"], parts["xb"], parts["xq"],
+                   np.ascontiguousarray(gt[:len(parts["xq"])], dtype=np.int64))
