@@ -25,11 +25,45 @@ logger = logging.getLogger(__name__)
 METRICS = {faiss.METRIC_L2: "L2", faiss.METRIC_INNER_PRODUCT: "IP"}
 
 
-def _as_vectors(x, d: int, name: str = "x") -> np.ndarray:
-    """Validate and convert vectors the way faiss's Python layer does: (n, d) C-contiguous float32."""
+def _host(x):
+    """A torch tensor (any device, any grad mode) as a numpy array on the host; anything else as is."""
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
+        x = x.detach()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # numpy has no bfloat16; float16 would be converted to float32 anyway
+        return x.cpu().numpy()
+    return x
+
+
+def _to_caller(array: np.ndarray, like):
+    """``array`` in the kind the caller gave: a torch tensor on ``like``'s device when ``like`` is a
+    tensor, else the numpy array itself."""
+    if isinstance(like, torch.Tensor):
+        return torch.from_numpy(array).to(like.device)
+    return array
+
+
+def _deliver(result: np.ndarray, out, like, name: str):
+    """Hand a result back: copied into the caller's output ``out`` (numpy array or torch tensor,
+    returned) when one was given, else in the caller's kind (``_to_caller``)."""
+    if out is None:
+        return _to_caller(result, like)
+    if tuple(out.shape) != result.shape:
+        raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {result.shape}")
+    if isinstance(out, torch.Tensor):
+        out.copy_(torch.from_numpy(result))
+    else:
+        out[...] = result
+    return out
+
+
+def _as_vectors(x, d: int, name: str = "x") -> np.ndarray:
+    """Validate and convert vectors the way faiss's Python layer does: (n, d) C-contiguous float32.
+
+    Accepts numpy arrays of any real dtype and layout, nested lists, and torch tensors on any device
+    (copied to the host); rejects other dtypes (TypeError), other shapes and NaN/inf (ValueError).
+    """
+    x = np.asarray(_host(x))
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array of shape (n, {d}), got shape {x.shape}")
     if x.shape[1] != d:
@@ -42,11 +76,28 @@ def _as_vectors(x, d: int, name: str = "x") -> np.ndarray:
     return x
 
 
+def _as_id_list(ids, what: str = "ids") -> np.ndarray:
+    """A scalar or 1-D collection of ids (numpy, list, torch on any device) as (n,) int64.
+
+    Integer dtypes are taken as they are and floats are cast, as faiss's Python layer does;
+    other dtypes raise TypeError, arrays of 2 or more dimensions ValueError.
+    """
+    ids = np.asarray(_host(ids))
+    if ids.ndim > 1:
+        raise ValueError(f"{what} must be a 1-D array, got shape {ids.shape}")
+    if ids.size and not (np.issubdtype(ids.dtype, np.integer) or np.issubdtype(ids.dtype, np.floating)):
+        raise TypeError(f"{what} must be integers (int64), got dtype {ids.dtype}")
+    return np.ascontiguousarray(ids, dtype=np.int64).ravel()
+
+
 def _as_ids(ids, n: int) -> np.ndarray:
-    ids = np.ascontiguousarray(np.asarray(ids), dtype=np.int64) if ids is not None else None
-    if ids is None or ids.shape != (n,):
-        raise ValueError(f"ids must have shape ({n},), got {None if ids is None else ids.shape}")
-    return ids
+    """Ids of n vectors being added: (n,) int64 (see ``_as_id_list`` for what is accepted)."""
+    if ids is None:
+        raise ValueError(f"ids must have shape ({n},), got None")
+    shape = tuple(ids.shape) if hasattr(ids, "shape") else np.shape(ids)
+    if shape != (n,):
+        raise ValueError(f"ids must have shape ({n},), got {shape}")
+    return _as_id_list(ids)
 
 
 class IndexRQMoE:
@@ -60,6 +111,16 @@ class IndexRQMoE:
     neural decoder (at least k is used). encode_candidates: see
     ``RQMoE.encode``. device: torch device for the codec (None: cuda if
     available). train_options: keyword arguments for ``train_rqmoe``.
+
+    Arrays in and out follow faiss's Python layer: vectors are (n, d)
+    float32 numpy arrays; other real dtypes, non-contiguous arrays and
+    nested lists are converted, other dtypes raise TypeError. Torch tensors
+    (CPU or CUDA, whatever the codec's device) are accepted everywhere an
+    array is, and, as with ``faiss.contrib.torch_utils``, a method whose
+    input is a tensor returns tensors on that tensor's device (``search``,
+    ``range_search``, ``sa_encode``, ``sa_decode``, ``reconstruct_batch``).
+    ``reconstruct`` and ``reconstruct_n`` take no array, so they return
+    numpy unless the caller passes an output ``x`` to fill (numpy or torch).
     """
 
     def __init__(self, config: RQMoEConfig, nlist: int = 0, metric: int = faiss.METRIC_L2, *,
@@ -148,8 +209,8 @@ class IndexRQMoE:
     def train(self, x, xval=None) -> None:
         """Train the coarse quantizer, the RQ-MoE codec and the LUT stage.
 
-        x: (n, d) float32 (float64, integer, non-contiguous and torch tensors
-        are converted). xval: optional (nv, d) validation vectors for the
+        x: (n, d) float32 (float64, integer, non-contiguous arrays and torch
+        tensors on any device are converted). xval: optional (nv, d) validation vectors for the
         codec's schedule. Retraining discards stored vectors.
         """
         x = _as_vectors(x, self.d)
@@ -216,35 +277,50 @@ class IndexRQMoE:
         self._require_trained("sa_code_size")
         return int(self.ivf.sa_code_size())
 
-    def sa_encode(self, x) -> np.ndarray:
-        """Standalone codes of vectors: x (n, d) float32 -> (n, sa_code_size()) uint8."""
+    def sa_encode(self, x):
+        """Standalone codes of vectors: x (n, d) float32 -> (n, sa_code_size()) uint8.
+
+        A torch x (any device) gives a torch uint8 tensor on its device.
+        """
         self._require_trained("sa_encode")
+        like = x
         x = _as_vectors(x, self.d)
         if len(x) == 0:
-            return np.empty((0, self.sa_code_size()), dtype=np.uint8)
+            return _to_caller(np.empty((0, self.sa_code_size()), dtype=np.uint8), like)
         list_nos = self._assign(x)
         codes = self._encode(x - self.centroids[list_nos])
-        return lut.encode_sa_codes(self.ivf, codes, list_nos)
+        return _to_caller(lut.encode_sa_codes(self.ivf, codes, list_nos), like)
 
-    def sa_decode(self, codes) -> np.ndarray:
-        """Vectors from standalone codes: (n, sa_code_size()) uint8 -> (n, d) float32."""
+    def sa_decode(self, codes):
+        """Vectors from standalone codes: (n, sa_code_size()) uint8 -> (n, d) float32.
+
+        Torch codes (any device) give a torch float32 tensor on their device.
+        """
         self._require_trained("sa_decode")
-        codes = np.asarray(codes)
+        like = codes
+        codes = np.asarray(_host(codes))
         if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != self.sa_code_size():
             raise ValueError(f"codes must be uint8 of shape (n, {self.sa_code_size()}), "
                              f"got {codes.dtype} {codes.shape}")
         list_nos, rq_codes = lut.decode_sa_codes(self.ivf, codes, self.config.M, self.config.nbits)
         if (list_nos >= self.ivf.nlist).any():
             raise ValueError(f"codes name inverted lists beyond nlist={self.ivf.nlist}")
-        return self._decode(rq_codes, list_nos)
+        return _to_caller(self._decode(rq_codes, list_nos), like)
 
     # ---------------------------------------------------------------- adding
     def add(self, x) -> None:
-        """Encode and store vectors with sequential ids ntotal, ntotal+1, ...: x (n, d) float32."""
+        """Encode and store vectors with sequential ids ntotal, ntotal+1, ...
+
+        x: (n, d) float32 numpy (other real dtypes and layouts are converted)
+        or a torch tensor on any device.
+        """
         self._add(x, None)
 
     def add_with_ids(self, x, ids) -> None:
-        """Encode and store vectors under given ids: x (n, d) float32, ids (n,) int64."""
+        """Encode and store vectors under given ids: x (n, d) float32, ids (n,) int64.
+
+        x and ids may be numpy arrays or torch tensors (any device), as in ``add``.
+        """
         self._add(x, ids)
 
     def _add(self, x, ids) -> None:
@@ -311,61 +387,84 @@ class IndexRQMoE:
     def search(self, x, k: int, params=None, D=None, I=None):
         """k nearest neighbours of each query.
 
-        x: (nq, d) float32; k: int > 0; params: optional dict or object with
-        ``nprobe``/``nshort`` for this call. Returns D (nq, k) float32 and
-        I (nq, k) int64, best first; missing results have id -1 and distance
-        +inf (L2) or -inf (inner product).
+        x: (nq, d) float32 numpy array (other real dtypes and layouts are
+        converted) or a torch tensor on any device; k: int > 0; params:
+        optional dict or object with ``nprobe``/``nshort`` for this call
+        (e.g. ``faiss.SearchParametersIVF(nprobe=8)``); D, I: optional
+        (nq, k) outputs to fill, numpy or torch.
+        Returns D (nq, k) float32 and I (nq, k) int64, best first; missing
+        results have id -1 and distance +inf (L2) or -inf (inner product).
+        A torch x gives torch D, I on x's device (as with
+        ``faiss.contrib.torch_utils``); D, I passed in are filled and returned.
         """
         if isinstance(k, bool) or int(k) != k or int(k) <= 0:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         k = int(k)
         self._require_trained("searching")
+        like = x
         x = _as_vectors(x, self.d)
         nprobe, nshort = self._search_options(params)
         nshort = max(nshort, k)
         nq = len(x)
         largest = self.metric_type == faiss.METRIC_INNER_PRODUCT
-        D_out = np.empty((nq, k), dtype=np.float32) if D is None else D
-        I_out = np.empty((nq, k), dtype=np.int64) if I is None else I
-        if D_out.shape != (nq, k) or I_out.shape != (nq, k):
-            raise ValueError(f"D and I must have shape ({nq}, {k})")
+        for name, out in (("D", D), ("I", I)):
+            if out is not None and tuple(out.shape) != (nq, k):
+                raise ValueError(f"{name} has shape {tuple(out.shape)}, expected ({nq}, {k})")
+        D_out = np.empty((nq, k), dtype=np.float32)
+        I_out = np.empty((nq, k), dtype=np.int64)
         if nq == 0:
-            return D_out, I_out
+            return _deliver(D_out, D, like, "D"), _deliver(I_out, I, like, "I")
         if self.ntotal == 0:
             D_out[:] = -np.inf if largest else np.inf
             I_out[:] = -1
-            return D_out, I_out
+            return _deliver(D_out, D, like, "D"), _deliver(I_out, I, like, "I")
         bs = max(1, (64 << 20) // (nshort * self.d * 4))
         for i0 in range(0, nq, bs):
             dist, ids = self._shortlist_distances(x[i0:i0 + bs], nshort, nprobe)
             order = np.argsort(-dist if largest else dist, axis=1, kind="stable")[:, :k]
             D_out[i0:i0 + bs] = np.take_along_axis(dist, order, 1)
             I_out[i0:i0 + bs] = np.where(np.isfinite(D_out[i0:i0 + bs]), np.take_along_axis(ids, order, 1), -1)
-        return D_out, I_out
+        return _deliver(D_out, D, like, "D"), _deliver(I_out, I, like, "I")
 
     def range_search(self, x, radius: float, params=None):
         """All stored vectors within ``radius`` of each query, among the nshort re-ranked candidates.
 
+        x: (nq, d) float32 (converted like ``search``'s x); radius: float.
         L2: squared distance < radius; inner product: similarity > radius.
-        Returns (lims (nq+1,) int64, D float32, I int64) as faiss does.
+        Returns (lims (nq+1,) int64, D float32, I int64) as faiss does: the
+        results of query q are D[lims[q]:lims[q+1]], I[lims[q]:lims[q+1]].
+        A torch x gives torch lims, D, I on x's device.
         """
         self._require_trained("range_search")
+        like = x
         x = _as_vectors(x, self.d)
         nprobe, nshort = self._search_options(params)
         nshort = min(nshort, max(1, self.ntotal))
         if self.ntotal == 0 or len(x) == 0:
-            return np.zeros(len(x) + 1, dtype=np.int64), np.empty(0, np.float32), np.empty(0, np.int64)
+            return (_to_caller(np.zeros(len(x) + 1, dtype=np.int64), like),
+                    _to_caller(np.empty(0, np.float32), like), _to_caller(np.empty(0, np.int64), like))
         D, I = self.search(x, nshort, params={"nprobe": nprobe, "nshort": nshort})
         keep = (I >= 0) & ((D > radius) if self.metric_type == faiss.METRIC_INNER_PRODUCT else (D < radius))
         lims = np.zeros(len(x) + 1, dtype=np.int64)
         lims[1:] = np.cumsum(keep.sum(1))
-        return lims, D[keep].astype(np.float32), I[keep].astype(np.int64)
+        return (_to_caller(lims, like), _to_caller(D[keep].astype(np.float32), like),
+                _to_caller(I[keep].astype(np.int64), like))
 
     # ---------------------------------------------------------- reconstruct
-    def reconstruct_batch(self, ids) -> np.ndarray:
-        """Decoded vectors for stored ids: ids (n,) int64 -> (n, d) float32. Unknown id: KeyError."""
+    def reconstruct_batch(self, ids, x=None):
+        """Decoded vectors for stored ids: ids (n,) int64 -> (n, d) float32. Unknown id: KeyError.
+
+        ids may be a list, a numpy array or a torch tensor; a torch tensor of
+        ids gives a torch tensor on its device. x: optional (n, d) output to
+        fill (numpy or torch), returned.
+        """
+        like = ids
+        recons = self._reconstruct_ids(_as_id_list(ids, "reconstruct_batch: ids"))
+        return _deliver(recons, x, like, "x")
+
+    def _reconstruct_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Decoded vectors (n, d) float32 numpy of stored ids (n,) int64."""
         self._require_trained("reconstruct")
-        ids = np.ascontiguousarray(np.asarray(ids), dtype=np.int64).ravel()
         stored_ids, list_nos, raw_codes = lut.all_codes(self.ivf)
         order = np.argsort(stored_ids, kind="stable")
         pos = np.searchsorted(stored_ids, ids, sorter=order)
@@ -377,14 +476,31 @@ class IndexRQMoE:
         codes = lut.unpack_bits(raw_codes[rows], self.config.M, self.config.nbits)
         return self._decode(codes, list_nos[rows])
 
-    def reconstruct(self, key: int) -> np.ndarray:
-        """Decoded vector of one stored id: (d,) float32."""
-        return self.reconstruct_batch([key])[0]
+    def reconstruct(self, key: int, x=None):
+        """Decoded vector of one stored id: (d,) float32 numpy.
 
-    def reconstruct_n(self, i0: int = 0, ni: Optional[int] = None) -> np.ndarray:
-        """Decoded vectors of ids i0 .. i0+ni-1 (default: all ntotal): (ni, d) float32."""
-        ni = self.ntotal - i0 if ni is None else ni
-        return self.reconstruct_batch(np.arange(i0, i0 + ni))
+        Returns numpy (there is no input array to take the kind from) unless
+        ``x``, a (d,) output to fill, is given: a torch x (any device) is
+        filled and returned, as with ``faiss.contrib.torch_utils``. A 0-d
+        torch tensor as key gives a torch tensor on its device.
+        """
+        key_array = _as_id_list(key, "reconstruct: key")
+        if key_array.shape != (1,):
+            raise ValueError(f"reconstruct: key must be one id, got {key_array.shape[0]}; use reconstruct_batch")
+        return _deliver(self._reconstruct_ids(key_array)[0], x, key, "x")
+
+    def reconstruct_n(self, n0: int = 0, ni: Optional[int] = None, x=None):
+        """Decoded vectors of ids n0 .. n0+ni-1: (ni, d) float32 numpy.
+
+        ni: None or -1 (faiss's default) means all ids from n0 to ntotal-1.
+        Returns numpy unless ``x``, an (ni, d) output to fill, is given
+        (numpy or a torch tensor on any device), as ``reconstruct``.
+        """
+        n0 = int(n0)
+        ni = self.ntotal - n0 if ni is None or int(ni) == -1 else int(ni)
+        if n0 < 0 or ni < 0:
+            raise ValueError(f"reconstruct_n: n0 and ni must be >= 0, got n0={n0}, ni={ni}")
+        return _deliver(self._reconstruct_ids(np.arange(n0, n0 + ni, dtype=np.int64)), x, None, "x")
 
     # --------------------------------------------------------------- editing
     def remove_ids(self, ids) -> int:
@@ -392,7 +508,7 @@ class IndexRQMoE:
         self._require_trained("remove_ids")
         if isinstance(ids, faiss.IDSelector):
             return int(self.ivf.remove_ids(ids))
-        ids = np.ascontiguousarray(np.asarray(ids), dtype=np.int64).ravel()
+        ids = _as_id_list(ids, "remove_ids: ids")
         return int(self.ivf.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
 
     def reset(self) -> None:

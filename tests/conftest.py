@@ -1,3 +1,10 @@
+import os
+
+# faiss and torch each load their own OpenMP runtime; on a shared 2-core machine their worker threads,
+# spinning while they wait, starve each other (a 1000-vector faiss RQ training: 0.05 s passive, up to
+# 8 s spinning). Set before either library is imported, for this test process only.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 import torch
