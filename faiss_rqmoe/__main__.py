@@ -15,6 +15,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 # (n_train, n_val, n_db, n_query, nlist, architecture, training seconds, encode candidates,
@@ -127,7 +128,11 @@ def demo(args) -> int:
         start = time.perf_counter()
         with _step(f"training faiss_rqmoe.index_factory({d}, {description!r}) on {device} "
                    f"({budget_s:g} s of codec training)"):
-            index.train(ds.xt, ds.xval)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                index.train(ds.xt, ds.xval)
+            for warning in caught:  # e.g. a quick run's training too short to beat its RQ start
+                print(f"  note: {warning.message}", flush=True)
         with _step(f"adding {len(ds.xb)} vectors"):
             index.add(ds.xb)
         build_s = time.perf_counter() - start

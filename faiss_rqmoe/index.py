@@ -244,6 +244,12 @@ class IndexRQMoE:
         lut_train_max = int(options.pop("lut_train_max", 200_000))
         self.model = RQMoE(self.config, mem_budget_bytes=self.model.mem_budget_bytes).to(self.device)
         self.train_history = train_rqmoe(self.model, residuals, xval_residuals, **options)
+        if self.train_history.best_epoch == 0:
+            history = self.train_history
+            warnings.warn(f"RQ-MoE training did not improve on its RQ initialisation in {len(history.epoch)} "
+                          f"epoch(s) (stop: {history.stop_reason}): the codec is plain residual "
+                          "quantization; train longer (time_budget_s, max_epochs) or on more vectors",
+                          stacklevel=2)
 
         sample = residuals
         if len(sample) > lut_train_max:

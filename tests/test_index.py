@@ -216,3 +216,10 @@ def test_too_few_training_vectors_warns(sift):
     index = faiss_rqmoe.index_factory(128, "IVF64,RQMoE4x6_N2L1H32", **TRAIN)
     with pytest.warns(UserWarning, match="30 per list"):
         index.train(sift.xt[:1000])
+
+
+def test_training_that_never_beats_its_rq_start_warns(sift):
+    index = faiss_rqmoe.index_factory(128, "RQMoE2x4_N1L1H8", max_epochs=1, lr=1e-12, progress=False,
+                                      device="cpu")
+    with pytest.warns(UserWarning, match="did not improve on its RQ initialisation in 1 epoch"):
+        index.train(sift.xt[:700], sift.xval[:100])
