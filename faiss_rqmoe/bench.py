@@ -43,9 +43,10 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device, repeats: int = 1):
-    """Run fn once to warm up, then `repeats` times; returns (last result, seconds a run)."""
-    fn()
+def _timed(fn, device: torch.device, repeats: int = 1, warmup: bool = True):
+    """Run fn once to warm up (unless warmup=False), then `repeats` times; returns (last result, seconds a run)."""
+    if warmup:
+        fn()
     _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -123,11 +124,13 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
     history = train_rqmoe(model, ds.xt, ds.xval, max_epochs=args.max_epochs, time_budget_s=args.time_budget_s,
                           batch_size=args.batch_size, lr=args.lr, device=device, seed=args.seed,
                           epoch_size=args.epoch_size, encode_candidates=args.train_candidates,
+                          lr_patience=args.lr_patience, stop_patience=args.stop_patience,
                           progress=not args.quiet)
     train_s = time.perf_counter() - start
     model.to(device)
     candidates = args.encode_candidates
-    codes, encode_s = _timed(lambda: model.encode(ds.xb, candidates), device)
+    model.encode(ds.xb[:4096], candidates)  # warm-up
+    codes, encode_s = _timed(lambda: model.encode(ds.xb, candidates), device, warmup=False)
     recon = model.decode(codes)
     row = {"method": LEARNED_NAMES[key], "bytes": float(config.code_size), "train_s": train_s,
            "encode_vps": len(ds.xb) / encode_s, "encode_candidates": candidates,
@@ -194,59 +197,110 @@ def _qps_grid(search, xq: np.ndarray, gt: np.ndarray, grid) -> List[dict]:
     return rows
 
 
+BASELINE_SUFFIX = ".faissindex"
+
+
+def _faiss_ivf_baselines(args, ds: datasets.Dataset, n_bytes: int) -> Dict[str, tuple]:
+    """faiss IVF-PQ and IVF-RQ at the same nlist and code size, trained and filled: name -> (index, train_s)."""
+    baselines = {}
+    for name, factory in ((f"IVF-PQ{n_bytes}x8", f"IVF{args.nlist},PQ{n_bytes}x8"),
+                          (f"IVF-RQ{n_bytes}x8_Nqint8", f"IVF{args.nlist},RQ{n_bytes}x8_Nqint8")):
+        logger.info("training faiss %s", factory)
+        ref = faiss.index_factory(ds.d, factory)
+        start = time.perf_counter()
+        ref.train(ds.xt[:args.faiss_train_max])
+        train_s = time.perf_counter() - start
+        ref.add(ds.xb)
+        baselines[name] = (ref, train_s)
+    return baselines
+
+
+def _load_bundle(path: Path, device: torch.device):
+    """What ``--save-bundle`` wrote: (our index, baselines, xq, gt, meta)."""
+    from . import io
+
+    meta = json.loads((path / "bundle.json").read_text())
+    index = io.read_index(path / "index.rqmoe", device=device)
+    baselines = {name: (faiss.read_index(str(path / f"{name}{BASELINE_SUFFIX}")), train_s)
+                 for name, train_s in meta["baselines"].items()}
+    return index, baselines, np.load(path / "xq.npy"), np.load(path / "gt.npy"), meta
+
+
+def _save_bundle(path: Path, index, baselines: Dict[str, tuple], ds: datasets.Dataset, meta: dict) -> None:
+    """Everything a search benchmark needs without the data set: our index, faiss baselines, queries, truth."""
+    from . import io
+
+    path.mkdir(parents=True, exist_ok=True)
+    io.write_index(index, path / "index.rqmoe")
+    for name, (ref, _) in baselines.items():
+        faiss.write_index(ref, str(path / f"{name}{BASELINE_SUFFIX}"))
+    np.save(path / "xq.npy", ds.xq)
+    np.save(path / "gt.npy", ds.gt)
+    meta = dict(meta, baselines={name: train_s for name, (_, train_s) in baselines.items()})
+    (path / "bundle.json").write_text(json.dumps(meta, indent=1))
+
+
 def run_search(args) -> dict:
-    """IndexRQMoE vs faiss IVF-PQ / IVF-RQ at the same nlist and code size, over an nprobe × nshort grid."""
+    """IndexRQMoE vs faiss IVF-PQ / IVF-RQ at the same nlist and code size, over an nprobe × nshort grid.
+
+    With ``--bundle DIR`` the indexes, queries and ground truth come from a
+    directory written by ``--save-bundle`` (e.g. built on a GPU machine and
+    searched on a CPU one); otherwise everything is built from the data set.
+    """
     from . import io
     from .factory import index_factory
 
     device = resolve_device(args.device)
-    ds = load_split(args)
     n_bytes = args.bytes[0]
-    result = {"kind": "search", "meta": run_meta(args, device), "dataset": dataset_meta(ds), "methods": {}}
-    nprobes = args.nprobe
-    if args.load_index:
-        index = io.read_index(args.load_index, device=device)
-        train_s = None
+    result = {"kind": "search", "meta": run_meta(args, device), "methods": {}}
+    if args.bundle:
+        index, baselines, xq, gt, bundle_meta = _load_bundle(Path(args.bundle), device)
+        result["dataset"] = bundle_meta["dataset"]
+        result["built_on"] = bundle_meta["built_on"]
+        train_s = bundle_meta["train_s"]
     else:
+        ds = load_split(args)
+        xq, gt = ds.xq, ds.gt
+        result["dataset"] = dataset_meta(ds)
         description = f"IVF{args.nlist},RQMoE{n_bytes}x8_N{args.n_experts}L{args.n_layers}H{args.hidden}"
         index = index_factory(ds.d, description, max_epochs=args.max_epochs, time_budget_s=args.time_budget_s,
                               batch_size=args.batch_size, lr=args.lr, device=device, seed=args.seed,
                               epoch_size=args.epoch_size, encode_candidates=args.train_candidates,
+                              lr_patience=args.lr_patience, stop_patience=args.stop_patience,
                               progress=not args.quiet)
         index.model.mem_budget_bytes = args.mem_budget_gib << 30
         start = time.perf_counter()
         index.train(ds.xt, ds.xval)
         train_s = time.perf_counter() - start
-    index.encode_candidates = args.encode_candidates
-    if index.ntotal == 0:
+        index.encode_candidates = args.encode_candidates
         start = time.perf_counter()
         index.add(ds.xb)
         result["add_s"] = time.perf_counter() - start
-    if args.save_index:
-        io.write_index(index, args.save_index)
+        result["mse"] = evaluation.mse(ds.xb, index.reconstruct_n(0, index.ntotal))
+        baselines = _faiss_ivf_baselines(args, ds, n_bytes)
+        if args.save_bundle:
+            _save_bundle(Path(args.save_bundle), index, baselines, ds,
+                         {"dataset": result["dataset"], "built_on": result["meta"], "train_s": train_s})
 
-    def ours(xq, params):
-        return index.search(xq, 10, params=params)[1]
+    if args.search_queries:
+        xq, gt = xq[:args.search_queries], gt[:args.search_queries]
+    result["n_search_queries"] = len(xq)
 
-    grid = [{"nprobe": p, "nshort": s} for p in nprobes for s in args.nshort]
-    result["methods"]["IVF-RQ-MoE"] = {"train_s": train_s, "bytes": index.sa_code_size() - index.ivf.coarse_code_size(),
-                                       "grid": _qps_grid(ours, ds.xq, ds.gt, grid)}
-    for name, factory in ((f"IVF-PQ{n_bytes}x8", f"IVF{args.nlist},PQ{n_bytes}x8"),
-                          (f"IVF-RQ{n_bytes}x8_Nqint8", f"IVF{args.nlist},RQ{n_bytes}x8_Nqint8")):
-        ref = faiss.index_factory(ds.d, factory)
-        start = time.perf_counter()
-        ref.train(ds.xt[:args.faiss_train_max])
-        ref_train_s = time.perf_counter() - start
-        ref.add(ds.xb)
-        ivf = faiss.extract_index_ivf(ref)
+    def ours(queries, params):
+        return index.search(queries, 10, params=params)[1]
 
-        def search(xq, params, ref=ref):
-            return ref.search(xq, 10, params=faiss.SearchParametersIVF(nprobe=params["nprobe"]))[1]
-
-        result["methods"][name] = {"train_s": ref_train_s, "bytes": ivf.code_size,
-                                   "grid": _qps_grid(search, ds.xq, ds.gt, [{"nprobe": p} for p in nprobes])}
-        _write(result, args.out)
+    grid = [{"nprobe": p, "nshort": s} for p in args.nprobe for s in args.nshort]
+    result["methods"]["IVF-RQ-MoE"] = {"train_s": train_s, "config": index.config.to_dict(),
+                                       "bytes": index.sa_code_size() - index.ivf.coarse_code_size(),
+                                       "grid": _qps_grid(ours, xq, gt, grid)}
     _write(result, args.out)
+    for name, (ref, ref_train_s) in baselines.items():
+        def search(queries, params, ref=ref):
+            return ref.search(queries, 10, params=faiss.SearchParametersIVF(nprobe=params["nprobe"]))[1]
+
+        result["methods"][name] = {"train_s": ref_train_s, "bytes": faiss.extract_index_ivf(ref).code_size,
+                                   "grid": _qps_grid(search, xq, gt, [{"nprobe": p} for p in args.nprobe])}
+        _write(result, args.out)
     return result
 
 
@@ -314,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epoch-size", type=int, default=None, help="vectors an epoch (default: all)")
         p.add_argument("--batch-size", type=int, default=1024)
         p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--lr-patience", type=int, default=3, help="validations without gain before lr / 10")
+        p.add_argument("--stop-patience", type=int, default=8, help="validations without gain before stopping")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--n-experts", type=int, default=4)
         p.add_argument("--n-layers", type=int, default=2)
@@ -336,8 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     search.add_argument("--nshort", type=int, nargs="+", default=[10, 20, 50, 100, 200])
     search.add_argument("--faiss-train-max", type=int, default=500_000)
-    search.add_argument("--save-index", default=None)
-    search.add_argument("--load-index", default=None)
+    search.add_argument("--save-bundle", default=None,
+                        help="directory to write our index, the faiss baselines, queries and ground truth to")
+    search.add_argument("--search-queries", type=int, default=None, help="time only the first N queries")
+    search.add_argument("--bundle", default=None, help="search the indexes of a --save-bundle directory instead")
     report = sub.add_parser("report")
     report.add_argument("files", nargs="+")
     report.add_argument("--md", default=None)

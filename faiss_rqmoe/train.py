@@ -217,7 +217,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
             for group in optimizer.param_groups:
                 group["lr"] = state["lr"]
             order = torch.randperm(n_train, generator=generator)[:per_epoch].to(device)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync a batch
             for i0 in range(0, per_epoch, batch_size):
                 xs = xt_scaled[order[i0:i0 + batch_size]]
                 with torch.no_grad():
@@ -226,7 +226,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += float(loss.detach())
+                loss_sum += loss.detach()
                 bar.update(1)
                 if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
                     out_of_time = True
@@ -235,7 +235,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
             state["epoch"] += 1
             elapsed = time.perf_counter() - start
             history.epoch.append(state["epoch"])
-            history.train_loss.append(loss_sum / per_epoch)
+            history.train_loss.append(float(loss_sum) / per_epoch)
             history.val_mse.append(val_mse)
             history.lr.append(state["lr"])
             history.time_s.append(elapsed)
