@@ -510,7 +510,11 @@ class IndexRQMoE:
 
     # --------------------------------------------------------------- editing
     def remove_ids(self, ids) -> int:
-        """Remove stored vectors by ids (array) or a faiss.IDSelector; returns how many were removed."""
+        """Remove stored vectors; returns how many were removed.
+
+        ids: (n,) int64 ids (list, numpy array or torch tensor on any device;
+        ids that are not stored are ignored) or a faiss.IDSelector.
+        """
         self._require_trained("remove_ids")
         if isinstance(ids, faiss.IDSelector):
             return int(self.ivf.remove_ids(ids))

@@ -180,3 +180,21 @@ def test_cuda_tensors_come_back_on_cuda(index, xq, sift):
     assert index.reconstruct(0, x=out) is out
     lims, Dr, Ir = index.range_search(x, float(D[:, -1].max()))
     assert lims.device.type == Dr.device.type == Ir.device.type == "cuda"
+
+
+@cuda_only
+def test_codec_on_cuda_takes_numpy_and_tensors_from_any_device(sift):
+    index = faiss_rqmoe.index_factory(128, "IVF8,RQMoE4x6_N2L1H16", **dict(TRAIN, device="cuda"))
+    index.train(torch.from_numpy(sift.xt[:1500]).cuda(), sift.xval[:200])
+    index.add(torch.from_numpy(sift.xb[:1000]))
+    xq = sift.xq[:20]
+    D, I = index.search(xq, 5, params={"nprobe": 8, "nshort": 1000})
+    assert isinstance(D, np.ndarray)
+    Dc, Ic = index.search(torch.from_numpy(xq).cuda(), 5, params={"nprobe": 8, "nshort": 1000})
+    assert Ic.device.type == "cuda"
+    np.testing.assert_array_equal(Ic.cpu().numpy(), I)
+    # exhaustive search equals brute force over the reconstructions, decoded on the GPU
+    flat = faiss.IndexFlatL2(128)
+    flat.add(index.reconstruct_n())
+    _, I_ref = flat.search(xq, 5)
+    assert (I == I_ref).mean() > 0.99
