@@ -22,7 +22,7 @@ from pathlib import Path
 #  vectors the LUT stage is fitted on)
 SIZES = {
     "quick": (5_000, 1_000, 10_000, 200, 32, "N2L1H32", 8, 8, 5_000),
-    "full": (60_000, 5_000, 200_000, 2_000, 512, "N2L1H128", 150, 16, 30_000),
+    "full": (40_000, 5_000, 100_000, 1_000, 256, "N2L1H128", 120, 16, 20_000),
 }
 TABLE_HEADER = f"{'index':<16}{'bytes':>6}{'MSE':>11}{'R@1':>8}{'R@10':>8}{'queries/s':>11}{'build s':>9}"
 # faiss's k-means prints this (from C++) whenever it gets fewer than 39 vectors a centroid; the quick
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--bytes", type=int, default=8, help="code bytes a vector, one 8-bit step a byte (default 8)")
     p.add_argument("--time-budget-s", type=float, default=None,
-                   help="seconds of codec training (default: 8 with --quick, 150 otherwise)")
+                   help="seconds of codec training (default: 8 with --quick, 120 otherwise)")
     p.add_argument("--out", default="demo_index.rqmoe", help="where to save the index (default demo_index.rqmoe)")
     return parser
 
