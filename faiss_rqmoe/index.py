@@ -364,13 +364,12 @@ class IndexRQMoE:
         """
         nq = len(xq)
         worst = np.inf if self.metric_type == faiss.METRIC_L2 else -np.inf
-        params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.ivf.nlist))
-        _, ids, sa_codes = self.ivf.search_and_return_codes(xq, nshort, include_listnos=True, params=params)
+        ids, list_nos, raw_codes = lut.search_shortlist(self.ivf, xq, nshort, nprobe)
         valid = ids >= 0
         dist = np.full((nq, nshort), worst, dtype=np.float32)
         if not valid.any():
             return dist, ids
-        list_nos, codes = lut.decode_sa_codes(self.ivf, sa_codes[valid], self.config.M, self.config.nbits)
+        codes = lut.unpack_bits(raw_codes, self.config.M, self.config.nbits)
         recons = self._decode_on_device(codes, list_nos)
         device = recons.device
         query_rows = torch.from_numpy(np.nonzero(valid)[0]).to(device)

@@ -95,6 +95,47 @@ def decode_sa_codes(index: faiss.IndexIVFResidualQuantizer, sa_codes: np.ndarray
     return list_nos, unpack_bits(sa_codes[:, coarse_size:], M, nbits)
 
 
+def search_shortlist(index: faiss.IndexIVF, xq: np.ndarray, k: int, nprobe: int):
+    """The LUT stage: k best stored entries a query by the static codebooks, with their codes.
+
+    xq: (nq, d) float32 C-contiguous. Returns ids (nq, k) int64 (-1 where a
+    query has fewer than k candidates) and, for the valid entries in
+    row-major order, list numbers (n_valid,) int64 and raw codes
+    (n_valid, code_size) uint8 as stored in the inverted lists.
+    Unlike faiss's ``search_and_return_codes`` (one thread), the scan runs
+    on all of faiss's OpenMP threads: it asks for (list, offset) pairs
+    (``store_pairs``) and reads ids and codes from the lists itself.
+    """
+    nq = len(xq)
+    nprobe = min(int(nprobe), index.nlist)
+    coarse_dis, assign = index.quantizer.search(xq, nprobe)
+    distances = np.empty((nq, k), dtype=np.float32)
+    pairs = np.empty((nq, k), dtype=np.int64)
+    index.search_preassigned_c(nq, faiss.swig_ptr(xq), k, faiss.swig_ptr(assign), faiss.swig_ptr(coarse_dis),
+                               faiss.swig_ptr(distances), faiss.swig_ptr(pairs), True,
+                               faiss.SearchParametersIVF(nprobe=nprobe))
+    valid = pairs >= 0
+    flat_pairs = pairs[valid]
+    list_nos = flat_pairs >> 32
+    offsets = flat_pairs & 0xFFFFFFFF
+    invlists = index.invlists
+    code_size = invlists.code_size
+    codes = np.empty((len(flat_pairs), code_size), dtype=np.uint8)
+    found_ids = np.empty(len(flat_pairs), dtype=np.int64)
+    order = np.argsort(list_nos, kind="stable")
+    lists, starts = np.unique(list_nos[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    for list_no, start, end in zip(lists.tolist(), starts.tolist(), ends.tolist()):
+        rows = order[start:end]
+        size = invlists.list_size(list_no)
+        list_codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * code_size).reshape(size, code_size)
+        codes[rows] = list_codes[offsets[rows]]
+        found_ids[rows] = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)[offsets[rows]]
+    ids = np.full((nq, k), -1, dtype=np.int64)
+    ids[valid] = found_ids
+    return ids, list_nos, codes
+
+
 def all_codes(index: faiss.IndexIVF):
     """Every stored entry: ids (n,) int64, list numbers (n,) int64, raw codes (n, code_size) uint8."""
     invlists = index.invlists
