@@ -18,6 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
+from ._openmp import rerun_with_passive_openmp
+
 # (n_train, n_val, n_db, n_query, nlist, architecture, training seconds, encode candidates,
 #  vectors the LUT stage is fitted on)
 SIZES = {
@@ -187,24 +189,6 @@ def demo(args) -> int:
     return 0
 
 
-def _passive_openmp(argv) -> None:
-    """Re-run this command with OMP_WAIT_POLICY=PASSIVE unless the caller set a policy.
-
-    faiss and torch each bring an OpenMP runtime; on a machine with few, busy cores their idle
-    workers spin and starve each other (faiss's k-means ran up to 100x slower here). The policy is
-    read when the runtimes load, which ``import faiss_rqmoe`` has already done, hence the re-exec.
-    """
-    if os.environ.get("OMP_WAIT_POLICY") or os.name != "posix":
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execv(sys.executable, [sys.executable, "-m", "faiss_rqmoe", *argv])
-    except OSError:
-        pass  # carry on with the runtimes as they are
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m faiss_rqmoe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,7 +210,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if from_command_line else list(argv)
     args = build_parser().parse_args(argv)
     if from_command_line and args.command == "demo":
-        _passive_openmp(argv)
+        rerun_with_passive_openmp("faiss_rqmoe", argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return demo(args)
 

@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from . import datasets, evaluation
+from ._openmp import rerun_with_passive_openmp
 from .model import RQMoE, RQMoEConfig
 from .train import resolve_device, train_rqmoe
 
@@ -64,6 +66,7 @@ def run_meta(args, device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "faiss_threads": faiss.omp_get_max_threads(),
         "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "versions": {"torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
     }
@@ -89,10 +92,11 @@ def _quality(ds: datasets.Dataset, recon: np.ndarray) -> dict:
 
 
 # ------------------------------------------------------------------ codec rows
-def static_row(codec, ds: datasets.Dataset) -> dict:
-    """Train a static (faiss / data-oblivious) codec and measure it."""
+def static_row(codec, ds: datasets.Dataset, train_max: Optional[int] = None) -> dict:
+    """Train a static (faiss / data-oblivious) codec on (the first train_max of) ds.xt and measure it."""
+    xt = ds.xt if train_max is None else ds.xt[:train_max]
     start = time.perf_counter()
-    codec.train(ds.xt)
+    codec.train(xt)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     codes = codec.encode(ds.xb)
@@ -100,7 +104,7 @@ def static_row(codec, ds: datasets.Dataset) -> dict:
     start = time.perf_counter()
     recon = codec.decode(codes)
     decode_s = time.perf_counter() - start
-    row = {"method": codec.name, "bytes": float(codec.bytes_per_vector), "train_s": train_s,
+    row = {"method": codec.name, "bytes": float(codec.bytes_per_vector), "train_s": train_s, "train_n": len(xt),
            "encode_vps": len(ds.xb) / encode_s, "decode_vps": len(ds.xb) / decode_s}
     row.update(_quality(ds, recon))
     return row
@@ -171,7 +175,7 @@ def run_codec(args) -> dict:
                 result["extras"][f"{row['method']}@{n_bytes}"] = extras
             elif key in static:
                 logger.info("%d bytes: %s", n_bytes, static[key].name)
-                row = static_row(static[key], ds)
+                row = static_row(static[key], ds, args.static_train_max)
             else:
                 continue  # e.g. RaBitQ exists only at 1 bit a dimension
             row["code_bytes"] = n_bytes
@@ -247,7 +251,6 @@ def run_search(args) -> dict:
     directory written by ``--save-bundle`` (e.g. built on a GPU machine and
     searched on a CPU one); otherwise everything is built from the data set.
     """
-    from . import io
     from .factory import index_factory
 
     device = resolve_device(args.device)
@@ -313,14 +316,17 @@ def _write(result: dict, out: Optional[str]):
 
 def codec_table(results: List[dict]) -> str:
     """Markdown table of codec rows from one or more codec result files."""
-    lines = ["| bytes | method | MSE | R@1 | R@10 | R@100 | train s | encode vec/s | decode vec/s |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows = sorted((row for r in results if r["kind"] == "codec" for row in r["rows"]),
                   key=lambda row: (row["code_bytes"], -row["mse"]))
+    with_device = any("device" in row for row in rows)
+    lines = ["| bytes | method | MSE | R@1 | R@10 | R@100 | train s | encode vec/s | decode vec/s |"
+             + (" measured on |" if with_device else ""),
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if with_device else "")]
     for row in rows:
         lines.append(f"| {row['bytes']:g} | {row['method']} | {row['mse']:.5g} | {row['R@1']:.4f} | "
                      f"{row['R@10']:.4f} | {row['R@100']:.4f} | {row['train_s']:.1f} | "
-                     f"{row['encode_vps']:.3g} | {row['decode_vps']:.3g} |")
+                     f"{row['encode_vps']:.3g} | {row['decode_vps']:.3g} |"
+                     + (f" {row.get('device', '')} |" if with_device else ""))
     return "\n".join(lines)
 
 
@@ -333,6 +339,36 @@ def search_table(result: dict) -> str:
             lines.append(f"| {name} | {method['bytes']} | {params} | {row['R@1']:.4f} | {row['R@10']:.4f} | "
                          f"{row['qps']:.0f} |")
     return "\n".join(lines)
+
+
+def merge_codec_results(results: List[dict]) -> dict:
+    """One codec result from several runs on the same split (e.g. static codecs on a CPU, learned ones
+    on a GPU): rows and extras concatenated, each row stamped with the device it was measured on."""
+    if not results or any(r["kind"] != "codec" for r in results):
+        raise ValueError("merge takes one or more codec result files")
+    datasets_seen = {json.dumps(r["dataset"], sort_keys=True) for r in results}
+    if len(datasets_seen) != 1:
+        raise ValueError(f"cannot merge results measured on different splits: {sorted(datasets_seen)}")
+    merged = {"kind": "codec", "meta": [r["meta"] for r in results], "dataset": results[0]["dataset"],
+              "rows": [], "extras": {}}
+    for r in results:
+        metas = r["meta"] if isinstance(r["meta"], list) else [r["meta"]]
+        for row in r["rows"]:
+            merged["rows"].append(dict(row, device=row.get("device", metas[0]["device"])))
+        merged["extras"].update(r["extras"])
+    return merged
+
+
+def run_merge(args) -> None:
+    merged = merge_codec_results([json.loads(Path(p).read_text()) for p in args.files])
+    _write(merged, args.out)
+
+
+def run_plot(args) -> None:
+    from . import plots
+
+    for path in plots.plot_all(args.files, args.out_dir):
+        print(path)
 
 
 def run_report(args) -> str:
@@ -385,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     codec = sub.choices["codec"]
     codec.add_argument("--methods", nargs="+",
                        default=["pq", "opq", "rq1", "rq32", "lsq", "rabitq", "turboquant", "rqmoe", "qinco", "rq-sgd"])
+    codec.add_argument("--static-train-max", type=int, default=None,
+                       help="train static codecs on the first N training vectors only (LSQ is slow)")
     codec.add_argument("--exact-sample", type=int, default=10_000,
                        help="with --encode-candidates, also measure exact encoding on this many vectors")
     search = sub.choices["search"]
@@ -396,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory to write our index, the faiss baselines, queries and ground truth to")
     search.add_argument("--search-queries", type=int, default=None, help="time only the first N queries")
     search.add_argument("--bundle", default=None, help="search the indexes of a --save-bundle directory instead")
+    merge = sub.add_parser("merge", help="combine codec results measured on the same split")
+    merge.add_argument("files", nargs="+")
+    merge.add_argument("--out", required=True)
+    plot = sub.add_parser("plot", help="PNG figures of result files")
+    plot.add_argument("files", nargs="+")
+    plot.add_argument("--out-dir", default="notebooks/results")
     report = sub.add_parser("report")
     report.add_argument("files", nargs="+")
     report.add_argument("--md", default=None)
@@ -403,11 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    if argv is None:
+        rerun_with_passive_openmp("faiss_rqmoe.bench", sys.argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.command == "report":
-        run_report(args)
+    if args.command in ("report", "merge", "plot"):
+        {"report": run_report, "merge": run_merge, "plot": run_plot}[args.command](args)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -411,7 +411,6 @@ class RQMoE(nn.Module):
         prefix: (b, m) int64, residual: (b, d), cond: (b, Dc) or None.
         Returns idx (b,) int64 and the chosen morphed codewords (b, d).
         """
-        c = self.config
         b = prefix.shape[0]
         unique_prefixes, inverse = torch.unique(prefix, dim=0, return_inverse=True)
         u = unique_prefixes.shape[0]

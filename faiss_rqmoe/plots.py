@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 PLOT_EXTRA_HINT = 'pip install "faiss_rqmoe[plot]"'
 
@@ -55,7 +55,9 @@ def _split_key(key: str) -> Tuple[str, int]:
 
 def _title(result: dict, what: str) -> str:
     dataset = result.get("dataset", {})
-    device = result.get("meta", {}).get("device")
+    metas = result.get("meta", {})
+    metas = metas if isinstance(metas, list) else [metas]  # merged results keep every run's meta
+    device = " + ".join(dict.fromkeys(m["device"] for m in metas if m.get("device")))
     parts = [what]
     if dataset.get("name"):
         parts.append(f"{dataset['name']} (n_db={dataset.get('n_db', '?')})")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import faiss_rqmoe
-from faiss_rqmoe import IndexRQMoE, RQMoEConfig
+
 
 TRAIN = dict(max_epochs=2, batch_size=256, progress=False, device="cpu")
 
