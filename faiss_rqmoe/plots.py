@@ -63,7 +63,7 @@ def _title(result: dict, what: str) -> str:
         parts.append(f"{dataset['name']} (n_db={dataset.get('n_db', '?')})")
     if device:
         parts.append(device)
-    return " — ".join(parts)
+    return "\n".join(parts)  # one line each: a single line overflows the figure
 
 
 def plot_mse_per_step(result: dict, path) -> Path:
