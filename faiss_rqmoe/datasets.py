@@ -211,6 +211,11 @@ def default_descriptors(progress: bool = True) -> np.ndarray:
     """The default real set: SIFT on scikit-image's photos at 1x and 2x, deduplicated, shuffled.
 
     Built once (about a minute on 2 cores) and cached. Returns (n, 128) uint8 (memory-mapped).
+    OpenCV picks SIMD code paths by CPU, and its SIFT output differs between them: the same
+    versions built 734 915 rows on an AVX2 and on an AVX-512 machine, with different values.
+    To compare numbers across machines, build on one and copy the cache, or pin the dispatch
+    with the environment variable ``OPENCV_CPU_DISABLE`` (e.g. the AVX-512 features) before
+    cv2 is imported.
     """
     return _cached(DEFAULT_NAME, lambda: _build_sift_set(skimage_image_paths(), (1, 2), progress))
 
