@@ -107,6 +107,9 @@ def static_row(codec, ds: datasets.Dataset, train_max: Optional[int] = None) -> 
     row = {"method": codec.name, "bytes": float(codec.bytes_per_vector), "train_s": train_s, "train_n": len(xt),
            "encode_vps": len(ds.xb) / encode_s, "decode_vps": len(ds.xb) / decode_s}
     row.update(_quality(ds, recon))
+    if getattr(codec, "native_search", False):
+        native = evaluation.recall_at(codec.search(ds.xb, ds.xq, 100), ds.gt, ks=(1, 10, 100))
+        row.update({f"{key} (own search)": value for key, value in native.items()})
     return row
 
 
@@ -343,19 +346,23 @@ def search_table(result: dict) -> str:
 
 def merge_codec_results(results: List[dict]) -> dict:
     """One codec result from several runs on the same split (e.g. static codecs on a CPU, learned ones
-    on a GPU): rows and extras concatenated, each row stamped with the device it was measured on."""
+    on a GPU): rows and extras concatenated, each row stamped with the device it was measured on.
+    A method measured in several files at the same code size keeps the row of the last file."""
     if not results or any(r["kind"] != "codec" for r in results):
         raise ValueError("merge takes one or more codec result files")
     datasets_seen = {json.dumps(r["dataset"], sort_keys=True) for r in results}
     if len(datasets_seen) != 1:
         raise ValueError(f"cannot merge results measured on different splits: {sorted(datasets_seen)}")
+    rows = {}
     merged = {"kind": "codec", "meta": [r["meta"] for r in results], "dataset": results[0]["dataset"],
-              "rows": [], "extras": {}}
+              "extras": {}}
     for r in results:
         metas = r["meta"] if isinstance(r["meta"], list) else [r["meta"]]
         for row in r["rows"]:
-            merged["rows"].append(dict(row, device=row.get("device", metas[0]["device"])))
+            rows.pop((row["method"], row["code_bytes"]), None)  # the later measurement goes last
+            rows[(row["method"], row["code_bytes"])] = dict(row, device=row.get("device", metas[0]["device"]))
         merged["extras"].update(r["extras"])
+    merged["rows"] = list(rows.values())
     return merged
 
 

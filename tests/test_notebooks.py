@@ -85,3 +85,11 @@ def test_benchmarks_copes_with_empty_and_partial_results(tmp_path, monkeypatch):
     assert "| RQ-MoE | 8 | 25000 | 0.3000 |" in text and "| IVF-RQ-MoE | 9 | 0.4000 | 0.7000 | 300 |" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 3  # MSE per step, training curve, recall vs qps
+
+
+def test_benchmarks_runs_on_the_committed_results(monkeypatch):
+    results = Path(__file__).resolve().parent.parent / "notebooks" / "results"
+    monkeypatch.setenv("FAISS_RQMOE_RESULTS", str(results))
+    text = outputs_text(execute("benchmarks.ipynb"))  # merged files keep a list of metas: must still plot
+    skipped = [line for line in text.splitlines() if line.startswith("skipping")]
+    assert "RQ-MoE" in text and skipped == ["skipping calibration_h100.json: not a benchmark result (kind=None)"]
