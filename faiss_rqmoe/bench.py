@@ -135,12 +135,12 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
                           progress=not args.quiet)
     train_s = time.perf_counter() - start
     model.to(device)
-    candidates = args.encode_candidates
-    model.encode(ds.xb[:4096], candidates)  # warm-up
-    codes, encode_s = _timed(lambda: model.encode(ds.xb, candidates), device, warmup=False)
+    candidates, beam = args.encode_candidates, args.encode_beam
+    model.encode(ds.xb[:4096], candidates, beam)  # warm-up
+    codes, encode_s = _timed(lambda: model.encode(ds.xb, candidates, beam), device, warmup=False)
     recon = model.decode(codes)
     row = {"method": LEARNED_NAMES[key], "bytes": float(config.code_size), "train_s": train_s,
-           "encode_vps": len(ds.xb) / encode_s, "encode_candidates": candidates,
+           "encode_vps": len(ds.xb) / encode_s, "encode_candidates": candidates, "encode_beam": beam,
            "config": config.to_dict(), "epochs": len(history.epoch), "stop_reason": history.stop_reason}
     for bs in DECODE_BATCHES:
         batch = codes[:bs]
@@ -155,6 +155,12 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
         fast = recon[:args.exact_sample].cpu().numpy()
         row["mse_exact_encode_sample"] = evaluation.mse(sample, exact)
         row["mse_fast_encode_sample"] = evaluation.mse(sample, fast)
+    if beam > 1 and args.exact_sample > 0:
+        sample = ds.xb[:args.exact_sample]
+        greedy_codes, greedy_s = _timed(lambda: model.encode(sample, candidates), device, warmup=False)
+        row["mse_greedy_encode_sample"] = evaluation.mse(sample, model.decode(greedy_codes).cpu().numpy())
+        row["mse_beam_encode_sample"] = evaluation.mse(sample, recon[:args.exact_sample].cpu().numpy())
+        row["encode_greedy_vps"] = len(sample) / greedy_s
     row.update(_quality(ds, recon.cpu().numpy()))
     extras = {"history": history.to_dict(),
               "mse_per_step": mse_per_step(model, ds.xb[:20_000], codes[:20_000])}
@@ -271,17 +277,19 @@ def run_search(args) -> dict:
         description = f"IVF{args.nlist},RQMoE{n_bytes}x8_N{args.n_experts}L{args.n_layers}H{args.hidden}"
         index = index_factory(ds.d, description, max_epochs=args.max_epochs, time_budget_s=args.time_budget_s,
                               batch_size=args.batch_size, lr=args.lr, device=device, seed=args.seed,
-                              epoch_size=args.epoch_size, encode_candidates=args.train_candidates,
-                              lr_patience=args.lr_patience, stop_patience=args.stop_patience,
-                              progress=not args.quiet)
+                              epoch_size=args.epoch_size, encode_candidates=args.encode_candidates,
+                              encode_beam=args.encode_beam, lr_patience=args.lr_patience,
+                              stop_patience=args.stop_patience, progress=not args.quiet)
+        # training encodes with its own candidate count; the LUT fit and add use the index's settings
+        index.train_options["encode_candidates"] = args.train_candidates
         index.model.mem_budget_bytes = args.mem_budget_gib << 30
         start = time.perf_counter()
         index.train(ds.xt, ds.xval)
         train_s = time.perf_counter() - start
-        index.encode_candidates = args.encode_candidates
         start = time.perf_counter()
         index.add(ds.xb)
         result["add_s"] = time.perf_counter() - start
+        result["encode_candidates"], result["encode_beam"] = index.encode_candidates, index.encode_beam
         result["mse"] = evaluation.mse(ds.xb, index.reconstruct_n(0, index.ntotal))
         baselines = _faiss_ivf_baselines(args, ds, n_bytes)
         if args.save_bundle:
@@ -421,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="candidate pre-selection while training (default: exact)")
         p.add_argument("--encode-candidates", type=int, default=None,
                        help="candidate pre-selection when encoding the database (default: exact)")
+        p.add_argument("--encode-beam", type=int, default=1,
+                       help="beam size when encoding the database (1: greedy; training always encodes greedily)")
         p.add_argument("--mem-budget-gib", type=int, default=1)
         p.add_argument("--no-tf32", action="store_true", help="keep full float32 matmuls on CUDA")
         p.add_argument("--out", default=None, help="JSON output path")

@@ -27,7 +27,7 @@ _CODEC = re.compile(r"RQMoE(\d+)x(\d+)((?:_[A-Za-z0-9]+)*)")
 _ARCH = re.compile(r"([NLHE])(\d+)")
 _CONDITIONS = {"qinco": "reconstruction", "rq": "none", "moe": "instruction"}
 
-INDEX_OPTIONS = ("nprobe", "nshort", "encode_candidates", "device")
+INDEX_OPTIONS = ("nprobe", "nshort", "encode_candidates", "encode_beam", "device")
 
 
 def _bad(description: str, token: str, why: str) -> ValueError:
@@ -71,7 +71,7 @@ def index_factory(d: int, description: str, metric: int = faiss.METRIC_L2, **opt
     """Build an untrained IndexRQMoE from a description string (see the module grammar).
 
     d: vector dimension; metric: faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT.
-    options: ``nprobe``, ``nshort``, ``encode_candidates``, ``device`` go to
+    options: ``nprobe``, ``nshort``, ``encode_candidates``, ``encode_beam``, ``device`` go to
     the index; everything else (max_epochs, time_budget_s, seed, progress,
     batch_size, lr, ...) is passed to ``train_rqmoe`` when the index trains.
     """

@@ -108,8 +108,10 @@ class IndexRQMoE:
     stage). metric: faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT.
     hnsw_m: > 0 uses an HNSW coarse quantizer with that many links.
     nprobe: lists probed a query; nshort: shortlist length re-ranked by the
-    neural decoder (at least k is used). encode_candidates: see
-    ``RQMoE.encode``. device: torch device for the codec (None: cuda if
+    neural decoder (at least k is used). encode_candidates, encode_beam:
+    candidates a step and beam size used to encode added vectors (see
+    ``RQMoE.encode``; a beam of 4-8 lowers the error by several percent at
+    4-8x the encoding cost, training is unaffected). device: torch device for the codec (None: cuda if
     available). train_options: keyword arguments for ``train_rqmoe``.
 
     Arrays in and out follow faiss's Python layer: vectors are (n, d)
@@ -125,7 +127,7 @@ class IndexRQMoE:
 
     def __init__(self, config: RQMoEConfig, nlist: int = 0, metric: int = faiss.METRIC_L2, *,
                  hnsw_m: int = 0, nprobe: int = 1, nshort: int = 100, encode_candidates: Optional[int] = None,
-                 device=None, train_options: Optional[dict] = None):
+                 encode_beam: int = 1, device=None, train_options: Optional[dict] = None):
         if not isinstance(config, RQMoEConfig):
             raise TypeError(f"config must be an RQMoEConfig, got {type(config).__name__}")
         if metric not in METRICS:
@@ -138,6 +140,9 @@ class IndexRQMoE:
         self.metric_type = metric
         self.hnsw_m = int(hnsw_m)
         self.encode_candidates = encode_candidates
+        if isinstance(encode_beam, bool) or int(encode_beam) != encode_beam or int(encode_beam) < 1:
+            raise ValueError(f"encode_beam must be an integer >= 1, got {encode_beam!r}")
+        self.encode_beam = int(encode_beam)
         self.train_options = dict(train_options or {})
         self.device = resolve_device(device)
         self.model = RQMoE(config).to(self.device)
@@ -265,7 +270,7 @@ class IndexRQMoE:
 
     # --------------------------------------------------------------- codec
     def _encode(self, residuals: np.ndarray) -> np.ndarray:
-        return self.model.encode(residuals, self.encode_candidates).cpu().numpy()
+        return self.model.encode(residuals, self.encode_candidates, self.encode_beam).cpu().numpy()
 
     def _decode_on_device(self, codes: np.ndarray, list_nos: np.ndarray) -> torch.Tensor:
         """Reconstructions (n, d) float32 on the codec's device of codes (n, M) stored in lists list_nos (n,)."""

@@ -102,6 +102,7 @@ def write_index(index, path) -> None:
         "nprobe": index.nprobe,
         "nshort": index.nshort,
         "encode_candidates": index.encode_candidates,
+        "encode_beam": index.encode_beam,
         "train_options": train_options,
         "train_history": None if index.train_history is None else index.train_history.to_dict(),
     }
@@ -132,7 +133,8 @@ def read_index(path, device=None):
         config = RQMoEConfig.from_dict(meta["config"])
         index = IndexRQMoE(config, nlist=meta["nlist"], metric=meta["metric_type"], hnsw_m=meta["hnsw_m"],
                            nprobe=meta["nprobe"], nshort=meta["nshort"],
-                           encode_candidates=meta["encode_candidates"], device=device,
+                           encode_candidates=meta["encode_candidates"],
+                           encode_beam=meta.get("encode_beam", 1), device=device,
                            train_options=meta["train_options"])
         state = {k[len("model."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")}
         index.model.load_state_dict(state, strict=True)

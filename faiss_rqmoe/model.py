@@ -339,24 +339,29 @@ class RQMoE(nn.Module):
         return self._decode_chunked(codes, sequential=True)
 
     # ----------------------------------------------------------------- encode
-    def encode(self, x, n_candidates: Optional[int] = None) -> torch.Tensor:
-        """Greedy encoding of raw vectors.
+    def encode(self, x, n_candidates: Optional[int] = None, beam_size: int = 1) -> torch.Tensor:
+        """Encode raw vectors: greedy (beam_size=1) or beam search.
 
         x: (n, d) float32 (float64 accepted). n_candidates: None evaluates the
-        morphing networks on all K codewords of every step (exact greedy);
+        morphing networks on all K codewords of every step (exact);
         an integer A < K first ranks the K base codewords by distance to the
         residual and runs the networks on the best A only (faster, approximate).
+        beam_size: B >= 1 partial codes kept per vector after every step (the
+        networks run on B x A candidates a step, so encoding costs about B times
+        greedy); the code with the smallest final residual wins. B = 1 is greedy.
         Returns (n, M) int64 codes on the model's device. Temporaries stay
         within ``mem_budget_bytes``.
         """
         x = self._check_vectors(x)
         if n_candidates is not None and not (int(n_candidates) >= 1):
             raise ValueError(f"n_candidates must be None or >= 1, got {n_candidates}")
+        if isinstance(beam_size, bool) or int(beam_size) != beam_size or int(beam_size) < 1:
+            raise ValueError(f"beam_size must be an integer >= 1, got {beam_size!r}")
         with torch.inference_mode():
-            return self.encode_scaled(x / self.scale, n_candidates)
+            return self.encode_scaled(x / self.scale, n_candidates, int(beam_size))
 
-    def encode_scaled(self, xs: torch.Tensor, n_candidates: Optional[int] = None) -> torch.Tensor:
-        """Greedy codes of already validated, scaled vectors, in memory-bounded chunks.
+    def encode_scaled(self, xs: torch.Tensor, n_candidates: Optional[int] = None, beam_size: int = 1) -> torch.Tensor:
+        """Codes of already validated, scaled vectors, in memory-bounded chunks.
 
         xs: (n, d) float32 on the model's device (raw / scale). Runs under the
         caller's grad mode (training calls it under ``no_grad``).
@@ -364,10 +369,15 @@ class RQMoE(nn.Module):
         """
         c = self.config
         preselect = n_candidates is not None and int(n_candidates) < c.K
-        bs = self._rows_per_chunk(int(n_candidates) if preselect else c.K)
+        A = int(n_candidates) if preselect else c.K
+        bs = self._rows_per_chunk(A * beam_size)
         codes = torch.empty(xs.shape[0], c.M, dtype=torch.int64, device=xs.device)
         for i0 in range(0, xs.shape[0], bs):
-            codes[i0:i0 + bs] = self._encode_chunk(xs[i0:i0 + bs], int(n_candidates) if preselect else None)
+            chunk = xs[i0:i0 + bs]
+            if beam_size > 1:
+                codes[i0:i0 + bs] = self._encode_chunk_beam(chunk, A, beam_size)
+            else:
+                codes[i0:i0 + bs] = self._encode_chunk(chunk, A if preselect else None)
         return codes
 
     def _encode_chunk(self, xs: torch.Tensor, n_candidates: Optional[int]) -> torch.Tensor:
@@ -401,6 +411,53 @@ class RQMoE(nn.Module):
                 e = self.instr_codebooks[m, idx]
                 instr = e if instr is None else instr + e
         return codes
+
+    def _encode_chunk_beam(self, xs: torch.Tensor, n_candidates: int, beam_size: int) -> torch.Tensor:
+        """Beam search codes of scaled vectors xs: (b, d) -> (b, M) int64.
+
+        Hypotheses are kept as (b, h, ...) tensors, h <= beam_size. Every step
+        scores n_candidates (A) codewords per hypothesis by the squared norm of
+        the residual they leave and keeps the best beam_size of the h * A.
+        """
+        c = self.config
+        b, d = xs.shape
+        K, A = c.K, n_candidates
+        device = xs.device
+        codes = torch.empty(b, 1, 0, dtype=torch.int64, device=device)  # (b, h, m)
+        residual = xs.unsqueeze(1)  # (b, h, d)
+        instr = None  # (b, h, De) from step 1 on, condition 'instruction' only
+        vec_rows = torch.arange(b, device=device).unsqueeze(1)
+        for m in range(c.M):
+            h = residual.shape[1]
+            flat = residual.reshape(b * h, d)
+            book = self.codebooks[m]  # (K, d)
+            res_norms = (flat * flat).sum(1, keepdim=True)  # (bh, 1)
+            if m == 0 or c.n_morph_steps == 0 or A == K:
+                candidates = torch.arange(K, device=device).expand(b * h, K)
+                base = book.unsqueeze(0)  # shared by all hypotheses
+            else:
+                base_scores = (book * book).sum(1)[None, :] - 2 * flat @ book.T  # (bh, K)
+                candidates = base_scores.topk(A, dim=1, largest=False).indices  # (bh, A)
+                base = book[candidates]  # (bh, A, d)
+            if m == 0 or c.n_morph_steps == 0:
+                words = base.expand(b * h, K, d)
+            else:
+                cond = instr if c.condition == "instruction" else xs.unsqueeze(1) - residual
+                words = self._morph_candidates(m, base, cond.reshape(b * h, cond.shape[-1]), n_rows=b * h)  # (bh, A', d)
+            scores = res_norms + (words * words).sum(-1) - 2 * torch.einsum("bad,bd->ba", words, flat)
+            n_cand = words.shape[1]
+            keep = min(beam_size, h * n_cand)
+            best = scores.reshape(b, h * n_cand).topk(keep, dim=1, largest=False).indices  # (b, keep)
+            parent, which = best // n_cand, best % n_cand
+            flat_rows = vec_rows * h + parent  # rows of the (bh, ...) tensors
+            idx = candidates[flat_rows, which]  # (b, keep)
+            chosen = words[flat_rows, which]  # (b, keep, d)
+            codes = torch.cat([codes[vec_rows, parent], idx.unsqueeze(-1)], dim=2)
+            residual = residual[vec_rows, parent] - chosen
+            if c.condition == "instruction" and m < c.M - 1:
+                e = self.instr_codebooks[m, idx]  # (b, keep, De)
+                instr = e if instr is None else instr[vec_rows, parent] + e
+        return codes[:, 0]  # topk sorts ascending: hypothesis 0 has the smallest final residual
 
     def _select_all(self, m: int, prefix: torch.Tensor, residual: torch.Tensor, cond: Optional[torch.Tensor]):
         """Exact greedy choice at step m over all K morphed codewords.

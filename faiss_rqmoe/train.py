@@ -158,7 +158,8 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
     Each epoch draws ``epoch_size`` vectors (default all) in a seeded order,
     encodes each batch with the current model (no grad) and takes an Adam
     step on the normalised residual loss. lr ÷10 after ``lr_patience``
-    epochs without validation gain; stops after ``stop_patience`` such epochs,
+    epochs without validation gain over the best trained epoch (the RQ
+    initialisation does not count); stops after ``stop_patience`` such epochs,
     ``max_epochs`` or ``time_budget_s``. The best-validation weights are
     restored at the end; the model goes back to the device it came on.
     ``checkpoint_path``: written after every epoch; an existing checkpoint is
@@ -243,6 +244,9 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
             if val_mse < history.best_val_mse * (1 - 1e-4):
                 history.best_val_mse, history.best_epoch = val_mse, state["epoch"]
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            # The plateau counts against the trained epochs only: the first epochs after the RQ
+            # initialisation are often worse than it while still improving, and must not cut the lr.
+            if val_mse < min(history.val_mse[:-1], default=math.inf) * (1 - 1e-4):
                 state["bad_epochs"] = 0
             else:
                 state["bad_epochs"] += 1

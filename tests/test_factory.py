@@ -21,7 +21,8 @@ def test_grammar(description, fields, nlist, hnsw_m):
 
 def test_factory_builds_the_configured_index():
     index = index_factory(96, "IVF256_HNSW16,RQMoE16x8_N2L3H128", faiss.METRIC_INNER_PRODUCT,
-                          nprobe=8, nshort=50, max_epochs=3)
+                          nprobe=8, nshort=50, encode_beam=4, max_epochs=3)
+    assert index.encode_beam == 4
     assert index.config == RQMoEConfig(96, 16, 8, n_experts=2, n_layers=3, hidden=128)
     assert (index.nlist, index.hnsw_m, index.nprobe, index.nshort) == (256, 16, 8, 50)
     assert index.metric_type == faiss.METRIC_INNER_PRODUCT and index.d == 96
@@ -46,3 +47,9 @@ def test_bad_values_and_metric():
         index_factory(64, "RQMoE8x20")
     with pytest.raises(ValueError, match="metric"):
         index_factory(64, "RQMoE8x8", metric=7)
+
+
+@pytest.mark.parametrize("beam", [0, 2.5, False])
+def test_factory_rejects_a_bad_encode_beam(beam):
+    with pytest.raises(ValueError, match="encode_beam must be an integer >= 1"):
+        index_factory(16, "RQMoE4x4", encode_beam=beam)

@@ -29,6 +29,23 @@ def test_write_read_search_is_bit_identical(index, sift, tmp_path):
     assert loaded.train_history.best_val_mse == index.train_history.best_val_mse
 
 
+def test_beam_encoding_settings_survive_write_read(index, sift, tmp_path):
+    x = sift.xb[:300]
+    greedy_error = ((index.sa_decode(index.sa_encode(x)) - x) ** 2).sum(1).mean()
+    saved = index.encode_beam, index.encode_candidates
+    index.encode_beam, index.encode_candidates = 4, 16
+    try:
+        codes = index.sa_encode(x)
+        path = tmp_path / "beam.rqmoe"
+        faiss_rqmoe.write_index(index, path)
+        loaded = faiss_rqmoe.read_index(path)
+        assert (loaded.encode_beam, loaded.encode_candidates) == (4, 16)
+        assert np.array_equal(loaded.sa_encode(x), codes)
+    finally:
+        index.encode_beam, index.encode_candidates = saved
+    assert ((index.sa_decode(codes) - x) ** 2).sum(1).mean() < greedy_error
+
+
 class _Exploit:
     def __reduce__(self):
         import os

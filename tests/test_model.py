@@ -110,6 +110,47 @@ def test_candidate_preselection_with_all_candidates_is_exact():
     assert torch.equal(model.encode(x, n_candidates=cfg.K), model.encode(x))
 
 
+@pytest.mark.parametrize("condition", ["instruction", "reconstruction", "none"])
+def test_beam_search_as_wide_as_all_prefixes_finds_the_best_code(condition):
+    """M=3, K=4: a beam of K^2 keeps every prefix, so beam search must reach the brute-force optimum over
+    all 64 codes; it never does worse than greedy, and a beam of 1 is greedy."""
+    cfg = RQMoEConfig(8, 3, 2, n_experts=2, n_layers=1, hidden=16, condition=condition)
+    model = perturb(RQMoE(cfg), scale=0.3)
+    x = torch.randn(300, 8) * 0.5
+    every_code = torch.cartesian_prod(*[torch.arange(cfg.K)] * cfg.M)  # (64, 3)
+    best_error = ((x[:, None] - model.decode(every_code)[None]) ** 2).sum(-1).min(1).values
+
+    def error(codes):
+        return ((x - model.decode(codes)) ** 2).sum(1)
+
+    greedy = model.encode(x)
+    beam = model.encode(x, beam_size=cfg.K ** (cfg.M - 1))
+    torch.testing.assert_close(error(beam), best_error, rtol=1e-5, atol=1e-6)
+    assert (error(beam) <= error(greedy) + 1e-6).all()
+    assert torch.equal(model.encode(x, beam_size=1), greedy)
+    if condition != "none":
+        assert (error(beam) < error(greedy) - 1e-4).any()  # the premise: greedy is not optimal here
+
+
+@pytest.mark.parametrize("budget", [20_000, 1 << 30])
+def test_beam_search_chunking_and_preselection(budget):
+    cfg = RQMoEConfig(16, 4, 5, n_experts=2, n_layers=2, hidden=16)
+    reference = perturb(RQMoE(cfg))
+    x = torch.randn(500, 16)
+    model = RQMoE(cfg, mem_budget_bytes=budget)
+    model.load_state_dict(reference.state_dict())
+    assert torch.equal(model.encode(x, n_candidates=8, beam_size=4), reference.encode(x, 8, beam_size=4))
+    # pre-selecting all K candidates is the exact beam search
+    assert torch.equal(model.encode(x, n_candidates=cfg.K, beam_size=3), reference.encode(x, beam_size=3))
+
+
+@pytest.mark.parametrize("beam", [0, -2, 1.5, True])
+def test_encode_rejects_bad_beam_size(beam):
+    model = RQMoE(RQMoEConfig(8, 2, 2, n_experts=1, n_layers=1, hidden=4))
+    with pytest.raises(ValueError, match="beam_size must be an integer >= 1"):
+        model.encode(np.zeros((3, 8), np.float32), beam_size=beam)
+
+
 def test_scale_is_a_buffer_in_the_state_dict():
     model = RQMoE(RQMoEConfig(8, 2, 2, n_experts=1, n_layers=1, hidden=4))
     rq = faiss_rq(clustered(500, d=8) * 100, 2, 2)
@@ -175,3 +216,5 @@ def test_gpu_encode_decode_match_cpu():
     gpu.load_state_dict(model.state_dict())
     assert (gpu.encode(x).cpu() == codes).float().mean() > 0.99
     torch.testing.assert_close(gpu.decode(codes).cpu(), model.decode(codes), rtol=1e-4, atol=1e-4)
+    beam_cpu = model.encode(x, 8, beam_size=4)
+    assert (gpu.encode(x, 8, beam_size=4).cpu() == beam_cpu).float().mean() > 0.98

@@ -95,3 +95,18 @@ def test_training_on_gpu_returns_model_to_its_device():
     history = train_rqmoe(model, x, max_epochs=2, device="cuda", progress=False)
     assert model.device.type == "cpu"
     assert history.best_val_mse <= history.init_val_mse
+
+
+def test_plateau_counts_trained_epochs_only():
+    """An lr so large that every epoch is worse than the RQ start: the first trained epoch sets the
+    plateau reference, so the lr is cut only after later epochs fail to beat it, never after epoch 1."""
+    x = clustered(2000, d=16)
+    model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
+    history = train_rqmoe(model, x, max_epochs=4, batch_size=128, lr=0.5, device="cpu", progress=False,
+                          lr_patience=1, stop_patience=10)
+    assert history.val_mse[0] > history.init_val_mse  # the premise: epoch 1 is worse than the start
+    assert history.lr[1] == 0.5  # not cut for being worse than the initialisation
+    for epoch in range(1, 3):  # from then on: cut exactly when an epoch beats no earlier trained epoch
+        beaten = history.val_mse[epoch] < min(history.val_mse[:epoch]) * (1 - 1e-4)
+        assert history.lr[epoch + 1] == (history.lr[epoch] if beaten else history.lr[epoch] / 10)
+    assert history.best_epoch == 0  # the initial weights, still the best, are the ones restored
