@@ -371,6 +371,8 @@ class RQMoE(nn.Module):
         preselect = n_candidates is not None and int(n_candidates) < c.K
         A = int(n_candidates) if preselect else c.K
         bs = self._rows_per_chunk(A * beam_size)
+        if beam_size > 1:  # plain codewords are scored K at a time per hypothesis: ~3 (K, d) float temporaries
+            bs = min(bs, max(1, self.mem_budget_bytes // (beam_size * c.K * c.d * 4 * 3)))
         codes = torch.empty(xs.shape[0], c.M, dtype=torch.int64, device=xs.device)
         for i0 in range(0, xs.shape[0], bs):
             chunk = xs[i0:i0 + bs]

@@ -241,6 +241,10 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
             history.lr.append(state["lr"])
             history.time_s.append(elapsed)
             bar.set_postfix(val_mse=f"{val_mse:.4g}", lr=f"{state['lr']:.0e}")
+            if time_budget_s is not None and elapsed > 0:  # the budget, not max_epochs, sets the length
+                expected = min(max_epochs, math.ceil(state["epoch"] * time_budget_s / elapsed))
+                bar.total = max(expected, state["epoch"]) * n_batches
+                bar.refresh()
             if val_mse < history.best_val_mse * (1 - 1e-4):
                 history.best_val_mse, history.best_epoch = val_mse, state["epoch"]
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -258,6 +262,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
             state["elapsed_s"] = elapsed
             if checkpoint_path is not None:
                 _save_checkpoint(checkpoint_path, model, optimizer, best_state, generator, history, state)
+        bar.total = bar.n  # stopped early (budget, plateau): the bar ends full, not part-way
     finally:
         bar.close()
     if not history.stop_reason:

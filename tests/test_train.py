@@ -110,3 +110,26 @@ def test_plateau_counts_trained_epochs_only():
         beaten = history.val_mse[epoch] < min(history.val_mse[:epoch]) * (1 - 1e-4)
         assert history.lr[epoch + 1] == (history.lr[epoch] if beaten else history.lr[epoch] / 10)
     assert history.best_epoch == 0  # the initial weights, still the best, are the ones restored
+
+
+def test_progress_bar_follows_the_time_budget_and_ends_full(monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    x = clustered(3000, d=16)
+    model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
+    history = train_rqmoe(model, x, max_epochs=1000, time_budget_s=0.5, batch_size=64, device="cpu",
+                          progress=True)
+    n_batches = -(-(len(x) - 300) // 64)  # 300 vectors are held out for validation
+    assert history.stop_reason == "time budget" and len(bars) == 1
+    bar = bars[0]
+    # it ran a handful of epochs of the 1000 allowed, and the bar says 100 %, not 0.5 %
+    assert (len(history.epoch) - 1) * n_batches < bar.n <= len(history.epoch) * n_batches
+    assert bar.total == bar.n
