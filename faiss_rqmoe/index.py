@@ -111,8 +111,9 @@ class IndexRQMoE:
     neural decoder (at least k is used). encode_candidates, encode_beam:
     candidates a step and beam size used to encode added vectors (see
     ``RQMoE.encode``; a beam of 4-8 lowers the error by several percent at
-    4-8x the encoding cost, training is unaffected). device: torch device for the codec (None: cuda if
-    available). train_options: keyword arguments for ``train_rqmoe``.
+    4-8x the encoding cost; training is unaffected). device: torch device
+    for the codec (None: cuda if available). train_options: keyword
+    arguments for ``train_rqmoe``.
 
     Arrays in and out follow faiss's Python layer: vectors are (n, d)
     float32 numpy arrays; other real dtypes, non-contiguous arrays and

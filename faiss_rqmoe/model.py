@@ -360,7 +360,8 @@ class RQMoE(nn.Module):
         with torch.inference_mode():
             return self.encode_scaled(x / self.scale, n_candidates, int(beam_size))
 
-    def encode_scaled(self, xs: torch.Tensor, n_candidates: Optional[int] = None, beam_size: int = 1) -> torch.Tensor:
+    def encode_scaled(self, xs: torch.Tensor, n_candidates: Optional[int] = None,
+                      beam_size: int = 1) -> torch.Tensor:
         """Codes of already validated, scaled vectors, in memory-bounded chunks.
 
         xs: (n, d) float32 on the model's device (raw / scale). Runs under the
@@ -445,7 +446,8 @@ class RQMoE(nn.Module):
                 words = base.expand(b * h, K, d)
             else:
                 cond = instr if c.condition == "instruction" else xs.unsqueeze(1) - residual
-                words = self._morph_candidates(m, base, cond.reshape(b * h, cond.shape[-1]), n_rows=b * h)  # (bh, A', d)
+                cond = cond.reshape(b * h, cond.shape[-1])
+                words = self._morph_candidates(m, base, cond, n_rows=b * h)  # (bh, A, d)
             scores = res_norms + (words * words).sum(-1) - 2 * torch.einsum("bad,bd->ba", words, flat)
             n_cand = words.shape[1]
             keep = min(beam_size, h * n_cand)
