@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import lut
-from .model import RQMoE, RQMoEConfig
+from .model import RQMoE, RQMoEConfig, check_beam_size
 from .train import TrainHistory, resolve_device, train_rqmoe
 
 logger = logging.getLogger(__name__)
@@ -141,9 +141,7 @@ class IndexRQMoE:
         self.metric_type = metric
         self.hnsw_m = int(hnsw_m)
         self.encode_candidates = encode_candidates
-        if isinstance(encode_beam, bool) or int(encode_beam) != encode_beam or int(encode_beam) < 1:
-            raise ValueError(f"encode_beam must be an integer >= 1, got {encode_beam!r}")
-        self.encode_beam = int(encode_beam)
+        self.encode_beam = check_beam_size(encode_beam, "encode_beam")
         self.train_options = dict(train_options or {})
         self.device = resolve_device(device)
         self.model = RQMoE(config).to(self.device)

@@ -91,6 +91,13 @@ class RQMoEConfig:
         return cls(**values)
 
 
+def check_beam_size(value, name: str = "beam_size") -> int:
+    """A beam size as an int >= 1; ValueError naming ``name`` for anything else (bools, 0, 2.5)."""
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def _uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
@@ -355,10 +362,9 @@ class RQMoE(nn.Module):
         x = self._check_vectors(x)
         if n_candidates is not None and not (int(n_candidates) >= 1):
             raise ValueError(f"n_candidates must be None or >= 1, got {n_candidates}")
-        if isinstance(beam_size, bool) or int(beam_size) != beam_size or int(beam_size) < 1:
-            raise ValueError(f"beam_size must be an integer >= 1, got {beam_size!r}")
+        beam_size = check_beam_size(beam_size)
         with torch.inference_mode():
-            return self.encode_scaled(x / self.scale, n_candidates, int(beam_size))
+            return self.encode_scaled(x / self.scale, n_candidates, beam_size)
 
     def encode_scaled(self, xs: torch.Tensor, n_candidates: Optional[int] = None,
                       beam_size: int = 1) -> torch.Tensor:
