@@ -120,7 +120,7 @@ def demo(args) -> int:
         except ImportError as exc:
             return _missing_dependency(exc)
     d, n_bytes = ds.d, args.bytes
-    description = f"IVF{nlist},RQMoE{n_bytes}x8_{arch}"
+    description = f"IVF{nlist},RQMoE{n_bytes}x8_{arch}_centroid"  # codec conditioned on the IVF centroid
     print(f"  {ds.name}: {len(ds.xt)} train, {len(ds.xb)} database, {len(ds.xq)} queries, d={d}")
 
     rows = []

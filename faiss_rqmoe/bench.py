@@ -132,6 +132,7 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
                           batch_size=args.batch_size, lr=args.lr, device=device, seed=args.seed,
                           epoch_size=args.epoch_size, encode_candidates=args.train_candidates,
                           lr_patience=args.lr_patience, stop_patience=args.stop_patience,
+                          lr_schedule=args.lr_schedule,
                           progress=not args.quiet)
     train_s = time.perf_counter() - start
     model.to(device)
@@ -275,11 +276,14 @@ def run_search(args) -> dict:
         xq, gt = ds.xq, ds.gt
         result["dataset"] = dataset_meta(ds)
         description = f"IVF{args.nlist},RQMoE{n_bytes}x8_N{args.n_experts}L{args.n_layers}H{args.hidden}"
+        if args.centroid:
+            description += "_centroid"
         index = index_factory(ds.d, description, max_epochs=args.max_epochs, time_budget_s=args.time_budget_s,
                               batch_size=args.batch_size, lr=args.lr, device=device, seed=args.seed,
                               epoch_size=args.epoch_size, encode_candidates=args.encode_candidates,
                               encode_beam=args.encode_beam, lr_patience=args.lr_patience,
-                              stop_patience=args.stop_patience, progress=not args.quiet)
+                              stop_patience=args.stop_patience, lr_schedule=args.lr_schedule,
+                              progress=not args.quiet)
         # training encodes with its own candidate count; the LUT fit and add use the index's settings
         index.train_options["encode_candidates"] = args.train_candidates
         index.model.mem_budget_bytes = args.mem_budget_gib << 30
@@ -289,7 +293,9 @@ def run_search(args) -> dict:
         start = time.perf_counter()
         index.add(ds.xb)
         result["add_s"] = time.perf_counter() - start
+        result["description"] = description
         result["encode_candidates"], result["encode_beam"] = index.encode_candidates, index.encode_beam
+        result["train_history"] = index.train_history.to_dict()
         result["mse"] = evaluation.mse(ds.xb, index.reconstruct_n(0, index.ntotal))
         baselines = _faiss_ivf_baselines(args, ds, n_bytes)
         if args.save_bundle:
@@ -421,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float, default=1e-3)
         p.add_argument("--lr-patience", type=int, default=3, help="validations without gain before lr / 10")
         p.add_argument("--stop-patience", type=int, default=8, help="validations without gain before stopping")
+        p.add_argument("--lr-schedule", choices=["plateau", "cosine"], default="plateau",
+                       help="plateau: lr / 10 on a validation plateau; cosine: half cosine to 0 over the budget")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--n-experts", type=int, default=4)
         p.add_argument("--n-layers", type=int, default=2)
@@ -446,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--nlist", type=int, default=1024)
     search.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     search.add_argument("--nshort", type=int, nargs="+", default=[10, 20, 50, 100, 200])
+    search.add_argument("--centroid", action="store_true",
+                        help="condition the codec on each vector's IVF centroid (the _centroid option)")
     search.add_argument("--faiss-train-max", type=int, default=500_000)
     search.add_argument("--save-bundle", default=None,
                         help="directory to write our index, the faiss baselines, queries and ground truth to")

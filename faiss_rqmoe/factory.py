@@ -8,8 +8,10 @@ Grammar (tokens separated by ',' ; architecture options by '_')::
     option      := "N" experts | "L" layers | "H" hidden | "E" instr_dim
                  | "N" experts "L" layers "H" hidden     (e.g. _N4L2H256)
                  | "qinco" | "rq"                         (condition mode)
+                 | "centroid"          (condition on the IVF centroid; needs IVF)
 
-Examples: "RQMoE8x8", "IVF1024,RQMoE8x8", "IVF4096_HNSW32,RQMoE16x8_N4L2H256".
+Examples: "RQMoE8x8", "IVF1024,RQMoE8x8", "IVF4096_HNSW32,RQMoE16x8_N4L2H256",
+"IVF1024,RQMoE8x8_centroid".
 """
 from __future__ import annotations
 
@@ -35,7 +37,10 @@ def _bad(description: str, token: str, why: str) -> ValueError:
 
 
 def parse_description(description: str):
-    """Parse a description string into (RQMoEConfig fields without d, nlist, hnsw_m)."""
+    """Parse a description string into (RQMoEConfig fields without d, nlist, hnsw_m).
+
+    The "centroid" option comes back as fields["ctx_dim"] = None, to be set to d.
+    """
     if not isinstance(description, str) or not description.strip():
         raise ValueError(f"index_factory: description must be a non-empty string, got {description!r}\n{GRAMMAR}")
     tokens = [t.strip() for t in description.split(",")]
@@ -58,10 +63,16 @@ def parse_description(description: str):
         if option.lower() in _CONDITIONS:
             fields["condition"] = _CONDITIONS[option.lower()]
             continue
+        if option.lower() == "centroid":
+            if nlist <= 1:
+                raise _bad(description, option, "conditioning on the centroid needs an IVF coarse quantizer "
+                                                "with nlist > 1, e.g. IVF1024,RQMoE8x8_centroid")
+            fields["ctx_dim"] = None
+            continue
         parts = _ARCH.findall(option)
         if not parts or "".join(a + b for a, b in parts) != option:
             raise _bad(description, option, "architecture options are N<experts>, L<layers>, H<hidden>, "
-                                            "E<instr_dim>, qinco or rq")
+                                            "E<instr_dim>, qinco, rq or centroid")
         for letter, value in parts:
             fields[names[letter]] = int(value)
     return fields, nlist, hnsw_m
@@ -76,6 +87,8 @@ def index_factory(d: int, description: str, metric: int = faiss.METRIC_L2, **opt
     batch_size, lr, ...) is passed to ``train_rqmoe`` when the index trains.
     """
     fields, nlist, hnsw_m = parse_description(description)
+    if "ctx_dim" in fields:
+        fields["ctx_dim"] = d
     try:
         config = RQMoEConfig(d=d, **fields)
     except ValueError as exc:

@@ -108,7 +108,9 @@ class IndexRQMoE:
     stage). metric: faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT.
     hnsw_m: > 0 uses an HNSW coarse quantizer with that many links.
     nprobe: lists probed a query; nshort: shortlist length re-ranked by the
-    neural decoder (at least k is used). encode_candidates, encode_beam:
+    neural decoder (at least k is used). A config with ``ctx_dim = d``
+    conditions the codec on each vector's IVF centroid (DESIGN §3).
+    encode_candidates, encode_beam:
     candidates a step and beam size used to encode added vectors (see
     ``RQMoE.encode``; a beam of 4-8 lowers the error by several percent at
     4-8x the encoding cost; training is unaffected). device: torch device
@@ -135,6 +137,10 @@ class IndexRQMoE:
             raise ValueError(f"metric must be faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT, got {metric}")
         if int(nlist) < 0 or int(hnsw_m) < 0:
             raise ValueError(f"nlist and hnsw_m must be >= 0, got nlist={nlist}, hnsw_m={hnsw_m}")
+        if config.ctx_dim not in (0, config.d) or (config.ctx_dim and int(nlist) <= 1):
+            raise ValueError(f"config.ctx_dim={config.ctx_dim}: the index conditions its codec on the IVF "
+                             f"centroid, so ctx_dim must be 0 or d={config.d}, and d needs nlist > 1 "
+                             f"(got nlist={nlist})")
         self.config = config
         self.d = config.d
         self.nlist = int(nlist)
@@ -247,6 +253,10 @@ class IndexRQMoE:
         options.setdefault("encode_candidates", self.encode_candidates)
         lut_train_max = int(options.pop("lut_train_max", 200_000))
         self.model = RQMoE(self.config, mem_budget_bytes=self.model.mem_budget_bytes).to(self.device)
+        if self.config.ctx_dim:
+            options["ctx"] = centroids[list_nos]
+            if xval is not None:
+                options["ctx_val"] = centroids[val_lists]
         self.train_history = train_rqmoe(self.model, residuals, xval_residuals, **options)
         if self.train_history.best_epoch == 0:
             history = self.train_history
@@ -255,11 +265,11 @@ class IndexRQMoE:
                           "quantization; train longer (time_budget_s, max_epochs) or on more vectors",
                           stacklevel=2)
 
-        sample = residuals
-        if len(sample) > lut_train_max:
-            rows = np.sort(np.random.default_rng(seed).choice(len(sample), lut_train_max, replace=False))
-            sample = sample[rows]
-        codes = self._encode(sample)
+        rows = np.arange(len(residuals))
+        if len(rows) > lut_train_max:
+            rows = np.sort(np.random.default_rng(seed).choice(len(rows), lut_train_max, replace=False))
+        sample = residuals[rows]
+        codes = self._encode(sample, list_nos[rows], centroids)
         codebooks = lut.fit_additive_codebooks(codes, sample, self.config.K)
         static_recons = codebooks[np.arange(self.config.M), codes].sum(1)
         self.ivf = lut.build_ivf_index(quantizer, self.d, nlist, codebooks, self.config.nbits, self.metric_type,
@@ -268,13 +278,20 @@ class IndexRQMoE:
         self.ivf.nprobe = self._nprobe
 
     # --------------------------------------------------------------- codec
-    def _encode(self, residuals: np.ndarray) -> np.ndarray:
-        return self.model.encode(residuals, self.encode_candidates, self.encode_beam).cpu().numpy()
+    def _encode(self, residuals: np.ndarray, list_nos: np.ndarray, centroids: Optional[np.ndarray] = None):
+        """Codes (n, M) int64 numpy of residuals (n, d) float32 to the centroids of lists list_nos (n,).
+
+        centroids: the (nlist, d) table while training builds it, else the index's.
+        """
+        centroids = self.centroids if centroids is None else centroids
+        ctx = centroids[list_nos] if self.config.ctx_dim else None
+        return self.model.encode(residuals, self.encode_candidates, self.encode_beam, ctx=ctx).cpu().numpy()
 
     def _decode_on_device(self, codes: np.ndarray, list_nos: np.ndarray) -> torch.Tensor:
         """Reconstructions (n, d) float32 on the codec's device of codes (n, M) stored in lists list_nos (n,)."""
         device = self.model.device
-        return self.model.decode(codes) + self._device_centroids()[torch.from_numpy(list_nos).to(device)]
+        centroids = self._device_centroids()[torch.from_numpy(list_nos).to(device)]
+        return self.model.decode(codes, ctx=centroids if self.config.ctx_dim else None) + centroids
 
     def _decode(self, codes: np.ndarray, list_nos: np.ndarray) -> np.ndarray:
         """Reconstructions (n, d) float32 numpy of codes (n, M) stored in lists list_nos (n,)."""
@@ -298,7 +315,7 @@ class IndexRQMoE:
         if len(x) == 0:
             return _to_caller(np.empty((0, self.sa_code_size()), dtype=np.uint8), like)
         list_nos = self._assign(x)
-        codes = self._encode(x - self.centroids[list_nos])
+        codes = self._encode(x - self.centroids[list_nos], list_nos)
         return _to_caller(lut.encode_sa_codes(self.ivf, codes, list_nos), like)
 
     def sa_decode(self, codes):
@@ -345,7 +362,7 @@ class IndexRQMoE:
         for i0 in tqdm(range(0, len(x), bs), desc="add RQ-MoE", unit="chunk", disable=not progress):
             chunk = x[i0:i0 + bs]
             list_nos = self._assign(chunk)
-            codes = self._encode(chunk - self.centroids[list_nos])
+            codes = self._encode(chunk - self.centroids[list_nos], list_nos)
             sa_codes = lut.encode_sa_codes(self.ivf, codes, list_nos)
             self.ivf.add_sa_codes(sa_codes, None if ids is None else ids[i0:i0 + bs])
 

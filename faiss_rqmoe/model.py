@@ -28,7 +28,11 @@ class RQMoEConfig:
     expert), hidden (H): the morphing networks; instr_dim (De): width of the
     instruction codewords, None means d; condition: "instruction" (RQ-MoE),
     "reconstruction" (QINCo-style: condition on the partial reconstruction)
-    or "none" (plain RQ, no morphing).
+    or "none" (plain RQ, no morphing). ctx_dim: width of an external
+    context vector given with every code (the IVF centroid of its inverted
+    list, DESIGN §3), 0 for none. A context starts the instruction stream
+    (I_1 = A · ctx) or, in the QINCo-style mode, is added to the partial
+    reconstruction it conditions on; with one, the first step is morphed too.
     """
 
     d: int
@@ -39,6 +43,7 @@ class RQMoEConfig:
     hidden: int = 256
     instr_dim: Optional[int] = None
     condition: str = "instruction"
+    ctx_dim: int = 0
 
     def __post_init__(self):
         for name in ("d", "M", "nbits", "n_experts", "n_layers", "hidden"):
@@ -51,6 +56,11 @@ class RQMoEConfig:
             raise ValueError(f"RQMoEConfig.instr_dim must be None or an integer >= 0, got {self.instr_dim!r}")
         if self.condition not in CONDITIONS:
             raise ValueError(f"RQMoEConfig.condition must be one of {CONDITIONS}, got {self.condition!r}")
+        if isinstance(self.ctx_dim, bool) or not isinstance(self.ctx_dim, (int, np.integer)) or self.ctx_dim < 0:
+            raise ValueError(f"RQMoEConfig.ctx_dim must be an integer >= 0, got {self.ctx_dim!r}")
+        if self.ctx_dim > 0 and self.cond_dim == 0:
+            raise ValueError("RQMoEConfig: a context (ctx_dim > 0) needs a conditioning vector to enter: "
+                             f"condition {self.condition!r} with instr_dim={self.instr_dim} has none")
 
     @property
     def K(self) -> int:
@@ -70,9 +80,14 @@ class RQMoEConfig:
         return {"instruction": self.De, "reconstruction": self.d, "none": 0}[self.condition]
 
     @property
+    def first_morphed(self) -> int:
+        """Index of the first morphed step: 0 with a context (it conditions step 1 too), else 1."""
+        return 0 if self.ctx_dim > 0 else 1
+
+    @property
     def n_morph_steps(self) -> int:
-        """Steps whose codewords are morphed (all but the first, none for 'none')."""
-        return 0 if self.condition == "none" else self.M - 1
+        """Steps whose codewords are morphed (from ``first_morphed`` on; none for 'none')."""
+        return 0 if self.condition == "none" else self.M - self.first_morphed
 
     @property
     def code_size(self) -> int:
@@ -145,6 +160,17 @@ class RQMoE(nn.Module):
             self.expert_b1 = nn.Parameter(_uniform_(torch.empty(L, S, N, 1, H), d))
             self.expert_w2 = nn.Parameter(torch.zeros(L, S, N, H, d))
             self.expert_b2 = nn.Parameter(torch.zeros(L, S, N, 1, d))
+        if c.ctx_dim > 0:
+            # contexts enter normalised, (ctx - ctx_mean) / ctx_scale (set_context_stats), so that their
+            # entries are of the instruction codewords' size whatever the data's offset and units
+            self.register_buffer("ctx_mean", torch.zeros(c.ctx_dim))
+            self.register_buffer("ctx_scale", torch.ones(()))
+            # A: context -> conditioning. Identity where the widths agree, so that I_1 (or the
+            # QINCo-style partial reconstruction) starts as the context itself; the zero
+            # proj_cond still makes the untrained model exactly RQ.
+            self.ctx_proj = nn.Parameter(torch.eye(c.ctx_dim, c.cond_dim))
+        else:
+            self.register_parameter("ctx_proj", None)
 
     # ------------------------------------------------------------------ utils
     @property
@@ -164,8 +190,9 @@ class RQMoE(nn.Module):
         per_item = max(1, rows_per_item) * self._morph_bytes_per_row()
         return max(1, self.mem_budget_bytes // per_item)
 
-    def _check_vectors(self, x, name: str = "x") -> torch.Tensor:
-        """Validate raw vectors and return a float32 tensor on the model's device."""
+    def _check_vectors(self, x, name: str = "x", width: Optional[int] = None) -> torch.Tensor:
+        """Validate raw vectors (n, width or d) and return a float32 tensor on the model's device."""
+        width = self.config.d if width is None else width
         if isinstance(x, np.ndarray):
             if not np.issubdtype(x.dtype, np.floating):
                 raise TypeError(f"{name} must be a floating-point array (float32), got dtype {x.dtype}")
@@ -175,14 +202,53 @@ class RQMoE(nn.Module):
                 raise TypeError(f"{name} must be a floating-point tensor (float32), got dtype {x.dtype}")
         else:
             raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-        if x.ndim != 2 or x.shape[1] != self.config.d:
-            raise ValueError(f"{name} must have shape (n, {self.config.d}), got {tuple(x.shape)}")
+        if x.ndim != 2 or x.shape[1] != width:
+            raise ValueError(f"{name} must have shape (n, {width}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
-            raise ValueError(f"{name} is empty: expected at least one vector of dimension {self.config.d}")
+            raise ValueError(f"{name} is empty: expected at least one vector of dimension {width}")
         x = x.to(device=self.device, dtype=torch.float32)
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} contains NaN or infinite values")
         return x
+
+    def _check_ctx(self, ctx, n: int) -> Optional[torch.Tensor]:
+        """Validate the contexts of n items and return them normalised, (n, ctx_dim) float32; None without."""
+        c = self.config
+        if c.ctx_dim == 0:
+            if ctx is not None:
+                raise ValueError("this model takes no context (config.ctx_dim == 0): pass ctx=None")
+            return None
+        if ctx is None:
+            raise ValueError(f"this model is conditioned on a context of width {c.ctx_dim} (the IVF centroid "
+                             f"of each vector): pass ctx of shape (n, {c.ctx_dim})")
+        ctx = self._check_vectors(ctx, "ctx", c.ctx_dim)
+        if ctx.shape[0] != n:
+            raise ValueError(f"ctx has {ctx.shape[0]} rows, expected one a vector/code: {n}")
+        return self.normalize_ctx(ctx)
+
+    def normalize_ctx(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Raw contexts (n, ctx_dim) float32 on the model's device -> the normalised ones the networks see."""
+        return (ctx - self.ctx_mean) / self.ctx_scale
+
+    @torch.no_grad()
+    def set_context_stats(self, ctx: np.ndarray, rms: float = 0.1) -> None:
+        """Fix the context normalisation from the training contexts ctx (n, ctx_dim) float32.
+
+        After it the normalised training contexts have mean 0 and entries of
+        root mean square ``rms`` (that of the instruction codewords' start).
+        """
+        ctx = torch.as_tensor(np.asarray(ctx, dtype=np.float32))
+        mean = ctx.mean(0)
+        spread = float((ctx - mean).pow(2).mean().sqrt())
+        self.ctx_mean.copy_(mean)
+        self.ctx_scale.fill_(spread / rms if spread > 0 else 1.0)
+
+    def _ctx_cond(self, ctx_s: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The context's share of the conditioning: normalised ctx (n, ctx_dim) -> (n, cond_dim), or None."""
+        if (ctx_s is None) != (self.config.ctx_dim == 0):
+            raise ValueError(f"the model has ctx_dim={self.config.ctx_dim}: a context must be given "
+                             "exactly when ctx_dim > 0")
+        return None if ctx_s is None else ctx_s @ self.ctx_proj
 
     def _check_codes(self, codes) -> torch.Tensor:
         """Validate codes and return an int64 tensor on the model's device."""
@@ -237,6 +303,8 @@ class RQMoE(nn.Module):
             self.proj_bias.zero_()
             self.expert_w2.zero_()
             self.expert_b2.zero_()
+        if c.ctx_dim > 0:
+            self.ctx_proj.copy_(torch.eye(c.ctx_dim, c.cond_dim))
         self.initialized.fill_(True)
         return self
 
@@ -266,55 +334,66 @@ class RQMoE(nn.Module):
         return (y * gate.transpose(1, 2).unsqueeze(-1)).sum(dim=1)
 
     def _step_codewords(self, step: int, base: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """Morphed codewords of one step (1..M-1): base (B, d), cond (B, Dc) -> (B, d)."""
-        s = step - 1
+        """Morphed codewords of one morphed step: base (B, d), cond (B, Dc) -> (B, d)."""
+        s = step - self.config.first_morphed
         z = self._project(s, s + 1, base.unsqueeze(0), None if cond is None else cond.unsqueeze(0))
         return self._morph(s, s + 1, z)[0]
 
     # ----------------------------------------------------------------- decode
-    def decode_steps(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode_steps(self, codes: torch.Tensor, ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-step codewords in the scaled space, differentiable.
 
-        codes: (n, M) int64, already validated. Returns (n, M, d) float32 whose
-        sum over steps is the scaled reconstruction. Parallel over steps for
-        condition 'instruction'/'none', sequential for 'reconstruction'.
+        codes: (n, M) int64, already validated; ctx: (n, ctx_dim) normalised
+        contexts (None when config.ctx_dim == 0). Returns (n, M, d) float32
+        whose sum over steps is the scaled reconstruction. Parallel over steps
+        for condition 'instruction'/'none', sequential for 'reconstruction'.
         """
         c = self.config
         steps = torch.arange(c.M, device=codes.device)
         base = self.codebooks[steps, codes]  # (n, M, d)
         if c.n_morph_steps == 0:
             return base
+        ctx_cond = self._ctx_cond(ctx)
         if c.condition == "reconstruction":
-            return self._decode_steps_sequential(codes, base)
-        S = c.n_morph_steps
+            return self._decode_steps_sequential(codes, base, ctx_cond)
+        S, f = c.n_morph_steps, c.first_morphed
         cond = None
         if c.De > 0:
-            instr = self.instr_codebooks[steps[:-1], codes[:, :-1]]  # (n, S, De): E_m[i_m], m < M
-            cond = torch.cumsum(instr, dim=1).transpose(0, 1)  # (S, n, De): I_2 .. I_M
-        z = self._project(0, S, base[:, 1:].transpose(0, 1), cond)
+            instr = self.instr_codebooks[steps[:-1], codes[:, :-1]]  # (n, M-1, De): E_m[i_m], m < M
+            cond = torch.cumsum(instr, dim=1)  # (n, M-1, De): I_2 .. I_M without the context
+            if ctx_cond is not None:  # I_1 = A ctx starts the stream and conditions step 1 too
+                cond = torch.cat([torch.zeros_like(cond[:, :1]), cond], dim=1) + ctx_cond.unsqueeze(1)
+            cond = cond.transpose(0, 1)  # (S, n, De)
+        z = self._project(0, S, base[:, f:].transpose(0, 1), cond)
         morphed = self._morph(0, S, z)  # (S, n, d)
-        return torch.cat([base[:, :1], morphed.transpose(0, 1)], dim=1)
+        return torch.cat([base[:, :f], morphed.transpose(0, 1)], dim=1)
 
-    def _decode_steps_sequential(self, codes: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Step-by-step reference: codes (n, M), base (n, M, d) -> (n, M, d)."""
+    def _decode_steps_sequential(self, codes: torch.Tensor, base: torch.Tensor,
+                                 ctx_cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Step-by-step reference: codes (n, M), base (n, M, d), ctx_cond (n, Dc) or None -> (n, M, d)."""
         c = self.config
-        outputs = [base[:, 0]]
-        recon = base[:, 0]
-        instr = None
-        for m in range(1, c.M):
-            if c.condition == "instruction":
-                e = self.instr_codebooks[m - 1, codes[:, m - 1]]
-                instr = e if instr is None else instr + e
-                cond = instr
+        outputs = []
+        recon = torch.zeros_like(base[:, 0])
+        instr = ctx_cond if c.condition == "instruction" else None
+        for m in range(c.M):
+            if m < c.first_morphed:
+                out = base[:, m]
             else:
-                cond = recon
-            out = self._step_codewords(m, base[:, m], cond)
+                if c.condition == "instruction":
+                    cond = instr
+                else:
+                    cond = recon if ctx_cond is None else recon + ctx_cond
+                out = self._step_codewords(m, base[:, m], cond)
             outputs.append(out)
             recon = recon + out
+            if c.condition == "instruction" and m < c.M - 1:
+                e = self.instr_codebooks[m, codes[:, m]]
+                instr = e if instr is None else instr + e
         return torch.stack(outputs, dim=1)
 
-    def _decode_chunked(self, codes, sequential: bool) -> torch.Tensor:
+    def _decode_chunked(self, codes, ctx, sequential: bool) -> torch.Tensor:
         codes = self._check_codes(codes)
+        ctx_s = self._check_ctx(ctx, codes.shape[0])
         c = self.config
         steps = torch.arange(c.M, device=codes.device)
         bs = self._rows_per_chunk(max(1, c.n_morph_steps))
@@ -322,31 +401,35 @@ class RQMoE(nn.Module):
         with torch.inference_mode():
             for i0 in range(0, codes.shape[0], bs):
                 chunk = codes[i0:i0 + bs]
+                ctx_chunk = None if ctx_s is None else ctx_s[i0:i0 + bs]
                 if sequential and c.n_morph_steps > 0:
-                    steps_out = self._decode_steps_sequential(chunk, self.codebooks[steps, chunk])
+                    steps_out = self._decode_steps_sequential(chunk, self.codebooks[steps, chunk],
+                                                              self._ctx_cond(ctx_chunk))
                 else:
-                    steps_out = self.decode_steps(chunk)
+                    steps_out = self.decode_steps(chunk, ctx_chunk)
                 out[i0:i0 + bs] = steps_out.sum(dim=1)
         return out * self.scale
 
-    def decode(self, codes) -> torch.Tensor:
+    def decode(self, codes, ctx=None) -> torch.Tensor:
         """Reconstruct raw vectors from codes, all steps in parallel.
 
-        codes: (n, M) integer array/tensor with values in [0, K).
-        Returns (n, d) float32 on the model's device. (For condition
-        'reconstruction' the steps depend on each other and run in sequence.)
+        codes: (n, M) integer array/tensor with values in [0, K); ctx: (n,
+        ctx_dim) float32 raw contexts (e.g. IVF centroids), required exactly
+        when config.ctx_dim > 0. Returns (n, d) float32 on the model's device.
+        (For condition 'reconstruction' the steps depend on each other and run
+        in sequence.)
         """
-        return self._decode_chunked(codes, sequential=False)
+        return self._decode_chunked(codes, ctx, sequential=False)
 
-    def decode_sequential(self, codes) -> torch.Tensor:
+    def decode_sequential(self, codes, ctx=None) -> torch.Tensor:
         """Reference decoder, one step after the other; same output as ``decode``.
 
-        codes: (n, M) integers in [0, K). Returns (n, d) float32.
+        codes: (n, M) integers in [0, K); ctx as in ``decode``. Returns (n, d) float32.
         """
-        return self._decode_chunked(codes, sequential=True)
+        return self._decode_chunked(codes, ctx, sequential=True)
 
     # ----------------------------------------------------------------- encode
-    def encode(self, x, n_candidates: Optional[int] = None, beam_size: int = 1) -> torch.Tensor:
+    def encode(self, x, n_candidates: Optional[int] = None, beam_size: int = 1, ctx=None) -> torch.Tensor:
         """Encode raw vectors: greedy (beam_size=1) or beam search.
 
         x: (n, d) float32 (float64 accepted). n_candidates: None evaluates the
@@ -356,25 +439,29 @@ class RQMoE(nn.Module):
         beam_size: B >= 1 partial codes kept per vector after every step (the
         networks run on B x A candidates a step, so encoding costs about B times
         greedy); the code with the smallest final residual wins. B = 1 is greedy.
+        ctx: (n, ctx_dim) float32 raw contexts, required exactly when
+        config.ctx_dim > 0 (``decode`` needs the same ones).
         Returns (n, M) int64 codes on the model's device. Temporaries stay
         within ``mem_budget_bytes``.
         """
         x = self._check_vectors(x)
+        ctx_s = self._check_ctx(ctx, x.shape[0])
         if n_candidates is not None and not (int(n_candidates) >= 1):
             raise ValueError(f"n_candidates must be None or >= 1, got {n_candidates}")
         beam_size = check_beam_size(beam_size)
         with torch.inference_mode():
-            return self.encode_scaled(x / self.scale, n_candidates, beam_size)
+            return self.encode_scaled(x / self.scale, n_candidates, beam_size, ctx_s)
 
     def encode_scaled(self, xs: torch.Tensor, n_candidates: Optional[int] = None,
-                      beam_size: int = 1) -> torch.Tensor:
+                      beam_size: int = 1, ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Codes of already validated, scaled vectors, in memory-bounded chunks.
 
-        xs: (n, d) float32 on the model's device (raw / scale). Runs under the
-        caller's grad mode (training calls it under ``no_grad``).
-        Returns (n, M) int64.
+        xs: (n, d) float32 on the model's device (raw / scale); ctx: (n,
+        ctx_dim) normalised contexts or None. Runs under the caller's grad mode
+        (training calls it under ``no_grad``). Returns (n, M) int64.
         """
         c = self.config
+        self._ctx_cond(None if ctx is None else ctx[:0])  # a context exactly when the model takes one
         preselect = n_candidates is not None and int(n_candidates) < c.K
         A = int(n_candidates) if preselect else c.K
         bs = self._rows_per_chunk(A * beam_size)
@@ -383,30 +470,35 @@ class RQMoE(nn.Module):
         codes = torch.empty(xs.shape[0], c.M, dtype=torch.int64, device=xs.device)
         for i0 in range(0, xs.shape[0], bs):
             chunk = xs[i0:i0 + bs]
+            ctx_chunk = None if ctx is None else ctx[i0:i0 + bs]
             if beam_size > 1:
-                codes[i0:i0 + bs] = self._encode_chunk_beam(chunk, A, beam_size)
+                codes[i0:i0 + bs] = self._encode_chunk_beam(chunk, A, beam_size, ctx_chunk)
             else:
-                codes[i0:i0 + bs] = self._encode_chunk(chunk, A if preselect else None)
+                codes[i0:i0 + bs] = self._encode_chunk(chunk, A if preselect else None, ctx_chunk)
         return codes
 
-    def _encode_chunk(self, xs: torch.Tensor, n_candidates: Optional[int]) -> torch.Tensor:
-        """Greedy codes of scaled vectors xs: (b, d) -> (b, M) int64."""
+    def _encode_chunk(self, xs: torch.Tensor, n_candidates: Optional[int],
+                      ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Greedy codes of scaled vectors xs: (b, d), normalised contexts ctx (b, ctx_dim) or None -> (b, M) int64."""
         c = self.config
         b = xs.shape[0]
         codes = torch.empty(b, c.M, dtype=torch.int64, device=xs.device)
         residual = xs.clone()
-        instr = None
+        ctx_cond = self._ctx_cond(ctx)
+        instr = ctx_cond if c.condition == "instruction" else None
+        # rows with the same context share their morphed codebooks (see _select_all)
+        groups = None if ctx is None else torch.unique(ctx, dim=0, return_inverse=True)[1]
         rows = torch.arange(b, device=xs.device)
         for m in range(c.M):
             book = self.codebooks[m]  # (K, d)
             base_scores = (book * book).sum(1)[None, :] - 2 * residual @ book.T  # (b, K)
-            if m == 0 or c.n_morph_steps == 0:
+            if m < c.first_morphed or c.n_morph_steps == 0:
                 idx = base_scores.argmin(1)
                 chosen = book[idx]
             else:
-                cond = instr if c.condition == "instruction" else xs - residual
+                cond = instr if c.condition == "instruction" else self._recon_cond(xs - residual, ctx_cond)
                 if n_candidates is None:
-                    idx, chosen = self._select_all(m, codes[:, :m], residual, cond)
+                    idx, chosen = self._select_all(m, codes[:, :m], residual, cond, groups)
                 else:
                     candidates = base_scores.topk(n_candidates, dim=1, largest=False).indices  # (b, A)
                     morphed = self._morph_candidates(m, book[candidates], cond)  # (b, A, d)
@@ -421,8 +513,16 @@ class RQMoE(nn.Module):
                 instr = e if instr is None else instr + e
         return codes
 
-    def _encode_chunk_beam(self, xs: torch.Tensor, n_candidates: int, beam_size: int) -> torch.Tensor:
-        """Beam search codes of scaled vectors xs: (b, d) -> (b, M) int64.
+    @staticmethod
+    def _recon_cond(recon: torch.Tensor, ctx_cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """QINCo-style conditioning: the partial reconstruction, plus the context's share when there is one."""
+        if ctx_cond is None:
+            return recon
+        return recon + (ctx_cond if ctx_cond.ndim == recon.ndim else ctx_cond.unsqueeze(1))
+
+    def _encode_chunk_beam(self, xs: torch.Tensor, n_candidates: int, beam_size: int,
+                           ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Beam search codes of scaled vectors xs: (b, d), normalised contexts ctx (b, ctx_dim) or None -> (b, M) int64.
 
         Hypotheses are kept as (b, h, ...) tensors, h <= beam_size. Every step
         scores n_candidates (A) codewords per hypothesis by the squared norm of
@@ -434,24 +534,31 @@ class RQMoE(nn.Module):
         device = xs.device
         codes = torch.empty(b, 1, 0, dtype=torch.int64, device=device)  # (b, h, m)
         residual = xs.unsqueeze(1)  # (b, h, d)
-        instr = None  # (b, h, De) from step 1 on, condition 'instruction' only
+        ctx_cond = self._ctx_cond(ctx)  # (b, Dc) or None
+        instr = None  # (b, h, De) once the stream has started, condition 'instruction' only
+        if c.condition == "instruction" and ctx_cond is not None:
+            instr = ctx_cond.unsqueeze(1)
         vec_rows = torch.arange(b, device=device).unsqueeze(1)
         for m in range(c.M):
             h = residual.shape[1]
             flat = residual.reshape(b * h, d)
             book = self.codebooks[m]  # (K, d)
             res_norms = (flat * flat).sum(1, keepdim=True)  # (bh, 1)
-            if m == 0 or c.n_morph_steps == 0 or A == K:
+            morphed_step = m >= c.first_morphed and c.n_morph_steps > 0
+            if not morphed_step or A == K:
                 candidates = torch.arange(K, device=device).expand(b * h, K)
                 base = book.unsqueeze(0)  # shared by all hypotheses
             else:
                 base_scores = (book * book).sum(1)[None, :] - 2 * flat @ book.T  # (bh, K)
                 candidates = base_scores.topk(A, dim=1, largest=False).indices  # (bh, A)
                 base = book[candidates]  # (bh, A, d)
-            if m == 0 or c.n_morph_steps == 0:
+            if not morphed_step:
                 words = base.expand(b * h, K, d)
             else:
-                cond = instr if c.condition == "instruction" else xs.unsqueeze(1) - residual
+                if c.condition == "instruction":
+                    cond = instr.expand(b, h, instr.shape[-1])
+                else:
+                    cond = self._recon_cond(xs.unsqueeze(1) - residual, ctx_cond)
                 cond = cond.reshape(b * h, cond.shape[-1])
                 words = self._morph_candidates(m, base, cond, n_rows=b * h)  # (bh, A, d)
             scores = res_norms + (words * words).sum(-1) - 2 * torch.einsum("bad,bd->ba", words, flat)
@@ -466,21 +573,25 @@ class RQMoE(nn.Module):
             residual = residual[vec_rows, parent] - chosen
             if c.condition == "instruction" and m < c.M - 1:
                 e = self.instr_codebooks[m, idx]  # (b, keep, De)
-                instr = e if instr is None else instr[vec_rows, parent] + e
+                instr = e if instr is None else instr.expand(b, h, e.shape[-1])[vec_rows, parent] + e
         return codes[:, 0]  # topk sorts ascending: hypothesis 0 has the smallest final residual
 
-    def _select_all(self, m: int, prefix: torch.Tensor, residual: torch.Tensor, cond: Optional[torch.Tensor]):
+    def _select_all(self, m: int, prefix: torch.Tensor, residual: torch.Tensor, cond: Optional[torch.Tensor],
+                    groups: Optional[torch.Tensor] = None):
         """Exact greedy choice at step m over all K morphed codewords.
 
-        The morphed codebook depends only on the code prefix, so it is
-        computed once per distinct prefix in the chunk (at step 2 there are
-        at most K distinct prefixes, whatever the batch size).
-        prefix: (b, m) int64, residual: (b, d), cond: (b, Dc) or None.
+        The morphed codebook depends only on the code prefix (and the
+        context), so it is computed once per distinct (context group, prefix)
+        in the chunk: at step 2 without a context there are at most K of them,
+        whatever the batch size.
+        prefix: (b, m) int64, residual: (b, d), cond: (b, Dc) or None,
+        groups: (b,) int64 context group of each row, or None.
         Returns idx (b,) int64 and the chosen morphed codewords (b, d).
         """
         b = prefix.shape[0]
-        unique_prefixes, inverse = torch.unique(prefix, dim=0, return_inverse=True)
-        u = unique_prefixes.shape[0]
+        key = prefix if groups is None else torch.cat([groups.unsqueeze(1), prefix], dim=1)
+        unique_keys, inverse = torch.unique(key, dim=0, return_inverse=True)
+        u = unique_keys.shape[0]
         first = torch.full((u,), b, dtype=torch.int64, device=prefix.device)
         first.scatter_reduce_(0, inverse, torch.arange(b, device=prefix.device), reduce="amin")
         cond_unique = None if cond is None else cond[first]
@@ -499,7 +610,7 @@ class RQMoE(nn.Module):
         The projection is linear, so it runs on the A codewords and the u
         conditions apart and only the sum is broadcast to (u, A, d).
         """
-        s = m - 1
+        s = m - self.config.first_morphed
         d = self.config.d
         z = torch.matmul(base, self.proj_code[s]) + self.proj_bias[s]
         if cond is not None and cond.shape[-1] > 0:
@@ -509,6 +620,6 @@ class RQMoE(nn.Module):
         return self._morph(s, s + 1, z.reshape(1, -1, d))[0].reshape(u, -1, d)
 
     # --------------------------------------------------------------- training
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        """Differentiable scaled reconstruction: codes (n, M) int64 -> (n, d)."""
-        return self.decode_steps(codes).sum(dim=1)
+    def forward(self, codes: torch.Tensor, ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Differentiable scaled reconstruction: codes (n, M) int64, normalised ctx (n, ctx_dim) or None -> (n, d)."""
+        return self.decode_steps(codes, ctx).sum(dim=1)

@@ -18,6 +18,7 @@ from .model import RQMoE
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "faiss_rqmoe.checkpoint/1"
+LR_SCHEDULES = ("plateau", "cosine")
 
 
 @dataclasses.dataclass
@@ -62,13 +63,17 @@ def normalized_residual_loss(xs: torch.Tensor, step_codewords: torch.Tensor, eps
 
 @torch.no_grad()
 def reconstruction_mse(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int] = None,
-                       batch_size: int = 8192) -> float:
-    """Mean squared reconstruction error of scaled vectors xs (n, d), in raw units."""
+                       batch_size: int = 8192, ctx: Optional[torch.Tensor] = None) -> float:
+    """Mean squared reconstruction error of scaled vectors xs (n, d), in raw units.
+
+    ctx: (n, ctx_dim) normalised contexts (``model.normalize_ctx``), for a model that takes them.
+    """
     total = 0.0
     for i0 in range(0, xs.shape[0], batch_size):
         chunk = xs[i0:i0 + batch_size]
-        codes = model.encode_scaled(chunk, n_candidates)
-        err = chunk - model.decode_steps(codes).sum(1)
+        ctx_chunk = None if ctx is None else ctx[i0:i0 + batch_size]
+        codes = model.encode_scaled(chunk, n_candidates, ctx=ctx_chunk)
+        err = chunk - model.decode_steps(codes, ctx_chunk).sum(1)
         total += float((err * err).sum(dtype=torch.float64))
     return total / xs.shape[0] * float(model.scale) ** 2
 
@@ -91,7 +96,7 @@ def init_from_data(model: RQMoE, xt: np.ndarray, max_train: int = 100_000, seed:
     model.init_from_rq(rq, scale=float(np.abs(xt).max()))
 
 
-def _as_float32_numpy(x, name: str, d: int) -> np.ndarray:
+def _as_float32_numpy(x, name: str, d: int, n: Optional[int] = None) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     if not isinstance(x, np.ndarray):
@@ -102,6 +107,8 @@ def _as_float32_numpy(x, name: str, d: int) -> np.ndarray:
         raise ValueError(f"{name} must have shape (n, {d}), got {x.shape}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is empty")
+    if n is not None and x.shape[0] != n:
+        raise ValueError(f"{name} must have {n} rows (one a vector), got {x.shape[0]}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -148,7 +155,8 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
                 batch_size: int = 1024, lr: float = 1e-3, device=None, seed: int = 0, progress: bool = True,
                 checkpoint_path=None, epoch_size: Optional[int] = None, lr_patience: int = 2,
                 stop_patience: int = 5, encode_candidates: Optional[int] = None,
-                rq_train_max: int = 100_000) -> TrainHistory:
+                rq_train_max: int = 100_000, ctx=None, ctx_val=None,
+                lr_schedule: str = "plateau") -> TrainHistory:
     """Train an RQ-MoE model in place and return its history.
 
     xt: (n, d) float32 training vectors (raw); xval: (nv, d) float32 for the
@@ -157,41 +165,63 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
     from a faiss ResidualQuantizer trained on xt (so it starts as RQ).
     Each epoch draws ``epoch_size`` vectors (default all) in a seeded order,
     encodes each batch with the current model (no grad) and takes an Adam
-    step on the normalised residual loss. lr ÷10 after ``lr_patience``
-    epochs without validation gain over the best trained epoch (the RQ
-    initialisation does not count); stops after ``stop_patience`` such epochs,
-    ``max_epochs`` or ``time_budget_s``. The best-validation weights are
+    step on the normalised residual loss. ``lr_schedule`` "plateau": lr ÷10
+    after ``lr_patience`` epochs without validation gain over the best trained
+    epoch (the RQ initialisation does not count); "cosine": lr follows a half
+    cosine from ``lr`` to 0 over the training length (the time budget, or
+    ``max_epochs`` if that comes first), batch by batch. Either stops after
+    ``stop_patience`` epochs without gain, ``max_epochs`` or ``time_budget_s``. The best-validation weights are
     restored at the end; the model goes back to the device it came on.
     ``checkpoint_path``: written after every epoch; an existing checkpoint is
     resumed from. Deterministic on CPU for a fixed seed.
+    ctx, ctx_val: (n, ctx_dim) / (nv, ctx_dim) float32 raw contexts of xt
+    and xval (e.g. the IVF centroid of each vector), for a model with
+    ``config.ctx_dim > 0`` and only for one.
     """
     from tqdm.auto import tqdm
 
     if not isinstance(model, RQMoE):
         raise TypeError(f"model must be an RQMoE, got {type(model).__name__}")
-    d = model.config.d
+    d, ctx_dim = model.config.d, model.config.ctx_dim
     xt = _as_float32_numpy(xt, "xt", d)
+    if (ctx is None) != (ctx_dim == 0) or (ctx_val is not None and xval is None):
+        raise ValueError(f"the model has ctx_dim={ctx_dim}: pass ctx (and ctx_val with xval) exactly when "
+                         "ctx_dim > 0")
+    if ctx is not None:
+        ctx = _as_float32_numpy(ctx, "ctx", ctx_dim, xt.shape[0])
     if xval is None:
         n_val = min(10_000, xt.shape[0] // 10)
         if n_val == 0:
             raise ValueError(f"xt has {xt.shape[0]} vectors: too few to hold out validation; pass xval")
         xt, xval = xt[:-n_val], xt[-n_val:]
+        if ctx is not None:
+            ctx, ctx_val = ctx[:-n_val], ctx[-n_val:]
     xval = _as_float32_numpy(xval, "xval", d)
+    if ctx is not None:
+        if ctx_val is None:
+            raise ValueError("xval was given without ctx_val: the model needs the contexts of xval too")
+        ctx_val = _as_float32_numpy(ctx_val, "ctx_val", ctx_dim, xval.shape[0])
     for name, value in (("max_epochs", max_epochs), ("batch_size", batch_size)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     device = resolve_device(device)
     home_device = model.device
 
     torch.manual_seed(seed)
     if not bool(model.initialized):
         init_from_data(model, xt, max_train=rq_train_max, seed=seed)
+        if ctx is not None:
+            model.set_context_stats(ctx)
     model.to(device)
     scale = float(model.scale)
     xt_scaled = torch.from_numpy(xt).to(device) / scale
     xval_scaled = torch.from_numpy(xval).to(device) / scale
+    ctx_norm = None if ctx is None else model.normalize_ctx(torch.from_numpy(ctx).to(device))
+    ctx_val_norm = None if ctx_val is None else model.normalize_ctx(torch.from_numpy(ctx_val).to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
@@ -202,7 +232,8 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
     else:
         model.eval()
         history = TrainHistory()
-        history.init_val_mse = history.best_val_mse = reconstruction_mse(model, xval_scaled, encode_candidates)
+        history.init_val_mse = history.best_val_mse = reconstruction_mse(model, xval_scaled, encode_candidates,
+                                                                         ctx=ctx_val_norm)
         best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         state = {"epoch": 0, "bad_epochs": 0, "lr": lr, "elapsed_s": 0.0}
 
@@ -211,6 +242,14 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
     n_batches = math.ceil(per_epoch / batch_size)
     start = time.perf_counter() - state["elapsed_s"]
     out_of_time = False
+
+    def cosine_lr(epochs_done: float) -> float:
+        """The cosine schedule's lr after epochs_done (fractional) epochs, at the current time."""
+        progress = epochs_done / max_epochs
+        if time_budget_s is not None:
+            progress = max(progress, (time.perf_counter() - start) / time_budget_s)
+        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     bar = tqdm(total=max_epochs * n_batches, initial=state["epoch"] * n_batches, disable=not progress,
                desc="train RQ-MoE", unit="batch")
     try:
@@ -220,10 +259,15 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
             order = torch.randperm(n_train, generator=generator)[:per_epoch].to(device)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync a batch
             for i0 in range(0, per_epoch, batch_size):
-                xs = xt_scaled[order[i0:i0 + batch_size]]
+                if lr_schedule == "cosine":
+                    for group in optimizer.param_groups:
+                        group["lr"] = cosine_lr(state["epoch"] + i0 / per_epoch)
+                rows = order[i0:i0 + batch_size]
+                xs = xt_scaled[rows]
+                ctx_batch = None if ctx_norm is None else ctx_norm[rows]
                 with torch.no_grad():
-                    codes = model.encode_scaled(xs, encode_candidates)
-                loss = normalized_residual_loss(xs, model.decode_steps(codes))
+                    codes = model.encode_scaled(xs, encode_candidates, ctx=ctx_batch)
+                loss = normalized_residual_loss(xs, model.decode_steps(codes, ctx_batch))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -232,13 +276,13 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
                 if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
                     out_of_time = True
                     break
-            val_mse = reconstruction_mse(model, xval_scaled, encode_candidates)
+            val_mse = reconstruction_mse(model, xval_scaled, encode_candidates, ctx=ctx_val_norm)
             state["epoch"] += 1
             elapsed = time.perf_counter() - start
             history.epoch.append(state["epoch"])
             history.train_loss.append(float(loss_sum) / per_epoch)
             history.val_mse.append(val_mse)
-            history.lr.append(state["lr"])
+            history.lr.append(state["lr"] if lr_schedule == "plateau" else optimizer.param_groups[0]["lr"])
             history.time_s.append(elapsed)
             bar.set_postfix(val_mse=f"{val_mse:.4g}", lr=f"{state['lr']:.0e}")
             if time_budget_s is not None and elapsed > 0:  # the budget, not max_epochs, sets the length
@@ -256,7 +300,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
                 state["bad_epochs"] += 1
                 if state["bad_epochs"] >= stop_patience:
                     history.stop_reason = f"no validation gain for {stop_patience} epochs"
-                elif state["bad_epochs"] % lr_patience == 0:
+                elif lr_schedule == "plateau" and state["bad_epochs"] % lr_patience == 0:
                     state["lr"] /= 10
                     logger.info("epoch %d: validation plateau, lr -> %g", state["epoch"], state["lr"])
             state["elapsed_s"] = elapsed

@@ -1,5 +1,8 @@
+import json
+
 import pytest
 
+from faiss_rqmoe import bench
 from faiss_rqmoe.bench import merge_codec_results
 
 
@@ -15,3 +18,24 @@ def test_bench_merge_keeps_the_last_measurement_and_stamps_devices():
         ("RQ", 8, 3.0, "cpu"), ("PQ", 8, 1.0, "gpu"), ("PQ", 16, 0.5, "gpu")]
     with pytest.raises(ValueError, match="different splits"):
         merge_codec_results([first, result("gpu", [], dataset="b")])
+
+
+def test_bench_search_runs_end_to_end_with_a_centroid_conditioned_codec(tmp_path):
+    """A tiny `bench search`: our IVF index (conditioned on the centroid) and faiss's, one JSON with the grid."""
+    out = tmp_path / "search.json"
+    bench.main(["search", "--dataset", "small", "--n-train", "3000", "--n-db", "2000", "--n-query", "40",
+                "--bytes", "4", "--nlist", "16", "--nprobe", "2", "16", "--nshort", "10", "2000",
+                "--n-experts", "2", "--n-layers", "1", "--hidden", "16", "--max-epochs", "1",
+                "--train-candidates", "8", "--encode-candidates", "8", "--centroid", "--device", "cpu", "--quiet",
+                "--out", str(out)])
+    result = json.loads(out.read_text())
+    ours = result["methods"]["IVF-RQ-MoE"]
+    assert result["description"].endswith("_centroid") and ours["config"]["ctx_dim"] == 128
+    assert set(result["methods"]) == {"IVF-RQ-MoE", "IVF-PQ4x8", "IVF-RQ4x8_Nqint8"}
+    grid = {(row["nprobe"], row["nshort"]): row for row in ours["grid"]}
+    assert set(grid) == {(2, 10), (2, 2000), (16, 10), (16, 2000)}
+    for row in ours["grid"]:
+        assert 0 <= row["R@1"] <= row["R@10"] <= 1 and row["qps"] > 0
+    # probing every list and re-ranking everything is exhaustive search: it finds at least what 2 lists do
+    assert grid[(16, 2000)]["R@10"] >= grid[(2, 2000)]["R@10"]
+    assert len(result["train_history"]["val_mse"]) == 1

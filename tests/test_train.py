@@ -133,3 +133,16 @@ def test_progress_bar_follows_the_time_budget_and_ends_full(monkeypatch):
     # it ran a handful of epochs of the 1000 allowed, and the bar says 100 %, not 0.5 %
     assert (len(history.epoch) - 1) * n_batches < bar.n <= len(history.epoch) * n_batches
     assert bar.total == bar.n
+
+
+def test_cosine_schedule_anneals_the_lr_to_zero_over_max_epochs():
+    x = clustered(3000, d=16)
+    model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
+    history = train_rqmoe(model, x, max_epochs=4, batch_size=270, lr=2e-3, lr_schedule="cosine",
+                          stop_patience=10, device="cpu", progress=False)
+    # the lr of each epoch's last batch: 2700 vectors = 10 batches, so progress (e - 1 + 0.9) / 4
+    expected = [1e-3 * (1 + np.cos(np.pi * (e - 0.1) / 4)) for e in (1, 2, 3, 4)]
+    np.testing.assert_allclose(history.lr, expected, rtol=1e-9)
+    assert history.best_val_mse < history.init_val_mse
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        train_rqmoe(model, x, max_epochs=1, lr_schedule="linear", progress=False)
