@@ -95,7 +95,10 @@ class RQMoEConfig:
         return (self.M * self.nbits + 7) // 8
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if not self.ctx_dim:  # files of context-free codecs stay readable by versions without the field
+            del values["ctx_dim"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "RQMoEConfig":
@@ -223,7 +226,7 @@ class RQMoE(nn.Module):
                              f"of each vector): pass ctx of shape (n, {c.ctx_dim})")
         ctx = self._check_vectors(ctx, "ctx", c.ctx_dim)
         if ctx.shape[0] != n:
-            raise ValueError(f"ctx has {ctx.shape[0]} rows, expected one a vector/code: {n}")
+            raise ValueError(f"ctx has {ctx.shape[0]} rows, expected one per vector or code: {n}")
         return self.normalize_ctx(ctx)
 
     def normalize_ctx(self, ctx: torch.Tensor) -> torch.Tensor:
@@ -242,6 +245,10 @@ class RQMoE(nn.Module):
         spread = float((ctx - mean).pow(2).mean().sqrt())
         self.ctx_mean.copy_(mean)
         self.ctx_scale.fill_(spread / rms if spread > 0 else 1.0)
+
+    def has_context_stats(self) -> bool:
+        """Whether the context normalisation was fixed (it starts as the identity: mean 0, scale 1)."""
+        return bool(self.ctx_mean.any()) or float(self.ctx_scale) != 1.0
 
     def _ctx_cond(self, ctx_s: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The context's share of the conditioning: normalised ctx (n, ctx_dim) -> (n, cond_dim), or None."""
@@ -362,7 +369,8 @@ class RQMoE(nn.Module):
             instr = self.instr_codebooks[steps[:-1], codes[:, :-1]]  # (n, M-1, De): E_m[i_m], m < M
             cond = torch.cumsum(instr, dim=1)  # (n, M-1, De): I_2 .. I_M without the context
             if ctx_cond is not None:  # I_1 = A ctx starts the stream and conditions step 1 too
-                cond = torch.cat([torch.zeros_like(cond[:, :1]), cond], dim=1) + ctx_cond.unsqueeze(1)
+                cond = torch.cat([cond.new_zeros(cond.shape[0], 1, cond.shape[2]), cond], dim=1)
+                cond = cond + ctx_cond.unsqueeze(1)
             cond = cond.transpose(0, 1)  # (S, n, De)
         z = self._project(0, S, base[:, f:].transpose(0, 1), cond)
         morphed = self._morph(0, S, z)  # (S, n, d)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .io import load_arrays, save_arrays
-from .model import RQMoE
+from .model import RQMoE, RQMoEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _load_checkpoint(path: Path, model: RQMoE, optimizer, generator: torch.Gener
     arrays, meta = load_arrays(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a training checkpoint (format {meta.get('format')!r})")
-    if meta["config"] != model.config.to_dict():
+    if RQMoEConfig.from_dict(meta["config"]) != model.config:
         raise ValueError(f"checkpoint {path} was written for config {meta['config']}, "
                          f"model has {model.config.to_dict()}")
     device = model.device
@@ -184,7 +184,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
         raise TypeError(f"model must be an RQMoE, got {type(model).__name__}")
     d, ctx_dim = model.config.d, model.config.ctx_dim
     xt = _as_float32_numpy(xt, "xt", d)
-    if (ctx is None) != (ctx_dim == 0) or (ctx_val is not None and xval is None):
+    if (ctx is None) != (ctx_dim == 0) or (ctx_val is not None and (xval is None or ctx_dim == 0)):
         raise ValueError(f"the model has ctx_dim={ctx_dim}: pass ctx (and ctx_val with xval) exactly when "
                          "ctx_dim > 0")
     if ctx is not None:
@@ -214,8 +214,8 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
     torch.manual_seed(seed)
     if not bool(model.initialized):
         init_from_data(model, xt, max_train=rq_train_max, seed=seed)
-        if ctx is not None:
-            model.set_context_stats(ctx)
+    if ctx is not None and not model.has_context_stats():  # also for a model initialised by the caller
+        model.set_context_stats(ctx)
     model.to(device)
     scale = float(model.scale)
     xt_scaled = torch.from_numpy(xt).to(device) / scale
@@ -284,7 +284,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
             history.val_mse.append(val_mse)
             history.lr.append(state["lr"] if lr_schedule == "plateau" else optimizer.param_groups[0]["lr"])
             history.time_s.append(elapsed)
-            bar.set_postfix(val_mse=f"{val_mse:.4g}", lr=f"{state['lr']:.0e}")
+            bar.set_postfix(val_mse=f"{val_mse:.4g}", lr=f"{history.lr[-1]:.0e}")
             if time_budget_s is not None and elapsed > 0:  # the budget, not max_epochs, sets the length
                 expected = min(max_epochs, math.ceil(state["epoch"] * time_budget_s / elapsed))
                 bar.total = max(expected, state["epoch"]) * n_batches

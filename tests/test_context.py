@@ -62,11 +62,12 @@ def test_decode_with_context_matches_hand_computed_steps():
     torch.testing.assert_close(model.decode(codes, ctx=ctx)[0], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("M", [1, 4])
 @pytest.mark.parametrize("condition", CONDITIONS)
-def test_parallel_decode_with_context_equals_sequential(condition):
-    model = perturb(RQMoE(RQMoEConfig(24, 4, 5, n_experts=3, n_layers=2, hidden=20, condition=condition,
+def test_parallel_decode_with_context_equals_sequential(condition, M):
+    model = perturb(RQMoE(RQMoEConfig(24, M, 5, n_experts=3, n_layers=2, hidden=20, condition=condition,
                                       ctx_dim=24)))
-    codes = torch.randint(0, 32, (300, 4))
+    codes = torch.randint(0, 32, (300, M))
     ctx = contexts(300, 24)
     parallel = model.decode(codes, ctx=ctx)
     torch.testing.assert_close(parallel, model.decode_sequential(codes, ctx=ctx), rtol=1e-5, atol=1e-5)
@@ -125,6 +126,19 @@ def test_context_errors_are_clear():
         RQMoEConfig(8, 2, condition="none", ctx_dim=8)
     with pytest.raises(ValueError, match="pass ctx"):
         train_rqmoe(conditioned, clustered(200, d=8), max_epochs=1, progress=False)
+    with pytest.raises(ValueError, match="pass ctx"):  # contexts for a model that takes none
+        train_rqmoe(plain, clustered(200, d=8), clustered(50, d=8), ctx_val=clustered(50, d=8), progress=False)
+
+
+def test_context_normalisation_is_fixed_for_a_caller_initialised_model():
+    x = clustered(2000, d=16)
+    model = RQMoE(RQMoEConfig(16, 2, 4, n_experts=1, n_layers=1, hidden=8, ctx_dim=16))
+    model.init_from_rq(faiss_rq(x, 2, 4), scale=float(np.abs(x).max()))
+    assert not model.has_context_stats()
+    ctx = contexts(2000, 16) + 50  # far from the identity normalisation
+    train_rqmoe(model, x, ctx=ctx, max_epochs=1, batch_size=500, progress=False, device="cpu")
+    assert model.has_context_stats()
+    assert float(model.normalize_ctx(torch.from_numpy(ctx[:1800])).mean(0).abs().max()) < 1e-3
 
 
 def test_training_with_centroid_context_lowers_validation_mse_on_real_sift(sift):
