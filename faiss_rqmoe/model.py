@@ -387,10 +387,7 @@ class RQMoE(nn.Module):
             if m < c.first_morphed:
                 out = base[:, m]
             else:
-                if c.condition == "instruction":
-                    cond = instr
-                else:
-                    cond = recon if ctx_cond is None else recon + ctx_cond
+                cond = instr if c.condition == "instruction" else self._recon_cond(recon, ctx_cond)
                 out = self._step_codewords(m, base[:, m], cond)
             outputs.append(out)
             recon = recon + out
@@ -469,7 +466,6 @@ class RQMoE(nn.Module):
         (training calls it under ``no_grad``). Returns (n, M) int64.
         """
         c = self.config
-        self._ctx_cond(None if ctx is None else ctx[:0])  # a context exactly when the model takes one
         preselect = n_candidates is not None and int(n_candidates) < c.K
         A = int(n_candidates) if preselect else c.K
         bs = self._rows_per_chunk(A * beam_size)

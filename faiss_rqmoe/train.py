@@ -170,8 +170,9 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
     epoch (the RQ initialisation does not count); "cosine": lr follows a half
     cosine from ``lr`` to 0 over the training length (the time budget, or
     ``max_epochs`` if that comes first), batch by batch. Either stops after
-    ``stop_patience`` epochs without gain, ``max_epochs`` or ``time_budget_s``. The best-validation weights are
-    restored at the end; the model goes back to the device it came on.
+    ``stop_patience`` epochs without gain, ``max_epochs`` or
+    ``time_budget_s``. The best-validation weights are restored at the end;
+    the model goes back to the device it came on.
     ``checkpoint_path``: written after every epoch; an existing checkpoint is
     resumed from. Deterministic on CPU for a fixed seed.
     ctx, ctx_val: (n, ctx_dim) / (nv, ctx_dim) float32 raw contexts of xt
