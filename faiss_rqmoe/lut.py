@@ -109,6 +109,9 @@ def search_shortlist(index: faiss.IndexIVF, xq: np.ndarray, k: int, nprobe: int)
     nq = len(xq)
     nprobe = min(int(nprobe), index.nlist)
     coarse_dis, assign = index.quantizer.search(xq, nprobe)
+    # search_preassigned runs on one thread in faiss's default mode 0 (IndexIVF.search parallelises
+    # around it): mode 3 splits the queries over the threads, mode 1 a single query's lists
+    index.parallel_mode = 3 if nq > 1 else 1
     distances = np.empty((nq, k), dtype=np.float32)
     pairs = np.empty((nq, k), dtype=np.int64)
     index.search_preassigned_c(nq, faiss.swig_ptr(xq), k, faiss.swig_ptr(assign), faiss.swig_ptr(coarse_dis),

@@ -490,8 +490,10 @@ class RQMoE(nn.Module):
         residual = xs.clone()
         ctx_cond = self._ctx_cond(ctx)
         instr = ctx_cond if c.condition == "instruction" else None
-        # rows with the same context share their morphed codebooks (see _select_all)
-        groups = None if ctx is None else torch.unique(ctx, dim=0, return_inverse=True)[1]
+        # in the exact branch, rows with the same context share their morphed codebooks (see _select_all)
+        groups = None
+        if ctx is not None and n_candidates is None:
+            groups = torch.unique(ctx, dim=0, return_inverse=True)[1]
         rows = torch.arange(b, device=xs.device)
         for m in range(c.M):
             book = self.codebooks[m]  # (K, d)

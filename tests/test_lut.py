@@ -39,15 +39,20 @@ def test_search_shortlist_equals_faiss_search_and_return_codes(nprobe, k):
     index = faiss.index_factory(16, "IVF16,RQ4x6_Nqint8")
     index.train(x)
     index.add_with_ids(x, np.arange(len(x)) * 7 + 3)
-    xq = clustered(40, d=16, seed=5)
-    ids, list_nos, codes = lut.search_shortlist(index, xq, k, nprobe)
-    _, ref_ids, ref_codes = index.search_and_return_codes(
-        xq, k, include_listnos=True, params=faiss.SearchParametersIVF(nprobe=nprobe))
-    np.testing.assert_array_equal(ids, ref_ids)
-    valid = ref_ids >= 0
-    coarse = index.coarse_code_size()
-    ref_list_nos = sum(ref_codes[valid][:, b].astype(np.int64) << (8 * b) for b in range(coarse))
-    np.testing.assert_array_equal(list_nos, ref_list_nos)
-    np.testing.assert_array_equal(codes, ref_codes[valid][:, coarse:])
-    if k == 3000:  # one list holds fewer than k: the -1 padding is exercised
-        assert not valid.all()
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)  # the threaded scan (queries split, or one query's lists split)
+    try:
+        for xq in (clustered(40, d=16, seed=5), clustered(1, d=16, seed=6)):
+            ids, list_nos, codes = lut.search_shortlist(index, xq, k, nprobe)
+            _, ref_ids, ref_codes = index.search_and_return_codes(
+                xq, k, include_listnos=True, params=faiss.SearchParametersIVF(nprobe=nprobe))
+            np.testing.assert_array_equal(ids, ref_ids)
+            valid = ref_ids >= 0
+            coarse = index.coarse_code_size()
+            ref_list_nos = sum(ref_codes[valid][:, b].astype(np.int64) << (8 * b) for b in range(coarse))
+            np.testing.assert_array_equal(list_nos, ref_list_nos)
+            np.testing.assert_array_equal(codes, ref_codes[valid][:, coarse:])
+            if k == 3000:  # one list holds fewer than k: the -1 padding is exercised
+                assert not valid.all()
+    finally:
+        faiss.omp_set_num_threads(threads)
