@@ -276,6 +276,8 @@ def run_search(args) -> dict:
         xq, gt = ds.xq, ds.gt
         result["dataset"] = dataset_meta(ds)
         description = f"IVF{args.nlist},RQMoE{n_bytes}x8_N{args.n_experts}L{args.n_layers}H{args.hidden}"
+        if args.codec != "moe":
+            description += f"_{args.codec}"
         if args.centroid:
             description += "_centroid"
         index = index_factory(ds.d, description, max_epochs=args.max_epochs, time_budget_s=args.time_budget_s,
@@ -454,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--nlist", type=int, default=1024)
     search.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     search.add_argument("--nshort", type=int, nargs="+", default=[10, 20, 50, 100, 200])
+    search.add_argument("--codec", choices=["moe", "qinco", "rq"], default="moe",
+                        help="condition mode of the codec: RQ-MoE, QINCo-style (partial reconstruction) or plain RQ")
     search.add_argument("--centroid", action="store_true",
                         help="condition the codec on each vector's IVF centroid (the _centroid option)")
     search.add_argument("--faiss-train-max", type=int, default=500_000)

@@ -20,17 +20,19 @@ def test_bench_merge_keeps_the_last_measurement_and_stamps_devices():
         merge_codec_results([first, result("gpu", [], dataset="b")])
 
 
-def test_bench_search_runs_end_to_end_with_a_centroid_conditioned_codec(tmp_path):
+@pytest.mark.parametrize("codec, condition", [("moe", "instruction"), ("qinco", "reconstruction")])
+def test_bench_search_runs_end_to_end_with_a_centroid_conditioned_codec(tmp_path, codec, condition):
     """A tiny `bench search`: our IVF index (conditioned on the centroid) and faiss's, one JSON with the grid."""
     out = tmp_path / "search.json"
     bench.main(["search", "--dataset", "small", "--n-train", "3000", "--n-db", "2000", "--n-query", "40",
                 "--bytes", "4", "--nlist", "16", "--nprobe", "2", "16", "--nshort", "10", "2000",
                 "--n-experts", "2", "--n-layers", "1", "--hidden", "16", "--max-epochs", "1",
-                "--train-candidates", "8", "--encode-candidates", "8", "--centroid", "--device", "cpu", "--quiet",
-                "--out", str(out)])
+                "--train-candidates", "8", "--encode-candidates", "8", "--codec", codec, "--centroid",
+                "--device", "cpu", "--quiet", "--out", str(out)])
     result = json.loads(out.read_text())
     ours = result["methods"]["IVF-RQ-MoE"]
     assert result["description"].endswith("_centroid") and ours["config"]["ctx_dim"] == 128
+    assert ours["config"]["condition"] == condition
     assert set(result["methods"]) == {"IVF-RQ-MoE", "IVF-PQ4x8", "IVF-RQ4x8_Nqint8"}
     grid = {(row["nprobe"], row["nshort"]): row for row in ours["grid"]}
     assert set(grid) == {(2, 10), (2, 2000), (16, 10), (16, 2000)}
