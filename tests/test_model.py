@@ -54,6 +54,19 @@ def test_parallel_decode_equals_sequential(condition):
     assert condition == "none" or (parallel - base).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("condition", ["instruction", "reconstruction"])
+def test_inference_decode_equals_the_differentiable_one_bit_for_bit(condition):
+    """decode (no autograd: in-place morphing) and the training forward (autograd) do the same arithmetic."""
+    model = perturb(RQMoE(RQMoEConfig(16, 4, 5, n_experts=3, n_layers=2, hidden=12, condition=condition,
+                                      ctx_dim=16)))
+    codes = torch.from_numpy(np.random.default_rng(0).integers(0, 32, (300, 4)))
+    ctx = torch.randn(300, 16, generator=torch.Generator().manual_seed(2))
+    with torch.enable_grad():
+        differentiable = model(codes, model.normalize_ctx(ctx))
+    assert differentiable.requires_grad
+    assert torch.equal(model.decode(codes, ctx=ctx), differentiable.detach() * model.scale)
+
+
 def test_decode_matches_hand_computed_single_step():
     """M=2, N=1, L=1: the morphed codeword follows the formula of DESIGN.md §1."""
     cfg = RQMoEConfig(3, 2, 1, n_experts=1, n_layers=1, hidden=2, instr_dim=2)
