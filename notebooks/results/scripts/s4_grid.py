@@ -3,7 +3,7 @@ database re-encoded with a wider beam. The index comes from a bundle directory (
 `bench search --save-bundle`, carried without its queries) or, with --train DESCRIPTION BUDGET_S, is trained
 here on the default split (batch 1024, lr 1e-3, plateau patience 5/12, 32 training candidates, database beam
 8 x 16, as s3_qinco_centroid.py) and written to OUT_DIR/bundle. faiss's IVF-RQ comes from BUNDLE_DIR.
-Queries, ground truth and database are the default split's; one row a grid point (2 000 queries, 10 results).
+Queries, ground truth and database are the default split's; one row a grid point (10 results; 2 000 queries unless --queries).
 Run on the GPU machine after `source .scratch/setup.sh`:
 python3 notebooks/results/scripts/s4_grid.py BUNDLE_DIR OUT_JSON [--train DESCRIPTION BUDGET_S] [--beam B A]...
 """
@@ -26,9 +26,12 @@ parser.add_argument("bundle")
 parser.add_argument("out")
 parser.add_argument("--train", nargs=2, metavar=("DESCRIPTION", "BUDGET_S"))
 parser.add_argument("--beam", nargs=2, type=int, action="append", default=[], metavar=("B", "A"))
+parser.add_argument("--queries", type=int, default=2000)
+parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
+parser.add_argument("--nshort", type=int, nargs="+", default=[50, 100, 200, 400])
 args = parser.parse_args()
 ds = datasets.load_default(progress=False)
-xq, gt = ds.xq[:2000], ds.gt[:2000]
+xq, gt = ds.xq[:args.queries], ds.gt[:args.queries]
 result = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(),
           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
 if args.train:
@@ -63,15 +66,15 @@ def timed(search, params):
 
 def grid(label):
     rows = []
-    for nprobe in (16, 32, 64):
-        for nshort in (50, 100, 200, 400):
+    for nprobe in args.nprobe:
+        for nshort in args.nshort:
             rows.append(timed(lambda q, p: index.search(q, 10, params=p)[1], {"nprobe": nprobe, "nshort": nshort}))
             print(label, rows[-1], flush=True)
     return rows
 
 
 faiss_rows = [timed(lambda q, p: ref.search(q, 10, params=faiss.SearchParametersIVF(nprobe=p["nprobe"]))[1],
-                    {"nprobe": nprobe}) for nprobe in (8, 16, 32, 64)]
+                    {"nprobe": nprobe}) for nprobe in (8, 16, 32, 64, 128)]
 for row in faiss_rows:
     print("faiss IVF-RQ8x8_Nqint8", row, flush=True)
 result["faiss_ivf_rq"] = faiss_rows
