@@ -47,9 +47,10 @@ if args.train:
     result.update(description=description, train_s=time.perf_counter() - start, train_history=history)
     print(f"{description}: val mse {history['init_val_mse']:.0f} -> {history['best_val_mse']:.0f} "
           f"({history['stop_reason']}, {len(history['epoch'])} epochs)", flush=True)
+    os.makedirs(os.path.dirname(args.out) + "/bundle", exist_ok=True)
     if not args.beam:
         index.add(ds.xb)
-    os.makedirs(os.path.dirname(args.out) + "/bundle", exist_ok=True)
+        io.write_index(index, os.path.dirname(args.out) + "/bundle/index.rqmoe")
 else:
     result["bundle"] = json.load(open(f"{args.bundle}/bundle.json"))
     index = io.read_index(f"{args.bundle}/index.rqmoe", device="cuda")
@@ -92,8 +93,8 @@ for beam, candidates in args.beam:
     add_s = time.perf_counter() - start
     mse = evaluation.mse(ds.xb, index.reconstruct_n(0, index.ntotal))
     print(f"beam {beam}x{candidates}: add {add_s:.0f} s, db mse {mse:.0f}", flush=True)
+    if args.train:  # before the grid: the index is what a time-out must not lose
+        io.write_index(index, os.path.dirname(args.out) + "/bundle/index.rqmoe")
     result["runs"].append({"encode_beam": beam, "encode_candidates": candidates, "add_s": add_s, "mse": mse,
                            "grid": grid(f"beam {beam}x{candidates}")})
     json.dump(result, open(args.out, "w"), indent=1)
-if args.train:
-    io.write_index(index, os.path.dirname(args.out) + "/bundle/index.rqmoe")
