@@ -331,27 +331,20 @@ class RQMoE(nn.Module):
 
         One batched matmul a layer covers all S' steps and all N experts.
         """
-        if not torch.is_grad_enabled():  # same arithmetic in place, without temporaries (faster on a CPU)
-            return self._morph_inference(s0, s1, z)
-        gate_hidden = torch.relu(torch.matmul(z, self.gate_w1[s0:s1]) + self.gate_b1[s0:s1, None, :])
-        gate = torch.softmax(torch.matmul(gate_hidden, self.gate_w2[s0:s1]) + self.gate_b2[s0:s1, None, :], dim=-1)
+        # Without autograd (decode, encode) the bias, activation and residual updates run in place: the
+        # same operations in the same order, so the result is bit-identical, without the temporaries.
+        inplace = not torch.is_grad_enabled()
+        add = torch.Tensor.add_ if inplace else torch.add
+        relu = torch.relu_ if inplace else torch.relu
+        gate_hidden = relu(add(torch.matmul(z, self.gate_w1[s0:s1]), self.gate_b1[s0:s1, None, :]))
+        gate = torch.softmax(add(torch.matmul(gate_hidden, self.gate_w2[s0:s1]), self.gate_b2[s0:s1, None, :]), dim=-1)
         y = z.unsqueeze(1)  # (S', 1, B, d), broadcast over experts until the first block
         for layer in range(self.config.n_layers):
-            h = torch.relu(torch.matmul(y, self.expert_w1[layer, s0:s1]) + self.expert_b1[layer, s0:s1])
-            y = y + torch.matmul(h, self.expert_w2[layer, s0:s1]) + self.expert_b2[layer, s0:s1]
+            h = relu(add(torch.matmul(y, self.expert_w1[layer, s0:s1]), self.expert_b1[layer, s0:s1]))
+            y = add(add(torch.matmul(h, self.expert_w2[layer, s0:s1]), y), self.expert_b2[layer, s0:s1])
         # gate: (S', B, N) -> (S', N, B, 1); y: (S', N, B, d)
-        return (y * gate.transpose(1, 2).unsqueeze(-1)).sum(dim=1)
-
-    def _morph_inference(self, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
-        """``_morph`` without autograd: the same operations in the same order, with in-place
-        bias, activation and residual updates. Bit-identical to ``_morph``."""
-        gate_hidden = torch.matmul(z, self.gate_w1[s0:s1]).add_(self.gate_b1[s0:s1, None, :]).relu_()
-        gate = torch.softmax(torch.matmul(gate_hidden, self.gate_w2[s0:s1]).add_(self.gate_b2[s0:s1, None, :]), dim=-1)
-        y = z.unsqueeze(1)
-        for layer in range(self.config.n_layers):
-            h = torch.matmul(y, self.expert_w1[layer, s0:s1]).add_(self.expert_b1[layer, s0:s1]).relu_()
-            y = torch.matmul(h, self.expert_w2[layer, s0:s1]).add_(y).add_(self.expert_b2[layer, s0:s1])
-        return y.mul_(gate.transpose(1, 2).unsqueeze(-1)).sum(dim=1)
+        weights = gate.transpose(1, 2).unsqueeze(-1)
+        return (y.mul_(weights) if inplace else y * weights).sum(dim=1)
 
     def _step_codewords(self, step: int, base: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
         """Morphed codewords of one morphed step: base (B, d), cond (B, Dc) -> (B, d)."""
