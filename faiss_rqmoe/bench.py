@@ -133,7 +133,6 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
                           epoch_size=args.epoch_size, encode_candidates=args.train_candidates,
                           lr_patience=args.lr_patience, stop_patience=args.stop_patience,
                           lr_schedule=args.lr_schedule,
-                          instr_init=args.instr_init if key == "rqmoe" else "random",
                           progress=not args.quiet)
     train_s = time.perf_counter() - start
     model.to(device)
@@ -144,8 +143,6 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
     row = {"method": LEARNED_NAMES[key], "bytes": float(config.code_size), "train_s": train_s,
            "encode_vps": len(ds.xb) / encode_s, "encode_candidates": candidates, "encode_beam": beam,
            "config": config.to_dict(), "epochs": len(history.epoch), "stop_reason": history.stop_reason}
-    if key == "rqmoe":
-        row["instr_init"] = args.instr_init
     for bs in DECODE_BATCHES:
         batch = codes[:bs]
         _, par_s = _timed(lambda: model.decode(batch), device, repeats=5)
@@ -451,9 +448,6 @@ def build_parser() -> argparse.ArgumentParser:
     codec = sub.choices["codec"]
     codec.add_argument("--methods", nargs="+",
                        default=["pq", "opq", "rq1", "rq32", "lsq", "rabitq", "turboquant", "rqmoe", "qinco", "rq-sgd"])
-    codec.add_argument("--instr-init", choices=["random", "codebooks"], default="random",
-                       help="RQ-MoE's instruction codewords at the start: small random values, or the RQ "
-                            "codebooks (E_m = C_m: the stream starts as RQ's partial reconstruction)")
     codec.add_argument("--static-train-max", type=int, default=None,
                        help="train static codecs on the first N training vectors only (LSQ is slow)")
     codec.add_argument("--exact-sample", type=int, default=10_000,

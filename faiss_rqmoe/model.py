@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 CONDITIONS = ("instruction", "reconstruction", "none")
-INSTR_INITS = ("random", "codebooks")
 
 DEFAULT_MEM_BUDGET_BYTES = 1 << 30
 
@@ -282,26 +281,17 @@ class RQMoE(nn.Module):
 
     # ---------------------------------------------------------- initialisation
     @torch.no_grad()
-    def init_from_rq(self, rq, scale: Optional[float] = None, instr_init: str = "random") -> "RQMoE":
+    def init_from_rq(self, rq, scale: Optional[float] = None) -> "RQMoE":
         """Initialise from a trained ``faiss.ResidualQuantizer`` so the model *is* that RQ.
 
         rq: trained, with the same d, M and nbits. scale: the data scale
         (max |x| of the training set); None keeps the current ``scale``.
         Codebooks become rq's (divided by scale); the morphing networks are
         set to identity, so greedy encoding and decoding equal faiss RQ's.
-        instr_init (condition 'instruction' only): "random" keeps the small
-        random instruction codewords; "codebooks" sets E_m = C_m, so that the
-        instruction stream starts as RQ's partial reconstruction (needs
-        instr_dim == d). Either way the model is RQ until trained.
         """
         import faiss  # the model's only contact with faiss
 
         c = self.config
-        if instr_init not in INSTR_INITS:
-            raise ValueError(f"instr_init must be one of {INSTR_INITS}, got {instr_init!r}")
-        if instr_init == "codebooks" and (c.condition != "instruction" or c.De != c.d):
-            raise ValueError(f"instr_init='codebooks' needs condition 'instruction' with instr_dim == d={c.d}, "
-                             f"got condition {c.condition!r} with instr_dim={c.De}")
         if not rq.is_trained:
             raise ValueError("the ResidualQuantizer is not trained")
         nbits = [int(b) for b in faiss.vector_to_array(rq.nbits)]
@@ -314,8 +304,6 @@ class RQMoE(nn.Module):
             self.scale.fill_(float(scale))
         codebooks = faiss.vector_to_array(rq.codebooks).reshape(c.M, c.K, c.d)
         self.codebooks.copy_(torch.from_numpy(codebooks) / self.scale.cpu())
-        if instr_init == "codebooks":
-            self.instr_codebooks.copy_(self.codebooks[:-1])
         if c.n_morph_steps > 0:
             self.proj_code.copy_(torch.eye(c.d).repeat(c.n_morph_steps, 1, 1))
             self.proj_cond.zero_()

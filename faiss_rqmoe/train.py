@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .io import load_arrays, save_arrays
-from .model import INSTR_INITS, RQMoE, RQMoEConfig
+from .model import RQMoE, RQMoEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +78,10 @@ def reconstruction_mse(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[in
     return total / xs.shape[0] * float(model.scale) ** 2
 
 
-def init_from_data(model: RQMoE, xt: np.ndarray, max_train: int = 100_000, seed: int = 0,
-                   instr_init: str = "random") -> None:
+def init_from_data(model: RQMoE, xt: np.ndarray, max_train: int = 100_000, seed: int = 0) -> None:
     """Train a faiss ResidualQuantizer on (a sample of) xt and initialise the model from it.
 
-    xt: (n, d) float32. The scale is max |xt|. instr_init: see RQMoE.init_from_rq.
+    xt: (n, d) float32. The scale is max |xt|.
     """
     import faiss
 
@@ -94,7 +93,7 @@ def init_from_data(model: RQMoE, xt: np.ndarray, max_train: int = 100_000, seed:
     rq = faiss.ResidualQuantizer(c.d, c.M, c.nbits)
     rq.max_beam_size = 1
     rq.train(np.ascontiguousarray(xt, dtype=np.float32))
-    model.init_from_rq(rq, scale=float(np.abs(xt).max()), instr_init=instr_init)
+    model.init_from_rq(rq, scale=float(np.abs(xt).max()))
 
 
 def _as_float32_numpy(x, name: str, d: int, n: Optional[int] = None) -> np.ndarray:
@@ -157,7 +156,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
                 checkpoint_path=None, epoch_size: Optional[int] = None, lr_patience: int = 2,
                 stop_patience: int = 5, encode_candidates: Optional[int] = None,
                 rq_train_max: int = 100_000, ctx=None, ctx_val=None,
-                lr_schedule: str = "plateau", instr_init: str = "random") -> TrainHistory:
+                lr_schedule: str = "plateau") -> TrainHistory:
     """Train an RQ-MoE model in place and return its history.
 
     xt: (n, d) float32 training vectors (raw); xval: (nv, d) float32 for the
@@ -179,8 +178,6 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
     ctx, ctx_val: (n, ctx_dim) / (nv, ctx_dim) float32 raw contexts of xt
     and xval (e.g. the IVF centroid of each vector), for a model with
     ``config.ctx_dim > 0`` and only for one.
-    instr_init: how an uninitialised RQ-MoE model starts its instruction
-    codewords, "random" or "codebooks" (see RQMoE.init_from_rq).
     """
     from tqdm.auto import tqdm
 
@@ -212,14 +209,12 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
         raise ValueError(f"lr must be > 0, got {lr}")
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-    if instr_init not in INSTR_INITS:
-        raise ValueError(f"instr_init must be one of {INSTR_INITS}, got {instr_init!r}")
     device = resolve_device(device)
     home_device = model.device
 
     torch.manual_seed(seed)
     if not bool(model.initialized):
-        init_from_data(model, xt, max_train=rq_train_max, seed=seed, instr_init=instr_init)
+        init_from_data(model, xt, max_train=rq_train_max, seed=seed)
     if ctx is not None and not model.has_context_stats():  # also for a model initialised by the caller
         model.set_context_stats(ctx)
     model.to(device)

@@ -42,24 +42,6 @@ def test_untrained_model_is_faiss_rq(condition):
     assert mse_model == pytest.approx(mse_faiss, rel=1e-5)
 
 
-def test_instruction_codewords_from_the_codebooks_start_as_rq_partial_reconstruction():
-    x = clustered(4000, d=32)
-    M, nbits = 4, 6
-    rq = faiss_rq(x, M, nbits)
-    model = RQMoE(RQMoEConfig(32, M, nbits, n_experts=2, n_layers=2, hidden=16))
-    model.init_from_rq(rq, scale=float(np.abs(x).max()), instr_init="codebooks")
-    faiss_books = faiss.vector_to_array(rq.codebooks).reshape(M, 2 ** nbits, 32)
-    np.testing.assert_allclose(model.instr_codebooks.detach().numpy() * float(model.scale), faiss_books[:-1],
-                               rtol=1e-5, atol=1e-4)
-    recon = model.decode(model.encode(x)).numpy()  # still exactly RQ: the projection's instruction part is 0
-    np.testing.assert_allclose(recon, rq.decode(rq.compute_codes(x)), rtol=1e-4, atol=1e-4)
-    for config in (RQMoEConfig(32, M, nbits, condition="reconstruction"), RQMoEConfig(32, M, nbits, instr_dim=8)):
-        with pytest.raises(ValueError, match="instr_init='codebooks' needs"):
-            RQMoE(config).init_from_rq(rq, instr_init="codebooks")
-    with pytest.raises(ValueError, match="instr_init must be one of"):
-        model.init_from_rq(rq, instr_init="zeros")
-
-
 @pytest.mark.parametrize("condition", ["instruction", "reconstruction", "none"])
 def test_parallel_decode_equals_sequential(condition):
     model = perturb(RQMoE(RQMoEConfig(24, 5, 5, n_experts=3, n_layers=2, hidden=20, condition=condition)))
