@@ -285,9 +285,7 @@ def run_search(args) -> dict:
                               epoch_size=args.epoch_size, encode_candidates=args.encode_candidates,
                               encode_beam=args.encode_beam, lr_patience=args.lr_patience,
                               stop_patience=args.stop_patience, lr_schedule=args.lr_schedule,
-                              progress=not args.quiet)
-        # training encodes with its own candidate count; the LUT fit and add use the index's settings
-        index.train_options["encode_candidates"] = args.train_candidates
+                              train_encode_candidates=args.train_candidates, progress=not args.quiet)
         index.model.mem_budget_bytes = args.mem_budget_gib << 30
         start = time.perf_counter()
         index.train(ds.xt, ds.xval)

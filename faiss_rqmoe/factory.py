@@ -83,8 +83,10 @@ def index_factory(d: int, description: str, metric: int = faiss.METRIC_L2, **opt
 
     d: vector dimension; metric: faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT.
     options: ``nprobe``, ``nshort``, ``encode_candidates``, ``encode_beam``, ``device`` go to
-    the index; everything else (max_epochs, time_budget_s, seed, progress,
-    batch_size, lr, ...) is passed to ``train_rqmoe`` when the index trains.
+    the index (``encode_candidates`` is for encoding added vectors); ``train_encode_candidates``
+    is the candidate count of training's encoding (train_rqmoe's ``encode_candidates``);
+    everything else (max_epochs, time_budget_s, seed, progress, batch_size, lr, ...) is passed
+    to ``train_rqmoe`` when the index trains.
     """
     fields, nlist, hnsw_m = parse_description(description)
     if "ctx_dim" in fields:
@@ -94,4 +96,6 @@ def index_factory(d: int, description: str, metric: int = faiss.METRIC_L2, **opt
     except ValueError as exc:
         raise ValueError(f"index_factory: {description!r}: {exc}") from exc
     index_options = {key: options.pop(key) for key in INDEX_OPTIONS if key in options}
+    if "train_encode_candidates" in options:
+        options["encode_candidates"] = options.pop("train_encode_candidates")
     return IndexRQMoE(config, nlist=nlist, metric=metric, hnsw_m=hnsw_m, train_options=options, **index_options)

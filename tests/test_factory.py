@@ -29,6 +29,12 @@ def test_factory_builds_the_configured_index():
     assert index.train_options == {"max_epochs": 3} and not index.is_trained
 
 
+def test_training_and_adding_take_their_own_candidate_counts():
+    index = index_factory(32, "RQMoE4x6", encode_candidates=16, train_encode_candidates=8, max_epochs=2)
+    assert index.encode_candidates == 16
+    assert index.train_options == {"encode_candidates": 8, "max_epochs": 2}
+
+
 @pytest.mark.parametrize("description, token", [
     ("IVF1024,PQ8", "PQ8"),
     ("RQMoE8x8_Z7", "Z7"),
