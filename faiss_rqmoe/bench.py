@@ -412,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("codec", "search"):
         p = sub.add_parser(name)
-        p.add_argument("--dataset", default="default", help="default | small | wallpaper | path to .npy/.fvecs/.bvecs")
+        p.add_argument("--dataset", default="default",
+                       help="default | small | wallpaper | a split written by datasets.export_split (.npz) | "
+                            "path to .npy/.fvecs/.bvecs")
         p.add_argument("--gt", default=None, help="ground-truth .ivecs/.npy for a dataset given as a file")
         p.add_argument("--n-train", type=int, default=None)
         p.add_argument("--n-db", type=int, default=None)
