@@ -99,7 +99,7 @@ def demo(args) -> int:
 
         import faiss_rqmoe
         from faiss_rqmoe import datasets, evaluation
-        from faiss_rqmoe.train import resolve_device
+        from faiss_rqmoe.devices import resolve_device
     except ImportError as exc:
         return _missing_dependency(exc)
 

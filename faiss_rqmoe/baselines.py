@@ -141,3 +141,38 @@ class TurboQuantMSE:
         idx = (bits.astype(np.int64) << np.arange(self.bits)).sum(-1)
         norms = np.ascontiguousarray(codes[:, nb:nb + 4]).view(np.float32)
         return (self.levels[idx] @ self.rotation) * norms + self.mean
+
+
+# ---------------------------------------------------------------- IVF indexes
+def ivf_baselines(d: int, nlist: int, n_bytes: int, refine: bool = True) -> List[tuple]:
+    """The faiss IVF indexes our IVF index is compared with at n_bytes code bytes a vector, as
+    (name, faiss.index_factory description): IVF-PQ, IVF-RQ with 8-bit norms (the same layout ours
+    stores) and, with ``refine``, IVF-PQ FastScan (4-bit codes) with exact re-ranking on the raw vectors
+    (it stores the float vectors too: see ``stored_bytes``). faiss's default training for each."""
+    rows = [(f"IVF-RQ{n_bytes}x8", f"IVF{nlist},RQ{n_bytes}x8_Nqint8")]
+    if d % n_bytes == 0:
+        rows.insert(0, (f"IVF-PQ{n_bytes}x8", f"IVF{nlist},PQ{n_bytes}x8"))
+    if refine and d % (2 * n_bytes) == 0:
+        rows.append((f"IVF-PQ{2 * n_bytes}x4fs+RFlat", f"IVF{nlist},PQ{2 * n_bytes}x4fs,RFlat"))
+    return rows
+
+
+def ivf_part(index: faiss.Index) -> faiss.IndexIVF:
+    """The IndexIVF inside a faiss index (itself, or the base of an IndexRefine)."""
+    return faiss.downcast_index(faiss.extract_index_ivf(index))
+
+
+def stored_bytes(index: faiss.Index) -> int:
+    """Bytes a faiss index stores a vector: the IVF codes, plus the refinement vectors of an IndexRefine."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexRefine):
+        return ivf_part(index).code_size + faiss.downcast_index(index.refine_index).code_size
+    return ivf_part(index).code_size
+
+
+def search_params(index: faiss.Index, nprobe: int, k_factor: float = 1.0):
+    """faiss search parameters with nprobe for an IVF index (and k_factor for an IndexRefine)."""
+    ivf_params = faiss.SearchParametersIVF(nprobe=nprobe)
+    if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
+        return faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=ivf_params)
+    return ivf_params

@@ -11,7 +11,10 @@ Grammar (tokens separated by ',' ; architecture options by '_')::
                  | "centroid"          (condition on the IVF centroid; needs IVF)
 
 Examples: "RQMoE8x8", "IVF1024,RQMoE8x8", "IVF4096_HNSW32,RQMoE16x8_N4L2H256",
-"IVF1024,RQMoE8x8_centroid".
+"IVF1024,RQMoE8x8_centroid". Without N/L/H the network's size follows the
+device and the training set (``index.auto_architecture``). A description
+without an RQMoE codec ("IVF64,PQ8", "Flat", ...) is faiss's: it is passed
+to ``faiss.index_factory`` unchanged.
 """
 from __future__ import annotations
 
@@ -19,17 +22,19 @@ import re
 
 import faiss
 
+from .config import Condition, RQMoEConfig
 from .index import IndexRQMoE
-from .model import RQMoEConfig
+from .train import TrainConfig
 
 GRAMMAR = __doc__[__doc__.index("Grammar"):__doc__.index("Examples")].rstrip()
 
 _COARSE = re.compile(r"IVF(\d+)(?:_HNSW(\d+))?")
 _CODEC = re.compile(r"RQMoE(\d+)x(\d+)((?:_[A-Za-z0-9]+)*)")
 _ARCH = re.compile(r"([NLHE])(\d+)")
-_CONDITIONS = {"qinco": "reconstruction", "rq": "none", "moe": "instruction"}
+_PRE_TRANSFORM = re.compile(r"(OPQ|PCAR?W?|RR|ITQ|L2norm)\d*(_\d+)?")
 
 INDEX_OPTIONS = ("nprobe", "nshort", "encode_candidates", "encode_beam", "device")
+TRAIN_ALIASES = {"train_encode_candidates": "encode_candidates"}
 
 
 def _bad(description: str, token: str, why: str) -> ValueError:
@@ -44,9 +49,14 @@ def parse_description(description: str):
     if not isinstance(description, str) or not description.strip():
         raise ValueError(f"index_factory: description must be a non-empty string, got {description!r}\n{GRAMMAR}")
     tokens = [t.strip() for t in description.split(",")]
+    for token in tokens[:-1]:
+        if _PRE_TRANSFORM.fullmatch(token):
+            raise _bad(description, token, "pre-transforms (OPQ, PCA, RR, ...) are not supported before an RQMoE "
+                                           "codec: its networks learn their own transform; drop it, or apply a "
+                                           "faiss.VectorTransform to the vectors yourself")
     nlist, hnsw_m = 0, 0
     if len(tokens) > 2:
-        raise _bad(description, tokens[2], "expected at most a coarse quantizer and a codec")
+        raise _bad(description, tokens[0], "expected at most a coarse quantizer and a codec")
     if len(tokens) == 2:
         match = _COARSE.fullmatch(tokens[0])
         if not match:
@@ -60,15 +70,17 @@ def parse_description(description: str):
     fields = {"M": int(match.group(1)), "nbits": int(match.group(2))}
     names = {"N": "n_experts", "L": "n_layers", "H": "hidden", "E": "instr_dim"}
     for option in filter(None, match.group(3).split("_")):
-        if option.lower() in _CONDITIONS:
-            fields["condition"] = _CONDITIONS[option.lower()]
-            continue
         if option.lower() == "centroid":
             if nlist <= 1:
                 raise _bad(description, option, "conditioning on the centroid needs an IVF coarse quantizer "
                                                 "with nlist > 1, e.g. IVF1024,RQMoE8x8_centroid")
             fields["ctx_dim"] = None
             continue
+        try:
+            fields["condition"] = Condition.parse(option).value
+            continue
+        except ValueError:
+            pass
         parts = _ARCH.findall(option)
         if not parts or "".join(a + b for a, b in parts) != option:
             raise _bad(description, option, "architecture options are N<experts>, L<layers>, H<hidden>, "
@@ -78,24 +90,57 @@ def parse_description(description: str):
     return fields, nlist, hnsw_m
 
 
-def index_factory(d: int, description: str, metric: int = faiss.METRIC_L2, **options) -> IndexRQMoE:
+def split_options(options: dict):
+    """(index keyword arguments, TrainConfig) from index_factory's options; unknown names raise,
+    listing the known ones."""
+    options = dict(options)
+    index_options = {key: options.pop(key) for key in INDEX_OPTIONS if key in options}
+    for alias, field in TRAIN_ALIASES.items():
+        if alias in options:
+            options[field] = options.pop(alias)
+    unknown = sorted(set(options) - set(TrainConfig.field_names()))
+    if unknown:
+        known = sorted(INDEX_OPTIONS + tuple(TRAIN_ALIASES)) + TrainConfig.field_names()
+        raise ValueError(f"index_factory: unknown option{'s' if len(unknown) > 1 else ''} {unknown}; "
+                         f"index options: {list(INDEX_OPTIONS)}, training options: "
+                         f"{list(TRAIN_ALIASES) + TrainConfig.field_names()}")
+    return index_options, TrainConfig.from_options(options)
+
+
+def index_factory(d: int, description: str, metric: int = faiss.METRIC_L2, *, train_config=None, **options):
     """Build an untrained IndexRQMoE from a description string (see the module grammar).
 
     d: vector dimension; metric: faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT.
-    options: ``nprobe``, ``nshort``, ``encode_candidates``, ``encode_beam``, ``device`` go to
-    the index (``encode_candidates`` is for encoding added vectors); ``train_encode_candidates``
-    is the candidate count of training's encoding (train_rqmoe's ``encode_candidates``);
-    everything else (max_epochs, time_budget_s, seed, progress, batch_size, lr, ...) is passed
-    to ``train_rqmoe`` when the index trains.
+    options: ``nprobe``, ``nshort``, ``encode_candidates``, ``encode_beam``,
+    ``device`` set the index (``encode_candidates`` is for encoding added
+    vectors); every ``TrainConfig`` field (max_epochs, time_budget_s, seed,
+    progress, batch_size, lr, ...) sets training, with
+    ``train_encode_candidates`` for training's candidate count. Unknown
+    names raise ValueError. ``train_config``: a whole ``TrainConfig`` instead
+    of training keywords. A description with no RQMoE codec is faiss's own
+    and returns ``faiss.index_factory(d, description, metric)``.
     """
+    if isinstance(description, str) and "RQMoE" not in description:
+        if options or train_config is not None:
+            raise ValueError(f"index_factory: options {sorted(options)} apply to RQMoE indexes; "
+                             f"{description!r} is a faiss index description")
+        try:
+            return faiss.index_factory(d, description, metric)
+        except RuntimeError as exc:
+            raise ValueError(f"index_factory: faiss cannot build {description!r}: "
+                             f"{str(exc).splitlines()[0]}\n(RQMoE descriptions: {GRAMMAR})") from None
     fields, nlist, hnsw_m = parse_description(description)
     if "ctx_dim" in fields:
         fields["ctx_dim"] = d
+    auto = not any(key in fields for key in ("n_experts", "n_layers", "hidden"))
     try:
         config = RQMoEConfig(d=d, **fields)
     except ValueError as exc:
         raise ValueError(f"index_factory: {description!r}: {exc}") from exc
-    index_options = {key: options.pop(key) for key in INDEX_OPTIONS if key in options}
-    if "train_encode_candidates" in options:
-        options["encode_candidates"] = options.pop("train_encode_candidates")
-    return IndexRQMoE(config, nlist=nlist, metric=metric, hnsw_m=hnsw_m, train_options=options, **index_options)
+    index_options, options_config = split_options(options)
+    if train_config is not None:
+        if options_config != TrainConfig():
+            raise ValueError("index_factory: give training options as keywords or as train_config, not both")
+        options_config = train_config
+    return IndexRQMoE(config, nlist=nlist, metric=metric, hnsw_m=hnsw_m, train_config=options_config,
+                      auto_architecture=auto, **index_options)

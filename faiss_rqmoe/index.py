@@ -1,14 +1,19 @@
-"""IndexRQMoE: a FAISS-shaped index over RQ-MoE codes (DESIGN.md §2).
+"""IndexRQMoE: a FAISS-shaped index over RQ-MoE codes (docs/design.md, "The index").
 
-Search pipeline: faiss IVF probes ``nprobe`` lists and scans them with
-static additive codebooks fitted to our codes (the LUT stage), returning a
-shortlist of ``nshort`` candidates with their codes; torch decodes the
-shortlist with the RQ-MoE model (all steps in parallel) and re-ranks it by
-exact distance to the query.
+Search: the coarse quantizer picks ``nprobe`` lists; the list-independent
+lookup-table scan (``scan.py``) ranks their codes with static additive
+codebooks fitted to our codes and keeps ``nshort`` candidates; the RQ-MoE
+model decodes them (all steps in parallel) and re-ranks them by exact
+distance. On a CUDA codec every stage runs on the GPU; on a CPU codec the
+coarse search is faiss's and the rest runs in torch on the CPU threads.
+faiss's IVF additive-quantizer index stores the codes and ids and is what
+the file holds.
 """
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import warnings
 from typing import Optional
 
@@ -16,145 +21,141 @@ import faiss
 import numpy as np
 import torch
 
-from . import lut
-from .model import RQMoE, RQMoEConfig, check_beam_size
-from .train import TrainHistory, resolve_device, train_rqmoe
+from . import lut, scan
+from .arrays import (as_id_list, as_ids, as_vectors, as_vectors_on, check_positive_int, fill_output,
+                     returns_like, to_host)
+from .config import Condition, RQMoEConfig
+from .devices import resolve_device
+from .encode import encode_scaled
+from .model import RQMoE
+from .progress import folded_faiss_warnings, matmul_rate, timed_stage
+from .train import AUTO, TrainConfig, TrainHistory, reconstruction_mse, train_faiss_rq, train_rqmoe
 
 logger = logging.getLogger(__name__)
 
 METRICS = {faiss.METRIC_L2: "L2", faiss.METRIC_INNER_PRODUCT: "IP"}
+SEARCH_PARAMETERS = ("nprobe", "nshort", "sel")
+# Database encoding when the caller chooses nothing: (cpu, cuda)
+AUTO_ENCODE_CANDIDATES = (16, 32)
+AUTO_ENCODE_BEAM = (1, 4)
+RQ_ENCODE_BEAM = 5  # faiss's ResidualQuantizer default: a plain-RQ codec encodes at least this well
+ENCODE_CHUNK = 16_384
 
 
-def _host(x):
-    """A torch tensor (any device, any grad mode) as a numpy array on the host; anything else as is."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()  # numpy has no bfloat16; float16 would be converted to float32 anyway
-        return x.cpu().numpy()
-    return x
+def auto_architecture(device: torch.device, n_train: int) -> dict:
+    """The model size used when the description names none (e.g. "IVF1024,RQMoE8x8").
+
+    On a GPU: the paper's N=4 experts of L=2 blocks, hidden 256, from 200 000
+    training vectors; hidden 128 below that, 64 below 30 000 (fewer
+    parameters where there is little data to fit them). On a CPU: N=2, L=1,
+    hidden 64, so that training and encoding of 20 000-100 000 vectors take
+    about a minute on two cores. Returns RQMoEConfig fields.
+    """
+    if device.type == "cuda":
+        hidden = 256 if n_train >= 200_000 else 128 if n_train >= 30_000 else 64
+        return {"n_experts": 4, "n_layers": 2, "hidden": hidden}
+    return {"n_experts": 2, "n_layers": 1, "hidden": 64}
 
 
-def _to_caller(array: np.ndarray, like):
-    """``array`` in the kind the caller gave: a torch tensor on ``like``'s device when ``like`` is a
-    tensor, else the numpy array itself."""
-    if isinstance(like, torch.Tensor):
-        return torch.from_numpy(array).to(like.device)
-    return array
-
-
-def _deliver(result: np.ndarray, out, like, name: str):
-    """Hand a result back: copied into the caller's output ``out`` (numpy array or torch tensor,
-    returned) when one was given, else in the caller's kind (``_to_caller``)."""
-    if out is None:
-        return _to_caller(result, like)
-    if tuple(out.shape) != result.shape:
-        raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {result.shape}")
-    if isinstance(out, torch.Tensor):
-        out.copy_(torch.from_numpy(result))
+def parse_search_params(params, nprobe: int, nshort: int):
+    """(nprobe, nshort, sel) for one call from a dict, a ParameterSpace-style string
+    ("nprobe=16,nshort=50") or an object such as faiss.SearchParametersIVF; unknown keys raise."""
+    sel = None
+    if params is None:
+        return nprobe, nshort, sel
+    if isinstance(params, str):
+        values = {}
+        for item in filter(None, (p.strip() for p in params.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"params: expected 'name=value' items such as 'nprobe=16,nshort=50', got {item!r}")
+            try:
+                values[key.strip()] = int(value)
+            except ValueError:
+                raise ValueError(f"params: {key.strip()} must be an integer, got {value!r}") from None
+        params = values
+    if isinstance(params, dict):
+        unknown = sorted(set(params) - set(SEARCH_PARAMETERS))
+        if unknown:
+            raise ValueError(f"unknown search parameter(s) {unknown}; IndexRQMoE takes {list(SEARCH_PARAMETERS)}")
+        get = params.get
     else:
-        out[...] = result
-    return out
-
-
-def _as_vectors(x, d: int, name: str = "x") -> np.ndarray:
-    """Validate and convert vectors the way faiss's Python layer does: (n, d) C-contiguous float32.
-
-    Accepts numpy arrays of any real dtype and layout, nested lists, and torch tensors on any device
-    (copied to the host); rejects other dtypes (TypeError), other shapes and NaN/inf (ValueError).
-    """
-    x = np.asarray(_host(x))
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array of shape (n, {d}), got shape {x.shape}")
-    if x.shape[1] != d:
-        raise ValueError(f"{name} has {x.shape[1]} columns, index expects d={d}")
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise TypeError(f"{name} must be a numeric array (float32), got dtype {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
-
-
-def _as_id_list(ids, what: str = "ids") -> np.ndarray:
-    """A scalar or 1-D collection of ids (numpy, list, torch on any device) as (n,) int64.
-
-    Integer dtypes are taken as they are and floats are cast, as faiss's Python layer does;
-    other dtypes raise TypeError, arrays of 2 or more dimensions ValueError.
-    """
-    ids = np.asarray(_host(ids))
-    if ids.ndim > 1:
-        raise ValueError(f"{what} must be a 1-D array, got shape {ids.shape}")
-    if ids.size and not (np.issubdtype(ids.dtype, np.integer) or np.issubdtype(ids.dtype, np.floating)):
-        raise TypeError(f"{what} must be integers (int64), got dtype {ids.dtype}")
-    return np.ascontiguousarray(ids, dtype=np.int64).ravel()
-
-
-def _as_ids(ids, n: int) -> np.ndarray:
-    """Ids of n vectors being added: (n,) int64 (see ``_as_id_list`` for what is accepted)."""
-    if ids is None:
-        raise ValueError(f"ids must have shape ({n},), got None")
-    shape = tuple(ids.shape) if hasattr(ids, "shape") else np.shape(ids)
-    if shape != (n,):
-        raise ValueError(f"ids must have shape ({n},), got {shape}")
-    return _as_id_list(ids)
+        get = lambda key, default: getattr(params, key, default)  # noqa: E731
+    nprobe = get("nprobe", nprobe)
+    nshort = get("nshort", nshort)
+    sel = get("sel", None)
+    nprobe = check_positive_int(nprobe, "params: nprobe")
+    nshort = check_positive_int(nshort, "params: nshort")
+    if sel is not None and not isinstance(sel, faiss.IDSelector):
+        raise TypeError(f"params: sel must be a faiss.IDSelector, got {type(sel).__name__}")
+    return nprobe, nshort, sel
 
 
 class IndexRQMoE:
     """A compressed vector index with the FAISS interface, backed by an RQ-MoE codec.
 
     config: the codec (d, M, nbits, architecture). nlist: inverted lists;
-    0 builds the flat variant (one list, every code scanned by the LUT
-    stage). metric: faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT.
-    hnsw_m: > 0 uses an HNSW coarse quantizer with that many links.
-    nprobe: lists probed a query; nshort: shortlist length re-ranked by the
-    neural decoder (at least k is used). A config with ``ctx_dim = d``
-    conditions the codec on each vector's IVF centroid (DESIGN §3).
-    encode_candidates, encode_beam:
-    candidates a step and beam size used to encode added vectors (see
-    ``RQMoE.encode``; a beam of 4-8 lowers the error by several percent at
-    4-8x the encoding cost; training is unaffected). device: torch device
-    for the codec (None: cuda if available). train_options: keyword
-    arguments for ``train_rqmoe``.
+    0 builds the flat variant (one list, every code scanned). metric:
+    faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT. hnsw_m: > 0 uses an HNSW
+    coarse quantizer with that many links (on the CPU path; a GPU assigns
+    exactly). nprobe: lists probed a query; nshort: shortlist re-ranked by
+    the neural decoder (at least k is used). encode_candidates,
+    encode_beam: candidates a step and beam size for encoding added vectors
+    ("auto": 16 and 1 on a CPU, 32 and 4 on a GPU; see ``RQMoE.encode``).
+    device: torch device of the codec and of search (None: cuda if
+    available). train_config: a ``TrainConfig`` (or ``train_options``, a
+    dict of its fields). auto_architecture: choose the network's size at
+    ``train`` from the device and the training-set size (``index_factory``
+    sets it when the description names no size).
 
-    Arrays in and out follow faiss's Python layer: vectors are (n, d)
-    float32 numpy arrays; other real dtypes, non-contiguous arrays and
-    nested lists are converted, other dtypes raise TypeError. Torch tensors
-    (CPU or CUDA, whatever the codec's device) are accepted everywhere an
-    array is, and, as with ``faiss.contrib.torch_utils``, a method whose
-    input is a tensor returns tensors on that tensor's device (``search``,
-    ``range_search``, ``sa_encode``, ``sa_decode``, ``reconstruct_batch``).
-    ``reconstruct`` and ``reconstruct_n`` take no array, so they return
-    numpy unless the caller passes an output ``x`` to fill (numpy or torch).
+    Arrays in and out follow faiss's Python layer (see ``arrays``): vectors
+    are (n, d) float32 numpy arrays; other real dtypes, layouts and nested
+    lists are converted; torch tensors on any device are accepted, and a
+    method whose input is a tensor returns tensors on that tensor's device
+    (``search``, ``range_search``, ``sa_encode``, ``sa_decode``,
+    ``reconstruct_batch``). Concurrent searches from several threads are
+    safe; ``train``, ``add``, ``remove_ids`` and ``reset`` must not run
+    while another thread uses the index (as in faiss).
     """
 
     def __init__(self, config: RQMoEConfig, nlist: int = 0, metric: int = faiss.METRIC_L2, *,
-                 hnsw_m: int = 0, nprobe: int = 1, nshort: int = 100, encode_candidates: Optional[int] = None,
-                 encode_beam: int = 1, device=None, train_options: Optional[dict] = None):
+                 hnsw_m: int = 0, nprobe: int = 1, nshort: int = 100, encode_candidates=AUTO,
+                 encode_beam=AUTO, device=None, train_config: Optional[TrainConfig] = None,
+                 train_options: Optional[dict] = None, auto_architecture: bool = False):
         if not isinstance(config, RQMoEConfig):
             raise TypeError(f"config must be an RQMoEConfig, got {type(config).__name__}")
         if metric not in METRICS:
-            raise ValueError(f"metric must be faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT, got {metric}")
-        if int(nlist) < 0 or int(hnsw_m) < 0:
-            raise ValueError(f"nlist and hnsw_m must be >= 0, got nlist={nlist}, hnsw_m={hnsw_m}")
+            raise ValueError(f"metric must be faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT, got {metric!r}")
+        if isinstance(nlist, bool) or int(nlist) != nlist or int(nlist) < 0 \
+                or isinstance(hnsw_m, bool) or int(hnsw_m) != hnsw_m or int(hnsw_m) < 0:
+            raise ValueError(f"nlist and hnsw_m must be integers >= 0, got nlist={nlist!r}, hnsw_m={hnsw_m!r}")
         if config.ctx_dim not in (0, config.d) or (config.ctx_dim and int(nlist) <= 1):
             raise ValueError(f"config.ctx_dim={config.ctx_dim}: the index conditions its codec on the IVF "
                              f"centroid, so ctx_dim must be 0 or d={config.d}, and d needs nlist > 1 "
                              f"(got nlist={nlist})")
+        if train_config is not None and train_options:
+            raise ValueError("give train_config or train_options, not both")
+        if train_config is not None and not isinstance(train_config, TrainConfig):
+            raise TypeError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
         self.config = config
         self.d = config.d
-        self.nlist = int(nlist)
+        self._nlist = int(nlist)
         self.metric_type = metric
         self.hnsw_m = int(hnsw_m)
-        self.encode_candidates = encode_candidates
-        self.encode_beam = check_beam_size(encode_beam, "encode_beam")
-        self.train_options = dict(train_options or {})
         self.device = resolve_device(device)
+        self.encode_candidates = encode_candidates
+        self.encode_beam = encode_beam
+        self.train_config = train_config or TrainConfig.from_options(dict(train_options or {}))
+        self.auto_architecture = bool(auto_architecture)
         self.model = RQMoE(config).to(self.device)
         self.ivf: Optional[faiss.IndexIVFResidualQuantizer] = None
         self.centroids: Optional[np.ndarray] = None
-        self._centroids_cache = None  # (centroids array, the same as a tensor on the codec's device)
+        self.static_codebooks: Optional[np.ndarray] = None  # (M, K, d): the lookup-table codebooks
         self.train_history: Optional[TrainHistory] = None
+        self.pretrained: Optional[str] = None  # name of the pretrained codec this index started from
+        self._mirror: Optional[scan.CodeMirror] = None
+        self._mirror_lock = threading.Lock()
+        self._device_cache = {}
         self._nprobe = 1
         self.nprobe = nprobe
         self.nshort = nshort
@@ -169,14 +170,32 @@ class IndexRQMoE:
         return 0 if self.ivf is None else int(self.ivf.ntotal)
 
     @property
+    def nlist(self) -> int:
+        """Inverted lists (1 for the flat variant), as faiss's IVF indexes report it."""
+        return max(1, self._nlist)
+
+    @property
+    def code_size(self) -> int:
+        """Bytes stored a vector in the inverted lists: M·nbits bits of codes + 1 byte of quantized norm."""
+        return int(self.ivf.code_size) if self.ivf is not None else self.config.code_size + 1
+
+    @property
+    def quantizer(self) -> Optional[faiss.Index]:
+        """The coarse quantizer (a faiss index over the nlist centroids) once trained."""
+        return None if self.ivf is None else self.ivf.quantizer
+
+    @property
+    def invlists(self):
+        """faiss's inverted lists: ``invlists.list_size(i)``, as for a faiss IVF index."""
+        return None if self.ivf is None else self.ivf.invlists
+
+    @property
     def nprobe(self) -> int:
         return self._nprobe
 
     @nprobe.setter
     def nprobe(self, value: int):
-        if int(value) < 1:
-            raise ValueError(f"nprobe must be >= 1, got {value}")
-        self._nprobe = int(value)
+        self._nprobe = check_positive_int(value, "nprobe")
         if self.ivf is not None:
             self.ivf.nprobe = self._nprobe
 
@@ -186,17 +205,109 @@ class IndexRQMoE:
 
     @nshort.setter
     def nshort(self, value: int):
-        if int(value) < 1:
-            raise ValueError(f"nshort must be >= 1, got {value}")
-        self._nshort = int(value)
+        self._nshort = check_positive_int(value, "nshort")
+
+    @property
+    def encode_candidates(self):
+        return self._encode_candidates
+
+    @encode_candidates.setter
+    def encode_candidates(self, value):
+        self._encode_candidates = value if value is None or value == AUTO else \
+            check_positive_int(value, "encode_candidates")
+
+    @property
+    def encode_beam(self):
+        return self._encode_beam
+
+    @encode_beam.setter
+    def encode_beam(self, value):
+        self._encode_beam = value if value == AUTO else check_positive_int(value, "encode_beam")
+
+    @property
+    def train_options(self) -> dict:
+        """The training options that differ from TrainConfig's defaults."""
+        return self.train_config.to_dict(non_default_only=True)
+
+    def set_params(self, description: str) -> None:
+        """Set search parameters from a faiss ParameterSpace-style string, e.g. "nprobe=16,nshort=50"."""
+        self.nprobe, self.nshort, sel = parse_search_params(description, self._nprobe, self._nshort)
 
     def __repr__(self) -> str:
-        return (f"IndexRQMoE(d={self.d}, M={self.config.M}, nbits={self.config.nbits}, nlist={self.nlist}, "
-                f"metric={METRICS[self.metric_type]}, ntotal={self.ntotal}, is_trained={self.is_trained})")
+        return (f"IndexRQMoE(d={self.d}, M={self.config.M}, nbits={self.config.nbits}, nlist={self._nlist}, "
+                f"metric={METRICS[self.metric_type]}, ntotal={self.ntotal}, is_trained={self.is_trained}, "
+                f"device={self.device})")
 
     def _require_trained(self, what: str):
         if not self.is_trained:
             raise RuntimeError(f"IndexRQMoE must be trained before {what}: call index.train(x) first")
+
+    def _encoding(self):
+        """(candidates, beam) for database encoding on the codec's device ("auto" resolved). A plain-RQ
+        codec is encoded exactly with at least faiss's beam, so it is never worse than faiss's RQ."""
+        gpu = self.model.device.type == "cuda"
+        candidates = AUTO_ENCODE_CANDIDATES[gpu] if self.encode_candidates == AUTO else self.encode_candidates
+        beam = AUTO_ENCODE_BEAM[gpu] if self.encode_beam == AUTO else self.encode_beam
+        if self.config.mode is Condition.NONE:
+            return None, max(beam, RQ_ENCODE_BEAM)
+        return candidates, beam
+
+    # ---------------------------------------------------------------- device
+    def to(self, device) -> "IndexRQMoE":
+        """Move the codec and search to ``device`` ('cpu', 'cuda', ...); the code mirror follows."""
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        self._device_cache = {}
+        self._mirror = None
+        return self
+
+    def _on_device(self, name: str, array: np.ndarray) -> torch.Tensor:
+        """A numpy array of the index (centroids, static codebooks) as a tensor on the codec's device, cached."""
+        cached = self._device_cache.get(name)
+        if cached is None or cached[0] is not array:
+            cached = (array, torch.from_numpy(array).to(self.model.device))
+            self._device_cache[name] = cached
+        return cached[1]
+
+    def _code_mirror(self) -> scan.CodeMirror:
+        with self._mirror_lock:
+            if self._mirror is None:
+                self._mirror = scan.CodeMirror.from_faiss(
+                    self.ivf, self.static_codebooks, self.centroids, self.config.M, self.config.nbits,
+                    self.model.device, with_terms=self.metric_type == faiss.METRIC_L2)
+            return self._mirror
+
+    def restore(self, state: dict, ivf, history: Optional[TrainHistory] = None, pretrained: Optional[str] = None,
+                label: str = "the index") -> "IndexRQMoE":
+        """Install a trained codec state dict and its faiss storage (``read_index``, pretrained codecs).
+
+        ivf: a faiss IndexIVFResidualQuantizer holding the lookup-table codebooks, codes and ids; it
+        must agree with this index's config, nlist and metric (FileFormatError naming ``label`` if not).
+        Returns self.
+        """
+        from .storage import FileFormatError
+
+        c = self.config
+        if not isinstance(ivf, faiss.IndexIVFResidualQuantizer):
+            raise FileFormatError(f"{label} is corrupted: its faiss part is a {type(ivf).__name__}, "
+                                  "expected an IndexIVFResidualQuantizer")
+        nbits = [int(b) for b in faiss.vector_to_array(ivf.rq.nbits)]
+        found = (ivf.d, ivf.nlist, ivf.rq.M, ivf.metric_type)
+        if found != (c.d, self.nlist, c.M, self.metric_type) or any(b != c.nbits for b in nbits):
+            raise FileFormatError(f"{label} is corrupted: its faiss part has d={ivf.d}, nlist={ivf.nlist}, "
+                                  f"M={ivf.rq.M}, nbits={nbits}, metric={ivf.metric_type}; the header says "
+                                  f"d={c.d}, nlist={self.nlist}, M={c.M}, nbits={c.nbits}, metric={self.metric_type}")
+        self.model.load_state_dict(state, strict=True)
+        self.model.to(self.device)
+        self.ivf = ivf
+        ivf.nprobe = self._nprobe
+        self.centroids = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)
+        self.static_codebooks = faiss.vector_to_array(ivf.rq.codebooks).reshape(c.M, c.K, c.d).copy()
+        self.train_history = history
+        self.pretrained = pretrained
+        self._device_cache = {}
+        self._mirror = None
+        return self
 
     # ------------------------------------------------------------- training
     def _make_quantizer(self, centroids: np.ndarray) -> faiss.Index:
@@ -209,293 +320,371 @@ class IndexRQMoE:
         quantizer.add(centroids)
         return quantizer
 
-    def _assign(self, x: np.ndarray) -> np.ndarray:
-        """Inverted list of each vector: (n,) int64."""
-        if self.ivf.nlist == 1:
+    def _assign(self, x: np.ndarray, quantizer: Optional[faiss.Index] = None) -> np.ndarray:
+        """Inverted list of each vector (n, d) float32: (n,) int64."""
+        quantizer = quantizer if quantizer is not None else self.ivf.quantizer
+        if quantizer.ntotal == 1:
             return np.zeros(len(x), dtype=np.int64)
-        _, assign = self.ivf.quantizer.search(x, 1)
-        return assign[:, 0]
+        return quantizer.search(x, 1)[1][:, 0]
+
+    def _train_coarse(self, x: np.ndarray) -> np.ndarray:
+        """The nlist centroids (nlist, d) float32: faiss k-means on x, or one zero centroid when flat."""
+        nlist, config = self.nlist, self.train_config
+        if self._nlist <= 1:
+            return np.zeros((1, self.d), dtype=np.float32)
+        if len(x) < nlist:
+            raise ValueError(f"training IVF{nlist} needs at least nlist={nlist} vectors, got {len(x)}")
+        if len(x) < 30 * nlist:
+            warnings.warn(f"training IVF{nlist} on {len(x)} vectors: faiss recommends at least "
+                          f"{30 * nlist} (30 per list); lists will be poorly placed", stacklevel=3)
+        kmeans = faiss.Kmeans(self.d, nlist, niter=20, seed=config.seed + 1234, spherical=False, verbose=False,
+                              max_points_per_centroid=256)
+        sample = min(len(x), 256 * nlist)
+        expected = sample * nlist * self.d * 20 / (0.3 * matmul_rate()) + 0.2
+        with timed_stage(f"k-means IVF{nlist} ({sample} vectors)", expected, config.progress), \
+                folded_faiss_warnings(f"training IVF{nlist}"):
+            kmeans.train(x)
+        return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
     def train(self, x, xval=None) -> None:
-        """Train the coarse quantizer, the RQ-MoE codec and the LUT stage.
+        """Train the coarse quantizer, the RQ-MoE codec and the lookup-table stage.
 
-        x: (n, d) float32 (float64, integer, non-contiguous arrays and torch
-        tensors on any device are converted). xval: optional (nv, d) validation vectors for the
-        codec's schedule. Retraining discards stored vectors.
+        x: (n, d) float32 (other real dtypes and torch tensors are
+        converted). xval: optional (nv, d) validation vectors for the codec's
+        schedule and the final choice (default: the last min(10 000, n // 10)
+        vectors of x are held out). Retraining discards stored vectors. The
+        codec replaces its faiss RQ start only when it encodes the
+        validation vectors better with the index's encoding settings.
+        An index made from a pretrained codec trains only what depends on
+        the data: the coarse quantizer if it has no centroids, and the
+        lookup tables.
         """
-        x = _as_vectors(x, self.d)
-        if len(x) == 0:
-            raise ValueError("cannot train on an empty set of vectors")
-        options = dict(self.train_options)
-        seed = int(options.get("seed", 0))
-        nlist = max(1, self.nlist)
-        if self.nlist > 1:
-            if len(x) < nlist:
-                raise ValueError(f"training needs at least nlist={nlist} vectors, got {len(x)}")
-            if len(x) < 30 * nlist:
-                warnings.warn(f"training IVF{nlist} on {len(x)} vectors: faiss recommends at least "
-                              f"{30 * nlist} (30 per list); lists will be poorly placed", stacklevel=2)
-            kmeans = faiss.Kmeans(self.d, nlist, niter=20, seed=seed + 1234, spherical=False,
-                                  verbose=False, max_points_per_centroid=256)
-            kmeans.train(x)
-            centroids = kmeans.centroids
+        x = as_vectors(x, self.d, allow_empty=False)
+        config = self.train_config
+        if xval is None:
+            n_val = min(10_000, len(x) // 10)
+            if n_val == 0:
+                raise ValueError(f"x has {len(x)} vectors: too few to hold out validation vectors; pass xval")
+            x, xval = x[:-n_val], x[-n_val:]
         else:
-            centroids = np.zeros((1, self.d), dtype=np.float32)
+            xval = as_vectors(xval, self.d, "xval", allow_empty=False)
+        start = time.perf_counter()
+        pretrained_centroids = self.centroids if self.pretrained is not None else None
+        centroids = pretrained_centroids if pretrained_centroids is not None else self._train_coarse(x)
         quantizer = self._make_quantizer(centroids)
-        list_nos = np.zeros(len(x), dtype=np.int64) if nlist == 1 else quantizer.search(x, 1)[1][:, 0]
-        residuals = x - centroids[list_nos]
-        xval_residuals = None
-        if xval is not None:
-            xval = _as_vectors(xval, self.d, "xval")
-            val_lists = np.zeros(len(xval), dtype=np.int64) if nlist == 1 else quantizer.search(xval, 1)[1][:, 0]
-            xval_residuals = xval - centroids[val_lists]
-        options.setdefault("device", self.device)
-        options.setdefault("encode_candidates", self.encode_candidates)
-        lut_train_max = int(options.pop("lut_train_max", 200_000))
-        self.model = RQMoE(self.config, mem_budget_bytes=self.model.mem_budget_bytes).to(self.device)
-        if self.config.ctx_dim:
-            options["ctx"] = centroids[list_nos]
-            if xval is not None:
-                options["ctx_val"] = centroids[val_lists]
-        self.train_history = train_rqmoe(self.model, residuals, xval_residuals, **options)
-        if self.train_history.best_epoch == 0:
-            history = self.train_history
-            warnings.warn(f"RQ-MoE training did not improve on its RQ initialisation in {len(history.epoch)} "
-                          f"epoch(s) (stop: {history.stop_reason}): the codec is plain residual "
-                          "quantization; train longer (time_budget_s, max_epochs) or on more vectors",
-                          stacklevel=2)
-
+        list_nos, val_lists = self._assign(x, quantizer), self._assign(xval, quantizer)
+        residuals, val_residuals = x - centroids[list_nos], xval - centroids[val_lists]
+        ctx = (centroids[list_nos], centroids[val_lists]) if self.config.ctx_dim else (None, None)
+        if self.pretrained is None:
+            self._train_codec(residuals, val_residuals, ctx)
         rows = np.arange(len(residuals))
-        if len(rows) > lut_train_max:
-            rows = np.sort(np.random.default_rng(seed).choice(len(rows), lut_train_max, replace=False))
-        sample = residuals[rows]
-        codes = self._encode(sample, list_nos[rows], centroids)
-        codebooks = lut.fit_additive_codebooks(codes, sample, self.config.K)
-        static_recons = codebooks[np.arange(self.config.M), codes].sum(1)
-        self.ivf = lut.build_ivf_index(quantizer, self.d, nlist, codebooks, self.config.nbits, self.metric_type,
-                                       (static_recons ** 2).sum(1))
-        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        if len(rows) > config.lut_train_max:
+            rows = np.sort(np.random.default_rng(config.seed).choice(len(rows), config.lut_train_max, replace=False))
+        self.centroids = centroids
+        codes = self._encode(residuals[rows], list_nos[rows], desc="encode for the lookup tables")
+        self._build_storage(quantizer, codes, residuals[rows])
+        logger.info("trained %r in %.1f s", self, time.perf_counter() - start)
+
+    def _train_codec(self, residuals: np.ndarray, val_residuals: np.ndarray, ctx) -> None:
+        """Train the codec on residuals, then keep it or its faiss RQ start, whichever encodes the
+        validation residuals better with the index's encoding settings."""
+        config = self.train_config
+        if self.auto_architecture:
+            self.config = RQMoEConfig(**{**self.config.to_dict(), **auto_architecture(self.device, len(residuals))})
+            logger.info("model size for %d training vectors on %s: %s", len(residuals), self.device,
+                        auto_architecture(self.device, len(residuals)))
+        self.model = RQMoE(self.config, mem_budget_bytes=self.model.mem_budget_bytes,
+                           execution=self.model.execution).to(self.device)
+        start = time.perf_counter()
+        rq = train_faiss_rq(residuals, self.config.M, self.config.nbits, config.rq_beam, config.rq_train_type,
+                            config.rq_train_max, config.seed, config.progress)
+        rq_init_s = time.perf_counter() - start
+        scale = float(np.abs(residuals).max()) or 1.0
+        self.model.init_from_rq(rq, scale=scale)
+        self.train_history = train_rqmoe(self.model, residuals, val_residuals, config.replace(device=str(self.device)),
+                                         ctx=ctx[0], ctx_val=ctx[1])
+        self.train_history.rq_init_s = rq_init_s
+        learned = self._val_mse(self.model, val_residuals, ctx[1])
+        rq_model = RQMoE(RQMoEConfig(**{**self.config.to_dict(), "condition": "none", "ctx_dim": 0})).to(self.device)
+        rq_model.init_from_rq(rq, scale=scale)
+        start_mse = self._val_mse(rq_model, val_residuals, None, plain=True)
+        self.train_history.learned_val_mse = learned
+        self.train_history.rq_val_mse = start_mse
+        if config.keep_rq_if_better and not learned < start_mse:
+            history = self.train_history
+            warnings.warn(f"the learned codec did not encode the validation vectors better than its faiss RQ "
+                          f"start (MSE {learned:.6g} vs {start_mse:.6g}) after {len(history.epoch)} epoch(s) "
+                          f"(stop: {history.stop_reason}): the index keeps the RQ start (did not improve on its "
+                          "RQ initialisation); train longer (time_budget_s, max_epochs) or on more vectors",
+                          stacklevel=3)
+            self.config, self.model = rq_model.config, rq_model
+
+    def _val_mse(self, model: RQMoE, x: np.ndarray, ctx: Optional[np.ndarray], plain: bool = False) -> float:
+        candidates, beam = self._encoding()
+        if plain:
+            candidates, beam = None, max(beam, RQ_ENCODE_BEAM)
+        xs = torch.from_numpy(x).to(model.device) / model.scale
+        ctx_s = None if ctx is None else model.normalize_ctx(torch.from_numpy(ctx).to(model.device))
+        with torch.inference_mode():
+            return reconstruction_mse(model, xs, candidates, ctx=ctx_s, beam_size=beam)
+
+    def _build_storage(self, quantizer: faiss.Index, codes: np.ndarray, residuals: np.ndarray) -> None:
+        """The faiss index that stores codes, with lookup-table codebooks fitted to (codes, residuals)."""
+        if self.config.mode is Condition.NONE:  # plain RQ: its own codebooks are the exact lookup tables
+            codebooks = self.model.rq_codebooks()
+        else:
+            codebooks = lut.fit_additive_codebooks(codes, residuals, self.config.K)
+        static = lut.static_reconstruction(codebooks, codes)
+        self.ivf = lut.build_ivf_index(quantizer, self.d, self.nlist, codebooks, self.config.nbits,
+                                       self.metric_type, (static ** 2).sum(1))
         self.ivf.nprobe = self._nprobe
+        self.static_codebooks = codebooks
+        self._device_cache = {}
+        self._mirror = None
 
     # --------------------------------------------------------------- codec
-    def _encode(self, residuals: np.ndarray, list_nos: np.ndarray, centroids: Optional[np.ndarray] = None):
-        """Codes (n, M) int64 numpy of residuals (n, d) float32 to the centroids of lists list_nos (n,).
+    def _encode(self, residuals: np.ndarray, list_nos: np.ndarray, desc: str = "encode") -> np.ndarray:
+        """Codes (n, M) int64 numpy of residuals (n, d) float32 to the centroids of lists list_nos (n,),
+        in chunks, with a progress bar for runs of more than two seconds."""
+        from tqdm.auto import tqdm
 
-        centroids: the (nlist, d) table while training builds it, else the index's.
-        """
-        centroids = self.centroids if centroids is None else centroids
-        ctx = centroids[list_nos] if self.config.ctx_dim else None
-        return self.model.encode(residuals, self.encode_candidates, self.encode_beam, ctx=ctx).cpu().numpy()
+        model = self.model
+        candidates, beam = self._encoding()
+        out = np.empty((len(residuals), self.config.M), dtype=np.int64)
+        bar = tqdm(total=len(residuals), desc=desc, unit="vec", delay=2.0, disable=not self.train_config.progress)
+        with torch.inference_mode(), bar:
+            for i0 in range(0, len(residuals), ENCODE_CHUNK):
+                chunk = torch.from_numpy(residuals[i0:i0 + ENCODE_CHUNK]).to(model.device)
+                ctx = None
+                if self.config.ctx_dim:
+                    ctx = model.normalize_ctx(self._on_device("centroids", self.centroids)[
+                        torch.from_numpy(list_nos[i0:i0 + ENCODE_CHUNK]).to(model.device)])
+                out[i0:i0 + ENCODE_CHUNK] = encode_scaled(model, chunk / model.scale, candidates, beam,
+                                                          ctx).cpu().numpy()
+                bar.update(len(chunk))
+        return out
 
-    def _decode_on_device(self, codes: np.ndarray, list_nos: np.ndarray) -> torch.Tensor:
+    def _decode_on_device(self, codes: torch.Tensor, list_nos: torch.Tensor) -> torch.Tensor:
         """Reconstructions (n, d) float32 on the codec's device of codes (n, M) stored in lists list_nos (n,)."""
-        device = self.model.device
-        centroids = self._device_centroids()[torch.from_numpy(list_nos).to(device)]
+        centroids = self._on_device("centroids", self.centroids)[list_nos.to(self.model.device)]
         return self.model.decode(codes, ctx=centroids if self.config.ctx_dim else None) + centroids
 
     def _decode(self, codes: np.ndarray, list_nos: np.ndarray) -> np.ndarray:
         """Reconstructions (n, d) float32 numpy of codes (n, M) stored in lists list_nos (n,)."""
         if len(codes) == 0:
             return np.empty((0, self.d), dtype=np.float32)
-        return self._decode_on_device(codes, list_nos).cpu().numpy()
+        return self._decode_on_device(torch.from_numpy(codes), torch.from_numpy(list_nos)).cpu().numpy()
 
     def sa_code_size(self) -> int:
         """Bytes of one standalone code: list number + M*nbits bits + 8-bit norm."""
         self._require_trained("sa_code_size")
         return int(self.ivf.sa_code_size())
 
+    @returns_like("x")
     def sa_encode(self, x):
-        """Standalone codes of vectors: x (n, d) float32 -> (n, sa_code_size()) uint8.
-
-        A torch x (any device) gives a torch uint8 tensor on its device.
-        """
+        """Standalone codes of vectors: x (n, d) float32 -> (n, sa_code_size()) uint8."""
         self._require_trained("sa_encode")
-        like = x
-        x = _as_vectors(x, self.d)
+        x = as_vectors(x, self.d)
         if len(x) == 0:
-            return _to_caller(np.empty((0, self.sa_code_size()), dtype=np.uint8), like)
+            return np.empty((0, self.sa_code_size()), dtype=np.uint8)
         list_nos = self._assign(x)
         codes = self._encode(x - self.centroids[list_nos], list_nos)
-        return _to_caller(lut.encode_sa_codes(self.ivf, codes, list_nos), like)
+        return lut.encode_sa_codes(self.ivf, codes, list_nos)
 
+    @returns_like("codes")
     def sa_decode(self, codes):
-        """Vectors from standalone codes: (n, sa_code_size()) uint8 -> (n, d) float32.
-
-        Torch codes (any device) give a torch float32 tensor on their device.
-        """
+        """Vectors from standalone codes: (n, sa_code_size()) uint8 -> (n, d) float32."""
         self._require_trained("sa_decode")
-        like = codes
-        codes = np.asarray(_host(codes))
+        codes = np.asarray(to_host(codes))
         if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != self.sa_code_size():
             raise ValueError(f"codes must be uint8 of shape (n, {self.sa_code_size()}), "
                              f"got {codes.dtype} {codes.shape}")
         list_nos, rq_codes = lut.decode_sa_codes(self.ivf, codes, self.config.M, self.config.nbits)
         if (list_nos >= self.ivf.nlist).any():
             raise ValueError(f"codes name inverted lists beyond nlist={self.ivf.nlist}")
-        return _to_caller(self._decode(rq_codes, list_nos), like)
+        return self._decode(rq_codes, list_nos)
 
     # ---------------------------------------------------------------- adding
     def add(self, x) -> None:
-        """Encode and store vectors with sequential ids ntotal, ntotal+1, ...
+        """Encode and store vectors with sequential ids ntotal, ntotal+1, ...: x (n, d) float32.
 
-        x: (n, d) float32 numpy (other real dtypes and layouts are converted)
-        or a torch tensor on any device.
+        Either every vector is added or none (an error or an interrupt while
+        encoding leaves the index as it was).
         """
         self._add(x, None)
 
     def add_with_ids(self, x, ids) -> None:
         """Encode and store vectors under given ids: x (n, d) float32, ids (n,) int64.
 
-        x and ids may be numpy arrays or torch tensors (any device), as in ``add``.
+        Any int64 id but -1 is stored and returned as given (faiss's search
+        output uses -1 for 'no result'); all or nothing, as ``add``.
         """
         self._add(x, ids)
 
     def _add(self, x, ids) -> None:
-        from tqdm.auto import tqdm
-
         self._require_trained("adding vectors")
-        x = _as_vectors(x, self.d)
+        x = as_vectors(x, self.d)
         if ids is not None:
-            ids = _as_ids(ids, len(x))
-        bs = 65_536
-        progress = bool(self.train_options.get("progress", True)) and len(x) > bs
-        for i0 in tqdm(range(0, len(x), bs), desc="add RQ-MoE", unit="chunk", disable=not progress):
-            chunk = x[i0:i0 + bs]
-            list_nos = self._assign(chunk)
-            codes = self._encode(chunk - self.centroids[list_nos], list_nos)
-            sa_codes = lut.encode_sa_codes(self.ivf, codes, list_nos)
-            self.ivf.add_sa_codes(sa_codes, None if ids is None else ids[i0:i0 + bs])
+            ids = as_ids(ids, len(x))
+        if len(x) == 0:
+            return
+        list_nos = self._assign(x)
+        codes = self._encode(x - self.centroids[list_nos], list_nos, desc="add RQ-MoE")
+        sa_codes = lut.encode_sa_codes(self.ivf, codes, list_nos)
+        new_ids = np.arange(self.ntotal, self.ntotal + len(x), dtype=np.int64) if ids is None else ids
+        mirror = self._mirror
+        terms = None
+        if mirror is not None and mirror.with_terms:
+            terms = scan.vector_terms(self._on_device("codebooks", self.static_codebooks),
+                                      self._on_device("centroids", self.centroids),
+                                      torch.from_numpy(codes).to(mirror.device),
+                                      torch.from_numpy(list_nos).to(mirror.device)).cpu().numpy()
+        self.ivf.add_sa_codes(sa_codes, ids)
+        if mirror is not None:
+            mirror.add(codes, list_nos, new_ids, terms)
 
     # -------------------------------------------------------------- searching
-    def _search_options(self, params):
-        nprobe, nshort = self._nprobe, self._nshort
-        if params is not None:
-            get = params.get if isinstance(params, dict) else (lambda key, default: getattr(params, key, default))
-            nprobe = int(get("nprobe", nprobe))
-            nshort = int(get("nshort", nshort))
-            if nprobe < 1 or nshort < 1:
-                raise ValueError(f"params: nprobe and nshort must be >= 1, got nprobe={nprobe}, nshort={nshort}")
-        return nprobe, nshort
+    def _coarse(self, xq: torch.Tensor, nprobe: int):
+        """Probed lists and their coarse terms: (nq, P) int64 and (nq, P) float32 on the codec's device.
 
-    def _shortlist_distances(self, xq: np.ndarray, nshort: int, nprobe: int):
-        """LUT shortlist re-ranked by exact distance: returns (dist (nq, nshort), ids (nq, nshort)).
-
-        The shortlist is decoded and scored on the codec's device; only the
-        (nq, nshort) distances come back to the host.
+        On a GPU: an exact search over the centroids (a matmul); on the CPU: faiss's quantizer (flat or
+        HNSW). L2: ||q - c||²; inner product: <q, c>.
         """
-        nq = len(xq)
-        worst = np.inf if self.metric_type == faiss.METRIC_L2 else -np.inf
-        ids, list_nos, raw_codes = lut.search_shortlist(self.ivf, xq, nshort, nprobe)
-        valid = ids >= 0
-        dist = np.full((nq, nshort), worst, dtype=np.float32)
-        if not valid.any():
-            return dist, ids
-        codes = lut.unpack_bits(raw_codes, self.config.M, self.config.nbits)
-        recons = self._decode_on_device(codes, list_nos)
-        device = recons.device
-        query_rows = torch.from_numpy(np.nonzero(valid)[0]).to(device)
-        queries = torch.from_numpy(xq).to(device)[query_rows]
-        if self.metric_type == faiss.METRIC_L2:
-            exact = ((queries - recons) ** 2).sum(1)
-        else:
-            exact = (queries * recons).sum(1)
-        dist[valid] = exact.cpu().numpy()
-        return dist, ids
+        nprobe = min(nprobe, self.nlist)
+        inner_product = self.metric_type == faiss.METRIC_INNER_PRODUCT
+        if xq.is_cuda:
+            centroids = self._on_device("centroids", self.centroids)
+            if inner_product:
+                scores = xq @ centroids.T
+            else:
+                scores = torch.addmm((centroids * centroids).sum(1)[None, :], xq, centroids.T, alpha=-2)
+                scores += (xq * xq).sum(1, keepdim=True)
+            coarse, probes = scores.topk(nprobe, dim=1, largest=inner_product)
+            return probes, coarse
+        coarse, probes = self.ivf.quantizer.search(xq.numpy(), nprobe)
+        return torch.from_numpy(probes), torch.from_numpy(coarse)
 
-    def _device_centroids(self) -> torch.Tensor:
-        """The IVF centroids (nlist, d) float32 on the codec's device, cached."""
-        cached = self._centroids_cache
-        if cached is None or cached[0] is not self.centroids or cached[1].device != self.model.device:
-            cached = (self.centroids, torch.from_numpy(self.centroids).to(self.model.device))
-            self._centroids_cache = cached
-        return cached[1]
+    def _selector_masks(self, mirror: scan.CodeMirror, sel):
+        if sel is None:
+            return None
+        return [torch.from_numpy(scan.selector_mask(sel, seg.ids_host)).to(mirror.device) for seg in mirror.segments]
 
+    def _shortlist_distances(self, mirror: scan.CodeMirror, xq: torch.Tensor, nshort: int, nprobe: int,
+                             masks=None):
+        """Scan, decode and score: xq (nq, d) float32 on the codec's device -> exact distances (nq, nshort)
+        float32 (worst where empty) and ids (nq, nshort) int64 (-1 where empty), on that device.
+        masks: per mirror segment, the vectors a selector keeps (None: all)."""
+        inner_product = self.metric_type == faiss.METRIC_INNER_PRODUCT
+        probes, coarse = self._coarse(xq, nprobe)
+        device = self.model.device
+        shortlist = scan.scan(mirror, self._on_device("codebooks", self.static_codebooks), xq,
+                              probes.to(device), coarse.to(device), nshort, inner_product, masks)
+        worst = -torch.inf if inner_product else torch.inf
+        dist = torch.full(shortlist.ids.shape, worst, device=device)
+        valid = shortlist.valid
+        if bool(valid.any()):
+            recons = self._decode_on_device(shortlist.codes[valid], shortlist.list_nos[valid])
+            queries = xq.unsqueeze(1).expand(-1, valid.shape[1], -1)[valid]
+            exact = (queries * recons).sum(1) if inner_product else ((queries - recons) ** 2).sum(1)
+            dist[valid] = exact
+        return dist, shortlist.ids
+
+    def _query_chunk(self, nshort: int) -> int:
+        return max(1, (64 << 20) // (nshort * (self.d + self.config.M + 4) * 4))
+
+    @returns_like("x", outputs=("D", "I"))
     def search(self, x, k: int, params=None, D=None, I=None):
         """k nearest neighbours of each query.
 
-        x: (nq, d) float32 numpy array (other real dtypes and layouts are
-        converted) or a torch tensor on any device; k: int > 0; params:
-        optional dict or object with ``nprobe``/``nshort`` for this call
-        (e.g. ``faiss.SearchParametersIVF(nprobe=8)``); D, I: optional
-        (nq, k) outputs to fill, numpy or torch.
-        Returns D (nq, k) float32 and I (nq, k) int64, best first; missing
-        results have id -1 and distance +inf (L2) or -inf (inner product).
-        A torch x gives torch D, I on x's device (as with
-        ``faiss.contrib.torch_utils``); D, I passed in are filled and returned.
+        x: (nq, d) float32 (see ``arrays`` for what is converted); k: int > 0;
+        params: optional search parameters for this call: a dict, a string
+        "nprobe=16,nshort=50", or an object with ``nprobe``/``nshort``/``sel``
+        attributes such as ``faiss.SearchParametersIVF(nprobe=8, sel=...)``
+        (the selector is honoured; unknown dict keys raise); D, I: optional
+        (nq, k) outputs to fill, numpy or torch. Returns D (nq, k) float32 and
+        I (nq, k) int64, best first; missing results have id -1 and distance
+        +inf (L2) or -inf (inner product). A torch x gives torch D, I on x's
+        device; with a CUDA codec and a CUDA x nothing crosses to the host.
         """
-        if isinstance(k, bool) or int(k) != k or int(k) <= 0:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) <= 0:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         k = int(k)
         self._require_trained("searching")
-        like = x
-        x = _as_vectors(x, self.d)
-        nprobe, nshort = self._search_options(params)
-        nshort = max(nshort, k)
-        nq = len(x)
-        largest = self.metric_type == faiss.METRIC_INNER_PRODUCT
+        nprobe, nshort, sel = parse_search_params(params, self._nprobe, self._nshort)
+        device = self.model.device
+        xq = as_vectors_on(x, self.d, device)
+        nq = xq.shape[0]
         for name, out in (("D", D), ("I", I)):
             if out is not None and tuple(out.shape) != (nq, k):
                 raise ValueError(f"{name} has shape {tuple(out.shape)}, expected ({nq}, {k})")
-        D_out = np.empty((nq, k), dtype=np.float32)
-        I_out = np.empty((nq, k), dtype=np.int64)
-        if nq == 0:
-            return _deliver(D_out, D, like, "D"), _deliver(I_out, I, like, "I")
-        if self.ntotal == 0:
-            D_out[:] = -np.inf if largest else np.inf
-            I_out[:] = -1
-            return _deliver(D_out, D, like, "D"), _deliver(I_out, I, like, "I")
-        bs = max(1, (64 << 20) // (nshort * self.d * 4))
-        for i0 in range(0, nq, bs):
-            dist, ids = self._shortlist_distances(x[i0:i0 + bs], nshort, nprobe)
-            order = np.argsort(-dist if largest else dist, axis=1, kind="stable")[:, :k]
-            D_out[i0:i0 + bs] = np.take_along_axis(dist, order, 1)
-            I_out[i0:i0 + bs] = np.where(np.isfinite(D_out[i0:i0 + bs]), np.take_along_axis(ids, order, 1), -1)
-        return _deliver(D_out, D, like, "D"), _deliver(I_out, I, like, "I")
+        D_out, I_out = self._search_on_device(xq, k, max(nshort, k), nprobe, sel)
+        if not (isinstance(x, torch.Tensor) and x.device == device):
+            D_out, I_out = D_out.cpu().numpy(), I_out.cpu().numpy()
+        return fill_output(D_out, D, "D"), fill_output(I_out, I, "I")
 
+    def _search_on_device(self, xq: torch.Tensor, k: int, nshort: int, nprobe: int, sel):
+        """D (nq, k) float32 and I (nq, k) int64 on the codec's device."""
+        inner_product = self.metric_type == faiss.METRIC_INNER_PRODUCT
+        nq, device = xq.shape[0], xq.device
+        D_out = torch.full((nq, k), -torch.inf if inner_product else torch.inf, device=device)
+        I_out = torch.full((nq, k), -1, dtype=torch.int64, device=device)
+        if nq == 0 or self.ntotal == 0:
+            return D_out, I_out
+        bs = self._query_chunk(nshort)
+        mirror = self._code_mirror()
+        masks = self._selector_masks(mirror, sel)
+        with torch.inference_mode():
+            for i0 in range(0, nq, bs):
+                dist, ids = self._shortlist_distances(mirror, xq[i0:i0 + bs], nshort, nprobe, masks)
+                top = min(k, dist.shape[1])
+                best, order = dist.topk(top, dim=1, largest=inner_product)
+                D_out[i0:i0 + bs, :top] = best
+                I_out[i0:i0 + bs, :top] = torch.where(torch.isfinite(best), ids.gather(1, order),
+                                                      torch.full_like(order, -1))
+        return D_out, I_out
+
+    @returns_like("x")
     def range_search(self, x, radius: float, params=None):
         """All stored vectors within ``radius`` of each query, among the nshort re-ranked candidates.
 
-        x: (nq, d) float32 (converted like ``search``'s x); radius: float.
-        L2: squared distance < radius; inner product: similarity > radius.
-        Returns (lims (nq+1,) int64, D float32, I int64) as faiss does: the
-        results of query q are D[lims[q]:lims[q+1]], I[lims[q]:lims[q+1]].
-        A torch x gives torch lims, D, I on x's device.
+        x: (nq, d) float32; radius: float. L2: squared distance < radius;
+        inner product: similarity > radius. Returns (lims (nq+1,) int64,
+        D float32, I int64) as faiss does: the results of query q are
+        D[lims[q]:lims[q+1]], I[lims[q]:lims[q+1]].
         """
         self._require_trained("range_search")
-        like = x
-        x = _as_vectors(x, self.d)
-        nprobe, nshort = self._search_options(params)
+        nprobe, nshort, sel = parse_search_params(params, self._nprobe, self._nshort)
+        device = self.model.device
+        xq = as_vectors_on(x, self.d, device)
         nshort = min(nshort, max(1, self.ntotal))
-        if self.ntotal == 0 or len(x) == 0:
-            return (_to_caller(np.zeros(len(x) + 1, dtype=np.int64), like),
-                    _to_caller(np.empty(0, np.float32), like), _to_caller(np.empty(0, np.int64), like))
-        D, I = self.search(x, nshort, params={"nprobe": nprobe, "nshort": nshort})
-        keep = (I >= 0) & ((D > radius) if self.metric_type == faiss.METRIC_INNER_PRODUCT else (D < radius))
-        lims = np.zeros(len(x) + 1, dtype=np.int64)
+        D, I = self._search_on_device(xq, nshort, nshort, nprobe, sel)
+        D, I = D.cpu().numpy(), I.cpu().numpy()
+        keep = (I >= 0) & np.isfinite(D) & ((D > radius) if self.metric_type == faiss.METRIC_INNER_PRODUCT
+                                            else (D < radius))
+        lims = np.zeros(len(D) + 1, dtype=np.int64)
         lims[1:] = np.cumsum(keep.sum(1))
-        return (_to_caller(lims, like), _to_caller(D[keep].astype(np.float32), like),
-                _to_caller(I[keep].astype(np.int64), like))
+        return lims, D[keep].astype(np.float32), I[keep].astype(np.int64)
 
     # ---------------------------------------------------------- reconstruct
+    @returns_like("ids", outputs=("x",))
     def reconstruct_batch(self, ids, x=None):
         """Decoded vectors for stored ids: ids (n,) int64 -> (n, d) float32. Unknown id: KeyError.
 
-        ids may be a list, a numpy array or a torch tensor; a torch tensor of
-        ids gives a torch tensor on its device. x: optional (n, d) output to
-        fill (numpy or torch), returned.
+        x: optional (n, d) output to fill (numpy or torch), returned.
         """
-        like = ids
-        recons = self._reconstruct_ids(_as_id_list(ids, "reconstruct_batch: ids"))
-        return _deliver(recons, x, like, "x")
+        return fill_output(self._reconstruct_ids(as_id_list(ids, "reconstruct_batch: ids")), x, "x")
 
     def _reconstruct_ids(self, ids: np.ndarray) -> np.ndarray:
         """Decoded vectors (n, d) float32 numpy of stored ids (n,) int64."""
         self._require_trained("reconstruct")
         stored_ids, list_nos, raw_codes = lut.all_codes(self.ivf)
+        if len(stored_ids) == 0:
+            if len(ids):
+                raise KeyError(f"id {int(ids[0])} is not in the index")
+            return np.empty((0, self.d), dtype=np.float32)
         order = np.argsort(stored_ids, kind="stable")
-        pos = np.searchsorted(stored_ids, ids, sorter=order)
-        pos = np.minimum(pos, max(len(order) - 1, 0))
-        found = (len(order) > 0) & (stored_ids[order[pos]] == ids) if len(order) else np.zeros(len(ids), bool)
+        pos = np.minimum(np.searchsorted(stored_ids, ids, sorter=order), len(order) - 1)
+        found = stored_ids[order[pos]] == ids
         if not np.all(found):
             raise KeyError(f"id {int(ids[~found][0])} is not in the index")
         rows = order[pos]
@@ -503,45 +692,47 @@ class IndexRQMoE:
         return self._decode(codes, list_nos[rows])
 
     def reconstruct(self, key: int, x=None):
-        """Decoded vector of one stored id: (d,) float32 numpy.
-
-        Returns numpy (there is no input array to take the kind from) unless
-        ``x``, a (d,) output to fill, is given: a torch x (any device) is
-        filled and returned, as with ``faiss.contrib.torch_utils``. A 0-d
-        torch tensor as key gives a torch tensor on its device.
-        """
-        key_array = _as_id_list(key, "reconstruct: key")
+        """Decoded vector of one stored id: (d,) float32 numpy, or ``x`` (a (d,) output, numpy or torch)
+        filled and returned. A 0-d torch tensor as key gives a torch tensor on its device."""
+        key_array = as_id_list(key, "reconstruct: key")
         if key_array.shape != (1,):
             raise ValueError(f"reconstruct: key must be one id, got {key_array.shape[0]}; use reconstruct_batch")
-        return _deliver(self._reconstruct_ids(key_array)[0], x, key, "x")
+        result = self._reconstruct_ids(key_array)[0]
+        if x is None and isinstance(key, torch.Tensor):
+            return torch.from_numpy(result).to(key.device)
+        return fill_output(result, x, "x")
 
     def reconstruct_n(self, n0: int = 0, ni: Optional[int] = None, x=None):
-        """Decoded vectors of ids n0 .. n0+ni-1: (ni, d) float32 numpy.
+        """Decoded vectors of ids n0 .. n0+ni-1: (ni, d) float32 numpy (or ``x`` filled and returned).
 
         ni: None or -1 (faiss's default) means all ids from n0 to ntotal-1.
-        Returns numpy unless ``x``, an (ni, d) output to fill, is given
-        (numpy or a torch tensor on any device), as ``reconstruct``.
         """
         n0 = int(n0)
         ni = self.ntotal - n0 if ni is None or int(ni) == -1 else int(ni)
         if n0 < 0 or ni < 0:
             raise ValueError(f"reconstruct_n: n0 and ni must be >= 0, got n0={n0}, ni={ni}")
-        return _deliver(self._reconstruct_ids(np.arange(n0, n0 + ni, dtype=np.int64)), x, None, "x")
+        return fill_output(self._reconstruct_ids(np.arange(n0, n0 + ni, dtype=np.int64)), x, "x")
 
     # --------------------------------------------------------------- editing
     def remove_ids(self, ids) -> int:
         """Remove stored vectors; returns how many were removed.
 
-        ids: (n,) int64 ids (list, numpy array or torch tensor on any device;
-        ids that are not stored are ignored) or a faiss.IDSelector.
+        ids: (n,) int64 ids (list, numpy array or torch tensor; ids that are
+        not stored are ignored) or a faiss.IDSelector.
         """
         self._require_trained("remove_ids")
         if isinstance(ids, faiss.IDSelector):
-            return int(self.ivf.remove_ids(ids))
-        ids = _as_id_list(ids, "remove_ids: ids")
-        return int(self.ivf.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+            removed = int(self.ivf.remove_ids(ids))
+        else:
+            ids = as_id_list(ids, "remove_ids: ids")
+            removed = int(self.ivf.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+        if removed:
+            self._mirror = None  # rebuilt from the lists at the next search
+        return removed
 
     def reset(self) -> None:
         """Remove every stored vector; the trained codec is kept."""
         if self.ivf is not None:
             self.ivf.reset()
+        if self._mirror is not None:
+            self._mirror.reset()

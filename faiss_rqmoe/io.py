@@ -1,151 +1,132 @@
-"""One-file storage without pickle: named arrays plus a JSON header in an .npz.
+"""``write_index`` / ``read_index`` / ``clone_index`` for IndexRQMoE and for plain faiss indexes.
 
-Loading uses ``np.load(allow_pickle=False)``: object arrays are refused, so
-a crafted file can at worst fail to load, never run code. Index files and
-training checkpoints are both written with ``save_arrays``.
+An IndexRQMoE file is one ``storage`` file (no pickle): the faiss IVF index
+as ``faiss.serialize_index`` bytes, the codec's weights, and a JSON header
+(format, version, config, search and training settings, history). Plain
+faiss indexes go to and come from ``faiss.write_index`` / ``faiss.read_index``,
+so replacing ``faiss.`` by ``faiss_rqmoe.`` in those calls switches a
+program over.
 """
 from __future__ import annotations
 
-import json
+import io
 import os
-import tempfile
-import zipfile
-from pathlib import Path
-from typing import Dict, Tuple
 
+import faiss
 import numpy as np
 
-_META_KEY = "__meta_json__"
-
-
-def save_arrays(path, arrays: Dict[str, np.ndarray], meta: dict) -> None:
-    """Write numeric arrays and a JSON-serialisable ``meta`` dict to one file, atomically.
-
-    arrays: name -> numpy array of a numeric dtype (no objects).
-    The file is first written beside ``path`` and then renamed over it, so an
-    interrupted write never leaves a half file under the final name.
-    """
-    path = Path(path)
-    payload = {}
-    for name, array in arrays.items():
-        array = np.asarray(array)
-        if array.dtype == object:
-            raise TypeError(f"array {name!r} has dtype object; only numeric arrays can be stored")
-        payload[name] = array
-    payload[_META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_arrays(path) -> Tuple[Dict[str, np.ndarray], dict]:
-    """Read a file written by ``save_arrays``: returns (arrays, meta).
-
-    Raises FileNotFoundError for a missing file and ValueError for a file
-    that is truncated, corrupted or not in this format.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path} is not a readable faiss_rqmoe file (truncated or corrupted?): {exc}") from exc
-    if _META_KEY not in arrays:
-        raise ValueError(f"{path} has no faiss_rqmoe header; it was not written by faiss_rqmoe")
-    try:
-        meta = json.loads(arrays.pop(_META_KEY).tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} has a corrupted header: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} has a corrupted header: expected a JSON object")
-    return arrays, meta
-
+from .config import RQMoEConfig
+from .storage import FileFormatError, arrays_to_state, load_arrays, save_arrays, state_to_arrays
 
 INDEX_FORMAT = "faiss_rqmoe.index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 files lack the header's table of array checksums
 
 
-def write_index(index, path) -> None:
-    """Save an IndexRQMoE to one file: faiss index bytes, codec weights and a JSON header.
-
-    No pickle: the file is an .npz of numeric arrays plus JSON.
-    """
-    import faiss
-    import torch
-
-    from .index import IndexRQMoE
-
-    if not isinstance(index, IndexRQMoE):
-        raise TypeError(f"write_index expects an IndexRQMoE, got {type(index).__name__}; "
-                        "use faiss.write_index for faiss indexes")
-    if not index.is_trained:
-        raise ValueError("cannot write an untrained IndexRQMoE: train it first")
-    arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in index.model.state_dict().items()}
+def _index_arrays_and_meta(index):
+    arrays = state_to_arrays(index.model.state_dict(), "model.")
     arrays["faiss_index"] = faiss.serialize_index(index.ivf)
-    train_options = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in index.train_options.items()}
     meta = {
         "format": INDEX_FORMAT,
         "version": INDEX_FORMAT_VERSION,
         "config": index.config.to_dict(),
-        "nlist": index.nlist,
+        "nlist": index._nlist,
         "metric_type": int(index.metric_type),
         "hnsw_m": index.hnsw_m,
         "nprobe": index.nprobe,
         "nshort": index.nshort,
         "encode_candidates": index.encode_candidates,
         "encode_beam": index.encode_beam,
-        "train_options": train_options,
+        "train_options": index.train_options,
         "train_history": None if index.train_history is None else index.train_history.to_dict(),
+        "pretrained": index.pretrained,
     }
+    return arrays, meta
+
+
+def write_index(index, path) -> None:
+    """Save an IndexRQMoE to one file (atomically: an interrupted write leaves the old file intact), or a
+    plain faiss index with ``faiss.write_index``.
+
+    path: a file path, or a binary file object for an IndexRQMoE.
+    """
+    from .index import IndexRQMoE
+
+    if isinstance(index, faiss.Index):
+        faiss.write_index(index, os.fspath(path))
+        return
+    if not isinstance(index, IndexRQMoE):
+        raise TypeError(f"write_index expects an IndexRQMoE or a faiss.Index, got {type(index).__name__}")
+    if not index.is_trained:
+        raise ValueError("cannot write an untrained IndexRQMoE: train it first")
+    arrays, meta = _index_arrays_and_meta(index)
     save_arrays(path, arrays, meta)
 
 
 def read_index(path, device=None):
-    """Load an IndexRQMoE written by ``write_index``; never executes code from the file.
+    """Load an index written by ``write_index``: an IndexRQMoE, or the faiss index of a faiss file.
 
-    device: where the codec runs (None: cuda if available). Raises
-    FileNotFoundError for a missing file and ValueError for a corrupted,
-    truncated or foreign file.
+    Never executes code from the file. device: where an IndexRQMoE's codec
+    and search run (None: cuda if available). Raises FileNotFoundError,
+    IsADirectoryError, PermissionError naming the path, ValueError (a
+    ``FileFormatError``) for a truncated, corrupted or foreign file, and
+    ValueError for a bad ``device``.
     """
-    import faiss
-    import torch
+    from .devices import resolve_device
 
+    device = resolve_device(device)  # a bad device is the caller's mistake, not the file's
+    try:
+        arrays, meta = load_arrays(path, "an IndexRQMoE file")
+    except FileFormatError as exc:
+        if exc.kind == "faiss" and isinstance(path, (str, os.PathLike)):
+            try:
+                return faiss.read_index(os.fspath(path))
+            except RuntimeError as faiss_error:
+                raise FileFormatError(f"{path} looks like a faiss index but faiss cannot read it: "
+                                      f"{str(faiss_error).splitlines()[0]}") from None
+        raise
+    return _index_from(arrays, meta, device, str(path) if isinstance(path, (str, os.PathLike)) else "<file>")
+
+
+def _index_from(arrays, meta, device, label: str):
     from .index import IndexRQMoE
-    from .model import RQMoEConfig
-    from .train import TrainHistory
+    from .train import TrainConfig, TrainHistory
 
-    arrays, meta = load_arrays(path)
     if meta.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path} is not an IndexRQMoE file (format {meta.get('format')!r})")
-    if meta.get("version") != INDEX_FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {meta.get('version')!r}; this faiss_rqmoe reads "
-                         f"version {INDEX_FORMAT_VERSION}")
+        raise FileFormatError(f"{label} is not an IndexRQMoE file (format {meta.get('format')!r})")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise FileFormatError(f"{label} has format version {meta.get('version')!r}; this faiss_rqmoe reads "
+                              f"versions {list(READABLE_VERSIONS)}")
     try:
         config = RQMoEConfig.from_dict(meta["config"])
-        index = IndexRQMoE(config, nlist=meta["nlist"], metric=meta["metric_type"], hnsw_m=meta["hnsw_m"],
-                           nprobe=meta["nprobe"], nshort=meta["nshort"],
-                           encode_candidates=meta["encode_candidates"],
-                           encode_beam=meta.get("encode_beam", 1), device=device,
-                           train_options=meta["train_options"])
-        state = {k[len("model."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")}
-        index.model.load_state_dict(state, strict=True)
-        ivf = faiss.deserialize_index(arrays["faiss_index"])
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise ValueError(f"{path} is corrupted: {exc}") from exc
-    if not isinstance(ivf, faiss.IndexIVFResidualQuantizer) or ivf.d != config.d:
-        raise ValueError(f"{path} is corrupted: its faiss part is {type(ivf).__name__} with d={ivf.d}")
-    index.ivf = ivf
-    index.centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    ivf.nprobe = index.nprobe
-    if meta.get("train_history") is not None:
-        index.train_history = TrainHistory(**meta["train_history"])
-    return index
+        train_config = TrainConfig.from_options(meta.get("train_options") or {})
+        history = meta.get("train_history")
+        history = None if history is None else TrainHistory.from_dict(history)
+        settings = dict(nlist=meta["nlist"], metric=meta["metric_type"], hnsw_m=meta["hnsw_m"],
+                        nprobe=meta["nprobe"], nshort=meta["nshort"],
+                        encode_candidates=meta["encode_candidates"], encode_beam=meta.get("encode_beam", 1))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FileFormatError(f"{label} is corrupted: its header is inconsistent: {exc}") from None
+    faiss_bytes = arrays.pop("faiss_index", None)
+    if faiss_bytes is None or faiss_bytes.dtype != np.uint8 or faiss_bytes.ndim != 1:
+        raise FileFormatError(f"{label} is corrupted: the faiss index bytes are missing or not a uint8 array")
+    try:
+        index = IndexRQMoE(config, device=device, train_config=train_config, **settings)
+        state = arrays_to_state(arrays, "model.", {k: v.cpu() for k, v in index.model.state_dict().items()}, label)
+        ivf = faiss.deserialize_index(faiss_bytes)
+    except FileFormatError:
+        raise
+    except (RuntimeError, TypeError, ValueError, MemoryError) as exc:
+        raise FileFormatError(f"{label} is corrupted: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    return index.restore(state, ivf, history, meta.get("pretrained"), label)
+
+
+def clone_index(index):
+    """A deep copy of an IndexRQMoE (or of a faiss index, with ``faiss.clone_index``)."""
+    if isinstance(index, faiss.Index):
+        return faiss.clone_index(index)
+    buffer = io.BytesIO()
+    write_index(index, buffer)
+    buffer.seek(0)
+    arrays, meta = load_arrays(buffer, "an IndexRQMoE file")
+    return _index_from(arrays, meta, index.device, "<clone>")

@@ -1,9 +1,10 @@
-"""The lookup-table stage: static additive codebooks fitted to RQ-MoE codes,
-and the faiss IVF additive-quantizer index that stores those codes
-(DESIGN.md §2, step 2).
+"""The lookup-table stage's storage side: static additive codebooks fitted to RQ-MoE codes, and the
+faiss IVF additive-quantizer index that stores those codes and ids (docs/design.md, "The index").
 
-faiss holds the codes and ids and scans them with the static codebooks; it
-never encodes a vector itself: the codes we add are RQ-MoE's.
+faiss holds the codes and ids (it is the file format and the storage of
+record); it never encodes a vector itself: the codes we add are RQ-MoE's.
+The scan itself is ``scan.py``'s: one lookup table a query, not one a probed
+list as faiss's scanner computes for by-residual codes.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ def fit_additive_codebooks(codes: np.ndarray, targets: np.ndarray, K: int, ridge
     gram[np.diag_indices_from(gram)] += ridge * max(1.0, np.trace(gram) / (M * K))
     solution = scipy.linalg.solve(gram, rhs, assume_a="pos")
     return solution.reshape(M, K, -1).astype(np.float32)
+
+
+def static_reconstruction(codebooks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Σ_m T[m, codes[:, m]]: codebooks (M, K, d) float32, codes (n, M) int -> (n, d) float32."""
+    return codebooks[np.arange(codebooks.shape[0]), codes].sum(1)
 
 
 def pack_bits(codes: np.ndarray, nbits: int) -> np.ndarray:
@@ -93,50 +99,6 @@ def decode_sa_codes(index: faiss.IndexIVFResidualQuantizer, sa_codes: np.ndarray
     for byte in range(coarse_size):
         list_nos |= sa_codes[:, byte].astype(np.int64) << (8 * byte)
     return list_nos, unpack_bits(sa_codes[:, coarse_size:], M, nbits)
-
-
-def search_shortlist(index: faiss.IndexIVF, xq: np.ndarray, k: int, nprobe: int):
-    """The LUT stage: k best stored entries a query by the static codebooks, with their codes.
-
-    xq: (nq, d) float32 C-contiguous. Returns ids (nq, k) int64 (-1 where a
-    query has fewer than k candidates) and, for the valid entries in
-    row-major order, list numbers (n_valid,) int64 and raw codes
-    (n_valid, code_size) uint8 as stored in the inverted lists.
-    Unlike faiss's ``search_and_return_codes`` (one thread), the scan runs
-    on all of faiss's OpenMP threads: it asks for (list, offset) pairs
-    (``store_pairs``) and reads ids and codes from the lists itself.
-    """
-    nq = len(xq)
-    nprobe = min(int(nprobe), index.nlist)
-    coarse_dis, assign = index.quantizer.search(xq, nprobe)
-    # search_preassigned runs on one thread in faiss's default mode 0 (IndexIVF.search parallelises
-    # around it): mode 3 splits the queries over the threads, mode 1 a single query's lists
-    index.parallel_mode = 3 if nq > 1 else 1
-    distances = np.empty((nq, k), dtype=np.float32)
-    pairs = np.empty((nq, k), dtype=np.int64)
-    index.search_preassigned_c(nq, faiss.swig_ptr(xq), k, faiss.swig_ptr(assign), faiss.swig_ptr(coarse_dis),
-                               faiss.swig_ptr(distances), faiss.swig_ptr(pairs), True,
-                               faiss.SearchParametersIVF(nprobe=nprobe))
-    valid = pairs >= 0
-    flat_pairs = pairs[valid]
-    list_nos = flat_pairs >> 32
-    offsets = flat_pairs & 0xFFFFFFFF
-    invlists = index.invlists
-    code_size = invlists.code_size
-    codes = np.empty((len(flat_pairs), code_size), dtype=np.uint8)
-    found_ids = np.empty(len(flat_pairs), dtype=np.int64)
-    order = np.argsort(list_nos, kind="stable")
-    lists, starts = np.unique(list_nos[order], return_index=True)
-    ends = np.append(starts[1:], len(order))
-    for list_no, start, end in zip(lists.tolist(), starts.tolist(), ends.tolist()):
-        rows = order[start:end]
-        size = invlists.list_size(list_no)
-        list_codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * code_size).reshape(size, code_size)
-        codes[rows] = list_codes[offsets[rows]]
-        found_ids[rows] = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)[offsets[rows]]
-    ids = np.full((nq, k), -1, dtype=np.int64)
-    ids[valid] = found_ids
-    return ids, list_nos, codes
 
 
 def all_codes(index: faiss.IndexIVF):

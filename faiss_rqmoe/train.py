@@ -1,24 +1,218 @@
-"""Training RQ-MoE: normalised residual loss, Adam, plateau schedule,
-best-validation weights, resumable checkpoints (DESIGN.md §1)."""
+"""Training RQ-MoE: the normalised residual loss, Adam(W), plateau or cosine schedule, best-validation
+weights, resumable checkpoints, and data-parallel training under ``torch.distributed``
+(docs/design.md, "Training").
+
+``TrainConfig`` is the one home of every training option: ``train_rqmoe``,
+the index, ``index_factory`` and the benchmark's flags all derive from its
+fields.
+"""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
 
-from .io import load_arrays, save_arrays
-from .model import RQMoE, RQMoEConfig
+from . import distributed
+from .arrays import as_vectors
+from .config import Condition
+from .devices import resolve_device
+from .encode import encode_scaled
+from .model import RQMoE
+from .progress import folded_faiss_warnings, matmul_rate, timed_stage
+from .storage import FileFormatError, arrays_to_state, load_arrays, save_arrays, state_to_arrays
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "faiss_rqmoe.checkpoint/1"
 LR_SCHEDULES = ("plateau", "cosine")
+OPTIMIZERS = ("adam", "adamw")
+RQ_TRAIN_TYPES = ("progressive_dim", "kmeans")
+AUTO = "auto"
+
+# What "auto" means where a default depends on the device: (cpu, cuda)
+AUTO_TIME_BUDGET_S = (30.0, 300.0)
+AUTO_ENCODE_CANDIDATES = (16, 32)
+
+
+def _as_optional(value, kind, name: str, minimum=None, allow_auto: bool = False):
+    """Normalise a numeric option (numpy scalars included) to a Python value; ValueError otherwise."""
+    if value is None or (allow_auto and value == AUTO):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"TrainConfig.{name} must be a number or None"
+                         f"{' or ' + repr(AUTO) if allow_auto else ''}, got {value!r}")
+    if kind is int:
+        if int(value) != value:
+            raise ValueError(f"TrainConfig.{name} must be an integer, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"TrainConfig.{name} must be finite, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"TrainConfig.{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every option of codec training (and of the index's training stage).
+
+    Length: at most ``max_epochs`` epochs of ``epoch_size`` vectors (None:
+    all) and ``time_budget_s`` seconds ("auto": 30 s on a CPU, 300 s on a
+    GPU; None: no limit); stops after ``stop_patience`` validations without
+    gain. Optimiser: ``optimizer`` adam | adamw, ``lr``, ``weight_decay``,
+    ``lr_schedule`` plateau (lr / 10 after ``lr_patience`` validations
+    without gain) | cosine (half cosine to 0 over the training length, after
+    a linear warm-up over ``warmup_fraction`` of it), ``instr_lr_scale``
+    multiplies the lr of the instruction codewords. Regularisation:
+    ``dropout`` on the experts' hidden units, ``balance_loss`` weight of the
+    gate load-balancing loss (Σ_n mean(a_n)² a step). Encoding while
+    training: ``encode_candidates`` (None: exact; "auto": 16 on a CPU, 32 on
+    a GPU). Start: faiss RQ trained on at most ``rq_train_max`` vectors with
+    beam ``rq_beam`` and ``rq_train_type`` progressive_dim (faiss's default)
+    | kmeans. The index also reads ``lut_train_max``: vectors its lookup
+    tables are fitted on, and ``keep_rq_if_better``: keep the faiss RQ start
+    when it encodes the validation vectors better than the learned codec.
+    ``checkpoint_path``: written after every epoch and
+    resumed from. ``device``: None picks cuda when available.
+    """
+
+    max_epochs: int = 1000
+    time_budget_s: Union[float, str, None] = AUTO
+    epoch_size: Optional[int] = None
+    batch_size: int = 1024
+    lr: float = 1e-3
+    lr_schedule: str = "plateau"
+    lr_patience: int = 3
+    stop_patience: int = 8
+    warmup_fraction: float = 0.0
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    instr_lr_scale: float = 1.0
+    dropout: float = 0.0
+    balance_loss: float = 0.0
+    encode_candidates: Union[int, str, None] = AUTO
+    rq_train_max: int = 100_000
+    rq_beam: int = 5
+    rq_train_type: str = "progressive_dim"
+    lut_train_max: int = 200_000
+    keep_rq_if_better: bool = True
+    seed: int = 0
+    device: Optional[str] = None
+    progress: bool = True
+    checkpoint_path: Optional[str] = None
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        for name in ("max_epochs", "batch_size", "lr_patience", "stop_patience", "rq_train_max", "rq_beam",
+                     "lut_train_max"):
+            set_(name, _as_optional(getattr(self, name), int, name, minimum=1))
+            if getattr(self, name) is None:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got None")
+        set_("epoch_size", _as_optional(self.epoch_size, int, "epoch_size", minimum=1))
+        set_("seed", _as_optional(self.seed, int, "seed", minimum=0))
+        set_("encode_candidates", _as_optional(self.encode_candidates, int, "encode_candidates", minimum=1,
+                                               allow_auto=True))
+        set_("time_budget_s", _as_optional(self.time_budget_s, float, "time_budget_s", minimum=0,
+                                           allow_auto=True))
+        for name in ("lr", "weight_decay", "instr_lr_scale", "dropout", "balance_loss", "warmup_fraction"):
+            set_(name, _as_optional(getattr(self, name), float, name, minimum=0))
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.dropout >= 1 or self.warmup_fraction >= 1:
+            raise ValueError(f"TrainConfig.dropout and warmup_fraction must be < 1, got {self.dropout}, "
+                             f"{self.warmup_fraction}")
+        for name, allowed in (("lr_schedule", LR_SCHEDULES), ("optimizer", OPTIMIZERS),
+                              ("rq_train_type", RQ_TRAIN_TYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.device is not None:
+            set_("device", str(resolve_device(self.device)) if not isinstance(self.device, str)
+                 else self.device)
+        if self.checkpoint_path is not None:
+            if not isinstance(self.checkpoint_path, (str, os.PathLike)):
+                raise ValueError(f"TrainConfig.checkpoint_path must be a path, got {self.checkpoint_path!r}")
+            set_("checkpoint_path", os.fspath(self.checkpoint_path))
+        for name in ("progress", "keep_rq_if_better"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+            set_(name, bool(getattr(self, name)))
+
+    @classmethod
+    def field_names(cls) -> List[str]:
+        """The option names, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_options(cls, options: dict, where: str = "training option") -> "TrainConfig":
+        """A TrainConfig from keyword options; unknown names raise ValueError listing the known ones."""
+        unknown = sorted(set(options) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown {where}{'s' if len(unknown) > 1 else ''} {unknown}; known: "
+                             f"{cls.field_names()}")
+        return cls(**options)
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with some fields changed (validated like the constructor)."""
+        return TrainConfig.from_options({**self.to_dict(), **changes})
+
+    def to_dict(self, non_default_only: bool = False) -> dict:
+        """The fields as JSON-ready values (optionally only those that differ from the defaults)."""
+        values = dataclasses.asdict(self)
+        if non_default_only:
+            default = TrainConfig()
+            values = {k: v for k, v in values.items() if v != getattr(default, k)}
+        return values
+
+    def resolved_time_budget_s(self, device: torch.device) -> Optional[float]:
+        """The time budget in seconds on ``device`` ("auto" resolved)."""
+        if self.time_budget_s == AUTO:
+            return AUTO_TIME_BUDGET_S[device.type == "cuda"]
+        return self.time_budget_s
+
+    def resolved_encode_candidates(self, device: torch.device) -> Optional[int]:
+        """Training's candidate count on ``device`` ("auto" resolved; None: exact)."""
+        if self.encode_candidates == AUTO:
+            return AUTO_ENCODE_CANDIDATES[device.type == "cuda"]
+        return self.encode_candidates
+
+
+# One line of help a field, for every command-line front end (the benchmark's flags derive from these)
+TRAIN_OPTION_HELP = {
+    "max_epochs": "at most this many epochs",
+    "time_budget_s": "training seconds ('auto': 30 on a CPU, 300 on a GPU; 'none': no limit)",
+    "epoch_size": "vectors an epoch (default: all training vectors)",
+    "batch_size": "vectors a training batch (the global batch under torchrun)",
+    "lr": "learning rate",
+    "lr_schedule": "plateau: lr / 10 on a validation plateau; cosine: warm-up, then half cosine to 0",
+    "lr_patience": "validations without gain before lr / 10 (plateau schedule)",
+    "stop_patience": "validations without gain before training stops",
+    "warmup_fraction": "share of the training length spent warming the lr up (cosine schedule)",
+    "optimizer": "adam or adamw",
+    "weight_decay": "weight decay (decoupled with adamw)",
+    "instr_lr_scale": "learning-rate multiplier of the instruction codewords",
+    "dropout": "dropout on the experts' hidden units while training",
+    "balance_loss": "weight of the gate load-balancing loss (sum over experts of the mean gate weight squared)",
+    "encode_candidates": "candidates a step when training encodes its batches ('auto': 16 on a CPU, 32 on a "
+                         "GPU; 'none': exact)",
+    "rq_train_max": "training vectors for the faiss RQ start",
+    "rq_beam": "beam of the faiss RQ start's training (faiss's default: 5)",
+    "rq_train_type": "faiss RQ training: progressive_dim (faiss's default) or kmeans (faster)",
+    "lut_train_max": "vectors the index's lookup tables are fitted on",
+    "keep_rq_if_better": "keep the faiss RQ start when it encodes the validation vectors better",
+    "seed": "random seed",
+    "device": "cpu | cuda | cuda:N (default: cuda if available)",
+    "progress": "show progress bars",
+    "checkpoint_path": "write a checkpoint after every epoch, and resume from it",
+}
 
 
 @dataclasses.dataclass
@@ -30,23 +224,23 @@ class TrainHistory:
     val_mse: List[float] = dataclasses.field(default_factory=list)
     lr: List[float] = dataclasses.field(default_factory=list)
     time_s: List[float] = dataclasses.field(default_factory=list)
+    samples: List[int] = dataclasses.field(default_factory=list)
     init_val_mse: float = math.nan
     best_val_mse: float = math.inf
     best_epoch: int = 0
     stop_reason: str = ""
+    rq_init_s: float = 0.0
+    learned_val_mse: float = math.nan  # set by the index: the learned codec with its encoding settings
+    rq_val_mse: float = math.nan  # ... and its faiss RQ start; the index keeps the lower
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-
-def resolve_device(device=None) -> torch.device:
-    """``None`` -> cuda when available, else cpu; strings and devices pass through."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch.cuda.is_available() is False")
-    return device
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainHistory":
+        """Inverse of ``to_dict`` (fields added since a file was written take their defaults)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in fields})
 
 
 def normalized_residual_loss(xs: torch.Tensor, step_codewords: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -61,64 +255,86 @@ def normalized_residual_loss(xs: torch.Tensor, step_codewords: torch.Tensor, eps
     return torch.log1p(sq_after / (sq_before + eps)).sum()
 
 
+def balance_loss(gate_usage: Optional[torch.Tensor]) -> torch.Tensor:
+    """Σ_steps Σ_n mean_batch(a_n)²: smallest when the experts are used evenly. gate_usage: (S, N)."""
+    return (gate_usage * gate_usage).sum() if gate_usage is not None else torch.zeros(())
+
+
 @torch.no_grad()
 def reconstruction_mse(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int] = None,
-                       batch_size: int = 8192, ctx: Optional[torch.Tensor] = None) -> float:
+                       batch_size: int = 8192, ctx: Optional[torch.Tensor] = None, beam_size: int = 1) -> float:
     """Mean squared reconstruction error of scaled vectors xs (n, d), in raw units.
 
     ctx: (n, ctx_dim) normalised contexts (``model.normalize_ctx``), for a model that takes them.
     """
     total = 0.0
+    was_training = model.training
+    model.eval()
     for i0 in range(0, xs.shape[0], batch_size):
         chunk = xs[i0:i0 + batch_size]
         ctx_chunk = None if ctx is None else ctx[i0:i0 + batch_size]
-        codes = model.encode_scaled(chunk, n_candidates, ctx=ctx_chunk)
+        codes = encode_scaled(model, chunk, n_candidates, beam_size, ctx=ctx_chunk)
         err = chunk - model.decode_steps(codes, ctx_chunk).sum(1)
         total += float((err * err).sum(dtype=torch.float64))
+    model.train(was_training)
     return total / xs.shape[0] * float(model.scale) ** 2
 
 
-def init_from_data(model: RQMoE, xt: np.ndarray, max_train: int = 100_000, seed: int = 0) -> None:
-    """Train a faiss ResidualQuantizer on (a sample of) xt and initialise the model from it.
+# ------------------------------------------------------------------ the RQ start
+def expected_rq_train_s(n: int, d: int, M: int, K: int, beam: int, train_type: str) -> float:
+    """A rough forecast of faiss RQ training time on this machine (for the progress bar)."""
+    kmeans_macs = n * K * d * 25 * (2.5 if train_type == "progressive_dim" else 1.0)
+    beam_macs = n * beam * K * d * (M + 1) / 2
+    return M * (kmeans_macs + beam_macs) / (0.3 * matmul_rate()) + 0.5  # faiss's k-means reaches ~1/3 of a GEMM
 
-    xt: (n, d) float32. The scale is max |xt|.
+
+def train_faiss_rq(xt: np.ndarray, M: int, nbits: int, beam: int = 5, train_type: str = "progressive_dim",
+                   max_train: int = 100_000, seed: int = 0, progress: bool = False):
+    """A trained ``faiss.ResidualQuantizer`` on (a sample of at most max_train rows of) xt (n, d) float32.
+
+    beam: faiss's max_beam_size while training (faiss's default is 5);
+    train_type: "progressive_dim" (faiss's default) or "kmeans" (plain
+    k-means a step, Train_default: several times faster). Returns the rq.
     """
     import faiss
 
-    c = model.config
     if xt.shape[0] > max_train:
         rows = np.sort(np.random.default_rng(seed).choice(xt.shape[0], max_train, replace=False))
         xt = xt[rows]
-    logger.info("training faiss ResidualQuantizer d=%d M=%d nbits=%d on %d vectors", c.d, c.M, c.nbits, len(xt))
-    rq = faiss.ResidualQuantizer(c.d, c.M, c.nbits)
-    rq.max_beam_size = 1
-    rq.train(np.ascontiguousarray(xt, dtype=np.float32))
-    model.init_from_rq(rq, scale=float(np.abs(xt).max()))
+    d = xt.shape[1]
+    rq = faiss.ResidualQuantizer(d, M, nbits)
+    rq.max_beam_size = beam
+    rq.train_type = {"progressive_dim": faiss.ResidualQuantizer.Train_progressive_dim,
+                     "kmeans": faiss.ResidualQuantizer.Train_default}[train_type]
+    expected = expected_rq_train_s(len(xt), d, M, 1 << nbits, beam, train_type)
+    desc = f"faiss RQ{M}x{nbits} start ({len(xt)} vectors, beam {beam})"
+    with timed_stage(desc, expected, progress), folded_faiss_warnings("training the faiss RQ start"):
+        rq.train(np.ascontiguousarray(xt, dtype=np.float32))
+    rq.max_beam_size = beam  # also the encoding beam of rq.compute_codes
+    return rq
 
 
-def _as_float32_numpy(x, name: str, d: int, n: Optional[int] = None) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{name} must be floating point (float32), got dtype {x.dtype}")
-    if x.ndim != 2 or x.shape[1] != d:
-        raise ValueError(f"{name} must have shape (n, {d}), got {x.shape}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
-    if n is not None and x.shape[0] != n:
-        raise ValueError(f"{name} must have {n} rows (one a vector), got {x.shape[0]}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
+def init_from_data(model: RQMoE, xt: np.ndarray, config: Optional["TrainConfig"] = None) -> float:
+    """Train a faiss ResidualQuantizer on (a sample of) xt (n, d) float32 and start the model from it.
+
+    The scale is max |xt|. Returns the seconds it took.
+    """
+    config = config or TrainConfig()
+    c = model.config
+    start = time.perf_counter()
+    logger.info("training faiss ResidualQuantizer d=%d M=%d nbits=%d on up to %d vectors", c.d, c.M, c.nbits,
+                config.rq_train_max)
+    rq = train_faiss_rq(xt, c.M, c.nbits, config.rq_beam, config.rq_train_type, config.rq_train_max,
+                        config.seed, config.progress)
+    model.init_from_rq(rq, scale=float(np.abs(xt).max()) or 1.0)
+    return time.perf_counter() - start
 
 
+# ------------------------------------------------------------------ checkpoints
 def _save_checkpoint(path: Path, model: RQMoE, optimizer, best_state: dict, generator: torch.Generator,
                      history: TrainHistory, state: dict) -> None:
-    arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    arrays.update({f"best.{k}": v.numpy() for k, v in best_state.items()})
+    arrays = state_to_arrays(model.state_dict(), "model.")
+    arrays.update(state_to_arrays(best_state, "best."))
     opt_state = optimizer.state_dict()
     for index, param_state in opt_state["state"].items():
         for key, value in param_state.items():
@@ -130,66 +346,92 @@ def _save_checkpoint(path: Path, model: RQMoE, optimizer, best_state: dict, gene
 
 
 def _load_checkpoint(path: Path, model: RQMoE, optimizer, generator: torch.Generator):
-    arrays, meta = load_arrays(path)
+    from .config import RQMoEConfig
+
+    arrays, meta = load_arrays(path, "a training checkpoint")
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a training checkpoint (format {meta.get('format')!r})")
+        raise FileFormatError(f"{path} is not a training checkpoint (format {meta.get('format')!r})")
     if RQMoEConfig.from_dict(meta["config"]) != model.config:
         raise ValueError(f"checkpoint {path} was written for config {meta['config']}, "
                          f"model has {model.config.to_dict()}")
-    device = model.device
-    model.load_state_dict({k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")})
-    best_state = {k[5:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("best.")}
+    expected = {k: v.cpu() for k, v in model.state_dict().items()}
+    model.load_state_dict(arrays_to_state(arrays, "model.", expected, str(path)))
+    best_state = arrays_to_state(arrays, "best.", expected, str(path))
     opt_state = {"state": {}, "param_groups": meta["param_groups"]}
     for name, value in arrays.items():
         if name.startswith("optim."):
             _, index, key = name.split(".", 2)
             tensor = torch.from_numpy(value)
-            opt_state["state"].setdefault(int(index), {})[key] = tensor if key == "step" else tensor.to(device)
+            opt_state["state"].setdefault(int(index), {})[key] = tensor if key == "step" else tensor.to(model.device)
     optimizer.load_state_dict(opt_state)
     generator.set_state(torch.from_numpy(arrays["rng"]))
-    history = TrainHistory(**meta["history"])
-    return best_state, history, meta["state"]
+    return best_state, TrainHistory.from_dict(meta["history"]), meta["state"]
 
 
-def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budget_s: Optional[float] = None,
-                batch_size: int = 1024, lr: float = 1e-3, device=None, seed: int = 0, progress: bool = True,
-                checkpoint_path=None, epoch_size: Optional[int] = None, lr_patience: int = 2,
-                stop_patience: int = 5, encode_candidates: Optional[int] = None,
-                rq_train_max: int = 100_000, ctx=None, ctx_val=None,
-                lr_schedule: str = "plateau") -> TrainHistory:
-    """Train an RQ-MoE model in place and return its history.
+# ------------------------------------------------------------------ the loop
+def train_step(model: RQMoE, forward, optimizer, xs: torch.Tensor, ctx: Optional[torch.Tensor],
+               candidates: Optional[int], balance_weight: float = 0.0, world: int = 1) -> torch.Tensor:
+    """One optimiser step: encode the batch xs (b, d) scaled float32 with the current model (no grad),
+    then the normalised residual loss (+ the gate balance loss) through ``forward`` (the model, or its
+    DDP wrapper). Returns the detached loss."""
+    with torch.no_grad():
+        codes = encode_scaled(model, xs, candidates, 1, ctx=ctx)
+    loss = normalized_residual_loss(xs, forward(codes, ctx))
+    if balance_weight > 0:
+        loss = loss + balance_weight * xs.shape[0] * balance_loss(model.gate_usage)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * world).backward()  # DDP averages over processes: * world keeps the sum over the batch
+    optimizer.step()
+    return loss.detach()
 
-    xt: (n, d) float32 training vectors (raw); xval: (nv, d) float32 for the
-    schedule and model selection, default: the last min(10 000, n // 10)
-    rows of xt are held out. An uninitialised model is first initialised
-    from a faiss ResidualQuantizer trained on xt (so it starts as RQ).
-    Each epoch draws ``epoch_size`` vectors (default all) in a seeded order,
-    encodes each batch with the current model (no grad) and takes an Adam
-    step on the normalised residual loss. ``lr_schedule`` "plateau": lr ÷10
-    after ``lr_patience`` epochs without validation gain over the best trained
-    epoch (the RQ initialisation does not count); "cosine": lr follows a half
-    cosine from ``lr`` to 0 over the training length (the time budget, or
-    ``max_epochs`` if that comes first), batch by batch. Either stops after
-    ``stop_patience`` epochs without gain, ``max_epochs`` or
-    ``time_budget_s``. The best-validation weights are restored at the end;
-    the model goes back to the device it came on.
-    ``checkpoint_path``: written after every epoch; an existing checkpoint is
-    resumed from. Deterministic on CPU for a fixed seed.
-    ctx, ctx_val: (n, ctx_dim) / (nv, ctx_dim) float32 raw contexts of xt
-    and xval (e.g. the IVF centroid of each vector), for a model with
-    ``config.ctx_dim > 0`` and only for one.
-    """
-    from tqdm.auto import tqdm
 
-    if not isinstance(model, RQMoE):
-        raise TypeError(f"model must be an RQMoE, got {type(model).__name__}")
+def make_optimizer(model: RQMoE, config: TrainConfig):
+    instr = [model.instr_codebooks] if model.instr_codebooks is not None and config.instr_lr_scale != 1 else []
+    rest = [p for p in model.parameters() if all(p is not q for q in instr)]
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if instr:
+        groups.append({"params": instr, "lr_scale": config.instr_lr_scale})
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class _Schedule:
+    """The learning rate as training goes: plateau steps, or warm-up then half cosine over the length."""
+
+    def __init__(self, config: TrainConfig, budget_s: Optional[float], start: float):
+        self.config, self.budget_s, self.start = config, budget_s, start
+
+    def progress(self, epochs_done: float) -> float:
+        fraction = epochs_done / self.config.max_epochs
+        if self.budget_s:
+            fraction = max(fraction, (time.perf_counter() - self.start) / self.budget_s)
+        return min(1.0, fraction)
+
+    def lr(self, base_lr: float, epochs_done: float) -> float:
+        if self.config.lr_schedule == "plateau":
+            return base_lr
+        progress, warmup = self.progress(epochs_done), self.config.warmup_fraction
+        if progress < warmup:
+            return self.config.lr * progress / warmup
+        progress = (progress - warmup) / (1 - warmup)
+        return self.config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _check_inputs(model: RQMoE, xt, xval, ctx, ctx_val):
     d, ctx_dim = model.config.d, model.config.ctx_dim
-    xt = _as_float32_numpy(xt, "xt", d)
+    xt = as_vectors(xt, d, "xt", allow_empty=False)
     if (ctx is None) != (ctx_dim == 0) or (ctx_val is not None and (xval is None or ctx_dim == 0)):
         raise ValueError(f"the model has ctx_dim={ctx_dim}: pass ctx (and ctx_val with xval) exactly when "
                          "ctx_dim > 0")
     if ctx is not None:
-        ctx = _as_float32_numpy(ctx, "ctx", ctx_dim, xt.shape[0])
+        ctx = as_vectors(ctx, ctx_dim, "ctx")
+        if len(ctx) != len(xt):
+            raise ValueError(f"ctx must have {len(xt)} rows (one a vector), got {len(ctx)}")
     if xval is None:
         n_val = min(10_000, xt.shape[0] // 10)
         if n_val == 0:
@@ -197,99 +439,134 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
         xt, xval = xt[:-n_val], xt[-n_val:]
         if ctx is not None:
             ctx, ctx_val = ctx[:-n_val], ctx[-n_val:]
-    xval = _as_float32_numpy(xval, "xval", d)
+    xval = as_vectors(xval, d, "xval", allow_empty=False)
     if ctx is not None:
         if ctx_val is None:
             raise ValueError("xval was given without ctx_val: the model needs the contexts of xval too")
-        ctx_val = _as_float32_numpy(ctx_val, "ctx_val", ctx_dim, xval.shape[0])
-    for name, value in (("max_epochs", max_epochs), ("batch_size", batch_size)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-    device = resolve_device(device)
-    home_device = model.device
+        ctx_val = as_vectors(ctx_val, ctx_dim, "ctx_val")
+        if len(ctx_val) != len(xval):
+            raise ValueError(f"ctx_val must have {len(xval)} rows (one a vector), got {len(ctx_val)}")
+    return xt, xval, ctx, ctx_val
 
-    torch.manual_seed(seed)
+
+def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = None, *, ctx=None, ctx_val=None,
+                **options) -> TrainHistory:
+    """Train an RQ-MoE model in place and return its history.
+
+    xt: (n, d) float32 training vectors (raw; other real dtypes are
+    converted); xval: (nv, d) for the schedule and model selection, default:
+    the last min(10 000, n // 10) rows of xt are held out. config: a
+    ``TrainConfig``; keyword ``options`` override its fields (e.g.
+    ``max_epochs=5``). An uninitialised model first starts from a faiss
+    ResidualQuantizer trained on xt (so it starts as RQ). Each epoch draws
+    ``epoch_size`` vectors in a seeded order, encodes each batch with the
+    current model (no grad) and takes an optimiser step on the normalised
+    residual loss. The plateau rule counts trained epochs only (the RQ start
+    does not count). The best-validation weights are restored at the end;
+    the model goes back to the device it came on. Deterministic on CPU for a
+    fixed seed. ctx, ctx_val: (n, ctx_dim) / (nv, ctx_dim) float32 raw
+    contexts of xt and xval (e.g. each vector's IVF centroid), exactly for a
+    model with ``config.ctx_dim > 0``. Under ``torch.distributed`` (e.g.
+    started by torchrun), every process holds the same data; each takes its
+    share of every batch and gradients are averaged by DistributedDataParallel,
+    so N processes see the same samples as one.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(model, RQMoE):
+        raise TypeError(f"model must be an RQMoE, got {type(model).__name__}")
+    config = (config or TrainConfig()).replace(**options) if options else (config or TrainConfig())
+    xt, xval, ctx, ctx_val = _check_inputs(model, xt, xval, ctx, ctx_val)
+    device = distributed.device_for_rank(resolve_device(config.device))
+    budget_s = config.resolved_time_budget_s(device)
+    candidates = config.resolved_encode_candidates(device)
+    home_device = model.device
+    rank, world = distributed.rank_and_world()
+    show = config.progress and rank == 0
+
+    torch.manual_seed(config.seed)
+    rq_init_s = 0.0
     if not bool(model.initialized):
-        init_from_data(model, xt, max_train=rq_train_max, seed=seed)
+        if rank == 0:
+            rq_init_s = init_from_data(model, xt, config.replace(progress=show))
+        distributed.broadcast_module(model)
     if ctx is not None and not model.has_context_stats():  # also for a model initialised by the caller
         model.set_context_stats(ctx)
     model.to(device)
+    model.dropout = config.dropout
     scale = float(model.scale)
     xt_scaled = torch.from_numpy(xt).to(device) / scale
     xval_scaled = torch.from_numpy(xval).to(device) / scale
     ctx_norm = None if ctx is None else model.normalize_ctx(torch.from_numpy(ctx).to(device))
     ctx_val_norm = None if ctx_val is None else model.normalize_ctx(torch.from_numpy(ctx_val).to(device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    optimizer = make_optimizer(model, config)
+    forward = distributed.wrap(model, device)
+    generator = torch.Generator().manual_seed(config.seed)
+    checkpoint_path = Path(config.checkpoint_path) if config.checkpoint_path is not None else None
 
     if checkpoint_path is not None and checkpoint_path.exists():
         best_state, history, state = _load_checkpoint(checkpoint_path, model, optimizer, generator)
         logger.info("resumed from %s at epoch %d", checkpoint_path, state["epoch"])
     else:
-        model.eval()
-        history = TrainHistory()
-        history.init_val_mse = history.best_val_mse = reconstruction_mse(model, xval_scaled, encode_candidates,
+        history = TrainHistory(rq_init_s=rq_init_s)
+        history.init_val_mse = history.best_val_mse = reconstruction_mse(model, xval_scaled, candidates,
                                                                          ctx=ctx_val_norm)
         best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        state = {"epoch": 0, "bad_epochs": 0, "lr": lr, "elapsed_s": 0.0}
+        state = {"epoch": 0, "bad_epochs": 0, "lr": config.lr, "elapsed_s": 0.0, "samples": 0}
 
     n_train = xt_scaled.shape[0]
-    per_epoch = min(int(epoch_size), n_train) if epoch_size else n_train
-    n_batches = math.ceil(per_epoch / batch_size)
+    per_epoch = min(config.epoch_size, n_train) if config.epoch_size else n_train
+    batch = config.batch_size
     start = time.perf_counter() - state["elapsed_s"]
+    schedule = _Schedule(config, budget_s, start)
     out_of_time = False
-
-    def cosine_lr(epochs_done: float) -> float:
-        """The cosine schedule's lr after epochs_done (fractional) epochs, at the current time."""
-        progress = epochs_done / max_epochs
-        if time_budget_s is not None:
-            progress = max(progress, (time.perf_counter() - start) / time_budget_s)
-        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    bar = tqdm(total=max_epochs * n_batches, initial=state["epoch"] * n_batches, disable=not progress,
-               desc="train RQ-MoE", unit="batch")
+    logger.info("training %s on %d vectors (%s): up to %s, %d epochs of %d, batch %d, %s candidates",
+                model.config.mode.display_name, n_train, device,
+                f"{budget_s:.0f} s" if budget_s else "no time limit", config.max_epochs, per_epoch, batch,
+                candidates or "all")
+    n_batches = math.ceil(per_epoch / batch)
+    if budget_s:  # the budget sets the length: a bar in seconds has a total that never moves
+        bar = tqdm(total=round(budget_s, 1), initial=min(state["elapsed_s"], budget_s), disable=not show,
+                   desc=f"train {model.config.mode.display_name}", unit="s",
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{postfix}]")
+    else:
+        bar = tqdm(total=config.max_epochs * n_batches, initial=state["epoch"] * n_batches, disable=not show,
+                   desc=f"train {model.config.mode.display_name}", unit="batch")
+    model.train()
     try:
-        while state["epoch"] < max_epochs and not out_of_time and not history.stop_reason:
-            for group in optimizer.param_groups:
-                group["lr"] = state["lr"]
+        while state["epoch"] < config.max_epochs and not out_of_time and not history.stop_reason:
+            _set_lr(optimizer, state["lr"])
             order = torch.randperm(n_train, generator=generator)[:per_epoch].to(device)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync a batch
-            for i0 in range(0, per_epoch, batch_size):
-                if lr_schedule == "cosine":
-                    for group in optimizer.param_groups:
-                        group["lr"] = cosine_lr(state["epoch"] + i0 / per_epoch)
-                rows = order[i0:i0 + batch_size]
-                xs = xt_scaled[rows]
+            for i0 in range(0, per_epoch, batch):
+                if config.lr_schedule == "cosine":
+                    _set_lr(optimizer, schedule.lr(state["lr"], state["epoch"] + i0 / per_epoch))
+                rows = distributed.my_share(order[i0:i0 + batch])
                 ctx_batch = None if ctx_norm is None else ctx_norm[rows]
-                with torch.no_grad():
-                    codes = model.encode_scaled(xs, encode_candidates, ctx=ctx_batch)
-                loss = normalized_residual_loss(xs, model.decode_steps(codes, ctx_batch))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach()
-                bar.update(1)
-                if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+                loss_sum += train_step(model, forward, optimizer, xt_scaled[rows], ctx_batch, candidates,
+                                       config.balance_loss, world)
+                state["samples"] += min(batch, per_epoch - i0)
+                if budget_s:
+                    bar.n = min(time.perf_counter() - start, budget_s)
+                    bar.refresh()
+                else:
+                    bar.update(1)
+                if budget_s is not None and distributed.any_rank(time.perf_counter() - start > budget_s):
                     out_of_time = True
                     break
-            val_mse = reconstruction_mse(model, xval_scaled, encode_candidates, ctx=ctx_val_norm)
+            model.eval()
+            val_mse = distributed.from_rank0(reconstruction_mse(model, xval_scaled, candidates,
+                                                                ctx=ctx_val_norm))
+            model.train()
             state["epoch"] += 1
             elapsed = time.perf_counter() - start
             history.epoch.append(state["epoch"])
-            history.train_loss.append(float(loss_sum) / per_epoch)
+            history.train_loss.append(distributed.mean_over_ranks(float(loss_sum)) * world / per_epoch)
             history.val_mse.append(val_mse)
-            history.lr.append(state["lr"] if lr_schedule == "plateau" else optimizer.param_groups[0]["lr"])
+            history.lr.append(optimizer.param_groups[0]["lr"])
             history.time_s.append(elapsed)
-            bar.set_postfix(val_mse=f"{val_mse:.4g}", lr=f"{history.lr[-1]:.0e}")
-            if time_budget_s is not None and elapsed > 0:  # the budget, not max_epochs, sets the length
-                expected = min(max_epochs, math.ceil(state["epoch"] * time_budget_s / elapsed))
-                bar.total = max(expected, state["epoch"]) * n_batches
-                bar.refresh()
+            history.samples.append(state["samples"])
+            bar.set_postfix_str(f"epoch {state['epoch']}, val MSE {val_mse:.4g}, lr {history.lr[-1]:.0e}")
             if val_mse < history.best_val_mse * (1 - 1e-4):
                 history.best_val_mse, history.best_epoch = val_mse, state["epoch"]
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -299,15 +576,15 @@ def train_rqmoe(model: RQMoE, xt, xval=None, *, max_epochs: int = 20, time_budge
                 state["bad_epochs"] = 0
             else:
                 state["bad_epochs"] += 1
-                if state["bad_epochs"] >= stop_patience:
-                    history.stop_reason = f"no validation gain for {stop_patience} epochs"
-                elif lr_schedule == "plateau" and state["bad_epochs"] % lr_patience == 0:
+                if state["bad_epochs"] >= config.stop_patience:
+                    history.stop_reason = f"no validation gain for {config.stop_patience} epochs"
+                elif config.lr_schedule == "plateau" and state["bad_epochs"] % config.lr_patience == 0:
                     state["lr"] /= 10
                     logger.info("epoch %d: validation plateau, lr -> %g", state["epoch"], state["lr"])
             state["elapsed_s"] = elapsed
-            if checkpoint_path is not None:
+            if checkpoint_path is not None and rank == 0:
                 _save_checkpoint(checkpoint_path, model, optimizer, best_state, generator, history, state)
-        bar.total = bar.n  # stopped early (budget, plateau): the bar ends full, not part-way
+        bar.total = bar.n  # stopped by the budget or early: the bar ends full
     finally:
         bar.close()
     if not history.stop_reason:

@@ -24,6 +24,19 @@ def _seed():
     np.random.seed(0)
 
 
+def assert_same_neighbours(D, I, xq, reconstructions, D_ref, metric="l2", rtol=1e-4, atol=1e-2):
+    """Search results agree with a reference up to ties: D matches D_ref position by position, and every
+    returned id really lies at its reported distance (reconstructions: (ntotal, d), row = id)."""
+    np.testing.assert_allclose(D, D_ref, rtol=rtol, atol=atol)
+    found = I >= 0
+    assert (found == (I_ref_valid := np.isfinite(D_ref))).all()
+    q_rows = np.nonzero(found)[0]
+    x = reconstructions[I[found]]
+    q = xq[q_rows]
+    true = ((q - x) ** 2).sum(1) if metric == "l2" else (q * x).sum(1)
+    np.testing.assert_allclose(D[found], true, rtol=rtol, atol=atol)
+
+
 def clustered(n, d=32, seed=0, n_clusters=40):
     """Synthetic clustered float32 data for tests that need no real data."""
     rng = np.random.default_rng(seed)

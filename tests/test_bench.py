@@ -3,7 +3,7 @@ import json
 import pytest
 
 from faiss_rqmoe import bench
-from faiss_rqmoe.bench import merge_codec_results
+from faiss_rqmoe.bench.report import merge_codec_results
 
 
 def test_bench_merge_keeps_the_last_measurement_and_stamps_devices():
@@ -28,12 +28,13 @@ def test_bench_search_runs_end_to_end_with_a_centroid_conditioned_codec(tmp_path
                 "--bytes", "4", "--nlist", "16", "--nprobe", "2", "16", "--nshort", "10", "2000",
                 "--n-experts", "2", "--n-layers", "1", "--hidden", "16", "--max-epochs", "1",
                 "--train-candidates", "8", "--encode-candidates", "8", "--codec", codec, "--centroid",
+                "--no-keep-rq-if-better", "--no-refine",
                 "--device", "cpu", "--quiet", "--out", str(out)])
     result = json.loads(out.read_text())
     ours = result["methods"]["IVF-RQ-MoE"]
     assert result["description"].endswith("_centroid") and ours["config"]["ctx_dim"] == 128
     assert ours["config"]["condition"] == condition
-    assert set(result["methods"]) == {"IVF-RQ-MoE", "IVF-PQ4x8", "IVF-RQ4x8_Nqint8"}
+    assert set(result["methods"]) == {"IVF-RQ-MoE", "IVF-PQ4x8", "IVF-RQ4x8"}
     grid = {(row["nprobe"], row["nshort"]): row for row in ours["grid"]}
     assert set(grid) == {(2, 10), (2, 2000), (16, 10), (16, 2000)}
     for row in ours["grid"]:

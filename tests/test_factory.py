@@ -27,19 +27,21 @@ def test_factory_builds_the_configured_index():
     assert (index.nlist, index.hnsw_m, index.nprobe, index.nshort) == (256, 16, 8, 50)
     assert index.metric_type == faiss.METRIC_INNER_PRODUCT and index.d == 96
     assert index.train_options == {"max_epochs": 3} and not index.is_trained
+    assert not index.auto_architecture
 
 
 def test_training_and_adding_take_their_own_candidate_counts():
     index = index_factory(32, "RQMoE4x6", encode_candidates=16, train_encode_candidates=8, max_epochs=2)
     assert index.encode_candidates == 16
     assert index.train_options == {"encode_candidates": 8, "max_epochs": 2}
+    assert index.auto_architecture  # no N/L/H in the description: the size follows device and data
 
 
 @pytest.mark.parametrize("description, token", [
-    ("IVF1024,PQ8", "PQ8"),
     ("RQMoE8x8_Z7", "Z7"),
     ("IVFabc,RQMoE8x8", "IVFabc"),
-    ("OPQ16,IVF1024,RQMoE8x8", "RQMoE8x8"),
+    ("OPQ16,IVF1024,RQMoE8x8", "OPQ16"),
+    ("PCA64,RQMoE8x8", "PCA64"),
     ("RQMoE8", "RQMoE8"),
 ])
 def test_bad_strings_name_the_token_and_show_the_grammar(description, token):

@@ -5,6 +5,8 @@ import torch
 
 import faiss_rqmoe
 
+from conftest import assert_same_neighbours
+
 
 TRAIN = dict(max_epochs=2, batch_size=256, progress=False, device="cpu")
 
@@ -41,9 +43,10 @@ def test_exhaustive_search_equals_brute_force_over_reconstructions(sift, which, 
     index = request.getfixturevalue(which)
     xq = sift.xq[:50]
     D, I = index.search(xq, 10, params={"nprobe": 16, "nshort": index.ntotal})
-    D_ref, I_ref = brute_force(index.reconstruct_n(0, index.ntotal), xq, 10, index.metric_type)
-    assert (I == I_ref).mean() > 0.99  # ties in float rounding aside
-    np.testing.assert_allclose(D, D_ref, rtol=1e-4, atol=1e-2)
+    recons = index.reconstruct_n(0, index.ntotal)
+    D_ref, I_ref = brute_force(recons, xq, 10, index.metric_type)
+    assert (I == I_ref).mean() > 0.95  # positions may swap between vectors at the same distance
+    assert_same_neighbours(D, I, xq, recons, D_ref, "l2" if index.metric_type == faiss.METRIC_L2 else "ip")
 
 
 def test_flat_variant_scans_everything(sift):
@@ -164,7 +167,7 @@ def test_float64_and_non_contiguous_inputs_are_converted(ivf_l2, sift):
 @pytest.mark.parametrize("call, error, message", [
     (lambda ix, x: ix.search(x, 0), ValueError, "k must be a positive integer"),
     (lambda ix, x: ix.search(x, -3), ValueError, "k must be a positive integer"),
-    (lambda ix, x: ix.search(x[:, :64], 5), ValueError, "64 columns, index expects d=128"),
+    (lambda ix, x: ix.search(x[:, :64], 5), ValueError, "64 columns, expected d=128"),
     (lambda ix, x: ix.search(x[0], 5), ValueError, "2-D"),
     (lambda ix, x: ix.add(np.full_like(x, np.nan)), ValueError, "NaN"),
     (lambda ix, x: ix.search(x.astype(str), 5), TypeError, "numeric"),
@@ -221,5 +224,5 @@ def test_too_few_training_vectors_warns(sift):
 def test_training_that_never_beats_its_rq_start_warns(sift):
     index = faiss_rqmoe.index_factory(128, "RQMoE2x4_N1L1H8", max_epochs=1, lr=1e-12, progress=False,
                                       device="cpu")
-    with pytest.warns(UserWarning, match="did not improve on its RQ initialisation in 1 epoch"):
+    with pytest.warns(UserWarning, match="did not encode the validation vectors better than its faiss RQ start"):
         index.train(sift.xt[:700], sift.xval[:100])

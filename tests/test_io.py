@@ -10,7 +10,8 @@ from faiss_rqmoe.io import load_arrays, save_arrays
 
 @pytest.fixture(scope="module")
 def index(sift):
-    index = faiss_rqmoe.index_factory(128, "IVF8,RQMoE4x6_N2L1H32", max_epochs=1, progress=False, device="cpu")
+    index = faiss_rqmoe.index_factory(128, "IVF8,RQMoE4x6_N2L1H32", max_epochs=1, progress=False, device="cpu",
+                                      keep_rq_if_better=False)  # keep the learned codec: beams matter for it
     index.train(sift.xt[:2000])
     index.add(sift.xb[:1000])
     index.nprobe, index.nshort = 4, 64

@@ -4,7 +4,6 @@ import pytest
 
 from faiss_rqmoe import lut
 
-from conftest import clustered
 
 
 def test_least_squares_codebooks_recover_an_additive_model():
@@ -31,28 +30,3 @@ def test_pack_unpack_round_trip_in_faiss_bit_order(nbits):
     codes32 = np.ascontiguousarray(codes, dtype=np.int32)
     rq.pack_codes(50, faiss.swig_ptr(codes32), faiss.swig_ptr(faiss_packed))
     np.testing.assert_array_equal(faiss_packed, packed)
-
-
-@pytest.mark.parametrize("nprobe, k", [(1, 5), (4, 20), (16, 300), (1, 3000)])
-def test_search_shortlist_equals_faiss_search_and_return_codes(nprobe, k):
-    x = clustered(3000, d=16)
-    index = faiss.index_factory(16, "IVF16,RQ4x6_Nqint8")
-    index.train(x)
-    index.add_with_ids(x, np.arange(len(x)) * 7 + 3)
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(2)  # the threaded scan (queries split, or one query's lists split)
-    try:
-        for xq in (clustered(40, d=16, seed=5), clustered(1, d=16, seed=6)):
-            ids, list_nos, codes = lut.search_shortlist(index, xq, k, nprobe)
-            _, ref_ids, ref_codes = index.search_and_return_codes(
-                xq, k, include_listnos=True, params=faiss.SearchParametersIVF(nprobe=nprobe))
-            np.testing.assert_array_equal(ids, ref_ids)
-            valid = ref_ids >= 0
-            coarse = index.coarse_code_size()
-            ref_list_nos = sum(ref_codes[valid][:, b].astype(np.int64) << (8 * b) for b in range(coarse))
-            np.testing.assert_array_equal(list_nos, ref_list_nos)
-            np.testing.assert_array_equal(codes, ref_codes[valid][:, coarse:])
-            if k == 3000:  # one list holds fewer than k: the -1 padding is exercised
-                assert not valid.all()
-    finally:
-        faiss.omp_set_num_threads(threads)

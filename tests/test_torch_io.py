@@ -149,7 +149,7 @@ def test_train_with_tensors_matches_numpy(sift):
 @pytest.mark.parametrize("call, error, message", [
     (lambda ix, x: ix.search(torch.from_numpy(x) > 0, 5), TypeError, "numeric array"),
     (lambda ix, x: ix.search(torch.from_numpy(x).to(torch.complex64), 5), TypeError, "numeric array"),
-    (lambda ix, x: ix.search(torch.from_numpy(x)[:, :100], 5), ValueError, "100 columns, index expects d=128"),
+    (lambda ix, x: ix.search(torch.from_numpy(x)[:, :100], 5), ValueError, "100 columns, expected d=128"),
     (lambda ix, x: ix.add_with_ids(x, np.array(["a"] * len(x))), TypeError, "ids must be integers"),
     (lambda ix, x: ix.add_with_ids(x, torch.zeros(len(x), 2)), ValueError, "ids must have shape"),
     (lambda ix, x: ix.reconstruct_batch(np.zeros((2, 2), np.int64)), ValueError, "must be a 1-D array"),

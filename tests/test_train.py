@@ -77,8 +77,8 @@ def test_loss_matches_hand_computation():
 
 
 @pytest.mark.parametrize("xt, error, message", [
-    (np.zeros((100, 15), np.float32), ValueError, r"shape \(n, 16\)"),
-    (np.zeros((100, 16), np.int64), TypeError, "floating"),
+    (np.zeros((100, 15), np.float32), ValueError, "15 columns, expected d=16"),
+    (np.zeros((100, 16), bool), TypeError, "real numeric"),
     (np.full((100, 16), np.nan, np.float32), ValueError, "NaN"),
     (np.zeros((0, 16), np.float32), ValueError, "empty"),
 ])
@@ -127,12 +127,14 @@ def test_progress_bar_follows_the_time_budget_and_ends_full(monkeypatch):
     model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
     history = train_rqmoe(model, x, max_epochs=1000, time_budget_s=0.5, batch_size=64, device="cpu",
                           progress=True)
-    n_batches = -(-(len(x) - 300) // 64)  # 300 vectors are held out for validation
-    assert history.stop_reason == "time budget" and len(bars) == 1
-    bar = bars[0]
-    # it ran a handful of epochs of the 1000 allowed, and the bar says 100 %, not 0.5 %
-    assert (len(history.epoch) - 1) * n_batches < bar.n <= len(history.epoch) * n_batches
-    assert bar.total == bar.n
+    assert history.stop_reason == "time budget"
+    training = [bar for bar in bars if bar.desc.startswith("train")]
+    assert len(training) == 1
+    bar = training[0]
+    # the bar counts seconds of the budget (a total that does not move with the epochs it fits), and it
+    # ends full: a handful of epochs of the 1000 allowed ran, and it says 100 %, not 0.5 %
+    assert bar.unit == "s" and 0.5 <= bar.n < 0.5 + 5 and bar.total == bar.n
+    assert 1 <= len(history.epoch) < 1000
 
 
 def test_cosine_schedule_anneals_the_lr_to_zero_over_max_epochs():

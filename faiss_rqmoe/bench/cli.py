@@ -1,0 +1,130 @@
+"""The benchmark's command line: ``python -m faiss_rqmoe.bench JOB ...`` (or ``faiss-rqmoe bench JOB ...``).
+
+    faiss-rqmoe bench codec  --dataset default --bytes 8 --device cuda --out codec.json
+    faiss-rqmoe bench search --dataset default --nlist 1024 --device cuda --out search.json
+    faiss-rqmoe bench speed  --devices cuda cpu --out speed.json
+    faiss-rqmoe bench report *.json --md table.md
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import faiss
+import torch
+
+from .._openmp import rerun_with_passive_openmp
+from .options import add_codec_options, add_data_options, add_run_options, add_train_options
+
+PROG = "faiss-rqmoe bench"
+JOBS = {
+    "codec": "train or fit every codec on one split: MSE, recall@1/10/100, training time, encode/decode speed",
+    "search": "our IVF index against faiss IVF-PQ, IVF-RQ and IVF-PQ FastScan+refine over an nprobe x nshort grid",
+    "speed": "decode, encode and training vectors a second by batch size and execution strategy",
+    "report": "print result files as markdown tables",
+    "merge": "combine codec results measured on the same split into one file",
+    "plot": "draw the figures of result files as PNG",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="JOB")
+    for name in ("codec", "search"):
+        p = sub.add_parser(name, help=JOBS[name], description=JOBS[name])
+        add_data_options(p)
+        add_codec_options(p)
+        add_train_options(p)
+        add_run_options(p)
+    codec = sub.choices["codec"]
+    codec.add_argument("--methods", nargs="+",
+                       default=["pq", "opq", "rq1", "rq32", "lsq", "rabitq", "turboquant", "rqmoe", "qinco", "rq-sgd"],
+                       help="codecs to run: pq opq rq1 rq32 lsq rabitq turboquant (static), rqmoe qinco rq-sgd (ours)")
+    codec.add_argument("--static-train-max", type=int, default=None,
+                       help="train static codecs on the first N training vectors only (LSQ is slow)")
+    codec.add_argument("--exact-sample", type=int, default=10_000,
+                       help="also measure exact and greedy encoding of our codecs on this many vectors")
+    search = sub.choices["search"]
+    search.add_argument("--description", default=None, help="our index's factory string (default: from the flags)")
+    search.add_argument("--pretrained", default=None, help="start from a pretrained codec, e.g. sift-ivf1024-8B")
+    search.add_argument("--nlist", type=int, default=1024, help="inverted lists (default 1024)")
+    search.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="lists probed")
+    search.add_argument("--nshort", type=int, nargs="+", default=[10, 20, 50, 100, 200],
+                        help="candidates re-ranked by our decoder")
+    search.add_argument("--codec", choices=["moe", "qinco", "rq"], default="moe",
+                        help="condition mode: RQ-MoE, QINCo-style (partial reconstruction) or plain RQ")
+    search.add_argument("--centroid", action="store_true", help="condition the codec on each vector's IVF centroid")
+    search.add_argument("--faiss-train-max", type=int, default=500_000, help="training vectors for faiss's indexes")
+    search.add_argument("--no-baselines", action="store_true", help="measure our index only")
+    search.add_argument("--no-refine", action="store_true", help="leave out IVF-PQ FastScan + exact refinement")
+    search.add_argument("--refine-k-factors", type=float, nargs="+", default=[1, 2, 5],
+                        help="k_factor grid of the FastScan+refine baseline")
+    search.add_argument("--cpu-points", nargs="*", default=[],
+                        help="NPROBE:NSHORT points to re-run on the CPU path (with --device cuda)")
+    search.add_argument("--save-bundle", default=None,
+                        help="directory to write our index, the faiss baselines, queries and ground truth to")
+    search.add_argument("--bundle", default=None, help="search the indexes of a --save-bundle directory instead")
+    search.add_argument("--search-queries", type=int, default=None, help="time only the first N queries")
+    speed = sub.add_parser("speed", help=JOBS["speed"], description=JOBS["speed"])
+    speed.add_argument("--devices", nargs="+", default=["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"],
+                       help="devices to measure (default: cuda and cpu where there is a GPU, else cpu)")
+    speed.add_argument("--methods", nargs="+", default=["RQ-MoE", "QINCo-style", "QINCo1-shape"],
+                       help="our configurations: RQ-MoE, QINCo-style, QINCo1-shape (QINCo-style with N=1)")
+    speed.add_argument("--d", type=int, default=128, help="vector dimension (default 128)")
+    speed.add_argument("--M", type=int, default=8, help="steps (bytes) a code (default 8)")
+    speed.add_argument("--batches", type=int, nargs="+", default=[1024, 8192, 100_000], help="decode batch sizes")
+    speed.add_argument("--kernels", nargs="+", default=["torch", "triton"], help="execution kernels on CUDA")
+    speed.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], help="matmul precisions on CUDA")
+    speed.add_argument("--n-encode", type=int, default=20_000, help="vectors encoded on a GPU")
+    speed.add_argument("--train-steps", type=int, default=30, help="training steps timed on a GPU")
+    speed.add_argument("--cpu-max-batch", type=int, default=8192, help="largest decode batch on a CPU")
+    speed.add_argument("--cpu-n-encode", type=int, default=2_000, help="vectors encoded on a CPU")
+    speed.add_argument("--cpu-train-steps", type=int, default=3, help="training steps timed on a CPU")
+    speed.add_argument("--peers", default=None,
+                       help="folder holding qinco_v1/model_qinco.py and rqmoe_ref/model_rqmoe.py (public code) to "
+                            "measure beside ours")
+    speed.add_argument("--threads", type=int, default=None, help="CPU threads for torch and faiss")
+    speed.add_argument("--no-tf32", action="store_true", help="keep torch's float32 matmuls exact on CUDA")
+    speed.add_argument("--out", default=None, help="JSON file to write the result to")
+    merge = sub.add_parser("merge", help=JOBS["merge"], description=JOBS["merge"])
+    merge.add_argument("files", nargs="+", help="codec result files")
+    merge.add_argument("--out", required=True, help="the merged JSON file")
+    plot = sub.add_parser("plot", help=JOBS["plot"], description=JOBS["plot"])
+    plot.add_argument("files", nargs="+", help="result files")
+    plot.add_argument("--out-dir", default="notebooks/results", help="where the PNG files go")
+    report = sub.add_parser("report", help=JOBS["report"], description=JOBS["report"])
+    report.add_argument("files", nargs="+", help="result files")
+    report.add_argument("--md", default=None, help="also write the tables to this markdown file")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run one benchmark job; returns the exit code."""
+    from_command_line = argv is None
+    argv = sys.argv[1:] if from_command_line else list(argv)
+    if from_command_line:
+        rerun_with_passive_openmp("faiss_rqmoe.bench", argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command in ("report", "merge", "plot"):
+        from .report import run_merge, run_plot, run_report
+        {"report": run_report, "merge": run_merge, "plot": run_plot}[args.command](args)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32  # an application-level choice, recorded in meta
+    if args.command == "codec":
+        from .codec import run_codec
+        from .report import codec_table
+        print(codec_table([run_codec(args)]))
+    elif args.command == "search":
+        from .report import search_table
+        from .search import run_search
+        print(search_table(run_search(args)))
+    else:
+        from .speed import run_speed, speed_table
+        print(speed_table(run_speed(args)))
+    return 0

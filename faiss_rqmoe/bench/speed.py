@@ -1,0 +1,195 @@
+"""``bench speed``: decode, encode and training throughput of the codec, by batch size and execution
+strategy, on CPU and GPU, beside the public QINCo1 and RQ-MoE reference code when they are given.
+
+Weights are random (speed does not depend on their values), moved off the
+identity so that every expert and the gate compute something. Rows:
+method, device, kernel, precision, batch, decode_vps (parallel),
+decode_seq_vps, encode_vps {greedy16, beam4x16, exact} and train_sps.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ..config import RQMoEConfig
+from ..devices import resolve_device
+from ..encode import encode_scaled
+from ..model import RQMoE
+from ..train import TrainConfig, make_optimizer, train_step
+from .meta import run_meta, sync, timed, write_result
+
+logger = logging.getLogger("faiss_rqmoe.bench")
+
+METHODS = {  # name -> RQMoEConfig fields besides d, M, nbits
+    "RQ-MoE": dict(condition="instruction", n_experts=4, n_layers=2, hidden=256),
+    "QINCo-style": dict(condition="reconstruction", n_experts=4, n_layers=2, hidden=256),
+    "QINCo1-shape": dict(condition="reconstruction", n_experts=1, n_layers=2, hidden=256),
+}
+ENCODINGS = {"greedy16": (16, 1), "beam4x16": (16, 4), "exact": (None, 1)}
+
+
+def random_model(config: RQMoEConfig, device: torch.device, seed: int = 0) -> RQMoE:
+    """A model with random, non-trivial weights (speed does not depend on their values)."""
+    torch.manual_seed(seed)
+    model = RQMoE(config, mem_budget_bytes=4 << 30)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.initialized.fill_(True)
+    return model.to(device).eval()
+
+
+def _vps(n: int, fn, device: torch.device, min_seconds: float = 0.3) -> float:
+    """Vectors a second of fn() on n vectors, repeated until min_seconds have passed (after a warm-up)."""
+    _, once = timed(fn, device, repeats=1)
+    repeats = max(1, min(50, int(min_seconds / max(once, 1e-6))))
+    _, seconds = timed(fn, device, repeats=repeats, warmup=False)
+    return n / seconds
+
+
+def measure_ours(name: str, config: RQMoEConfig, device: torch.device, batches: List[int], kernel: str,
+                 precision: str, n_encode: int, train_steps: int) -> List[dict]:
+    model = random_model(config, device).set_execution(kernel=kernel, dtype=precision)
+    K, M = config.K, config.M
+    rows = []
+    for batch in batches:
+        codes = torch.randint(0, K, (batch, M), device=device)
+        row = {"method": name, "device": str(device), "kernel": kernel, "precision": precision, "batch": batch,
+               "config": config.to_dict(), "macs_per_vector": config.macs_per_vector()}
+        with torch.inference_mode():
+            row["decode_vps"] = _vps(batch, lambda: model.decode(codes), device)
+            if batch <= 8192:  # the sequential decoder is the reference, not a fast path
+                row["decode_seq_vps"] = _vps(batch, lambda: model.decode_sequential(codes), device)
+        row["decode_tflops"] = row["decode_vps"] * 2 * config.macs_per_vector() / 1e12
+        rows.append(row)
+        logger.info("%s", row)
+    x = torch.randn(n_encode, config.d, device=device) * 0.1
+    encode = {}
+    with torch.inference_mode():
+        for label, (candidates, beam) in ENCODINGS.items():
+            n = n_encode if candidates is not None else max(1, n_encode // 4)
+            encode[label] = _vps(n, lambda: encode_scaled(model, x[:n], candidates, beam), device, min_seconds=0.5)
+    rows[-1]["encode_vps"] = encode
+    if train_steps:
+        rows[-1]["train_sps"] = measure_training(config, device, train_steps)
+    return rows
+
+
+def measure_training(config: RQMoEConfig, device: torch.device, steps: int, batch: int = 1024) -> float:
+    """Training samples a second: ``train_step`` with TrainConfig's defaults (greedy encoding with the
+    device's default candidate count, then forward and backward)."""
+    model = random_model(config, device).train()
+    train_config = TrainConfig(device=str(device))
+    optimizer = make_optimizer(model, train_config)
+    candidates = train_config.resolved_encode_candidates(device)
+    xs = torch.randn(batch * 4, config.d, device=device) * 0.1
+    train_step(model, model, optimizer, xs[:batch], None, candidates)
+    sync(device)
+    import time
+    start = time.perf_counter()
+    for step in range(steps):
+        rows = slice((step % 4) * batch, (step % 4 + 1) * batch)
+        train_step(model, model, optimizer, xs[rows], None, candidates)
+    sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- peers
+def _load_peer(folder: Path, module: str):
+    """Import a peer's model module from its folder, with its own 'utils' (both peers have one)."""
+    saved = sys.modules.pop("utils", None)
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(f"peer_{folder.name}_{module}", folder / f"{module}.py")
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("utils", None)
+        if saved is not None:
+            sys.modules["utils"] = saved
+
+
+def measure_peers(peers: Path, d: int, M: int, device: torch.device, batches: List[int], n_encode: int) -> List[dict]:
+    """The public QINCo1 (peers/qinco_v1/model_qinco.py) and RQ-MoE reference (peers/rqmoe_ref/model_rqmoe.py)
+    at the default widths (L=2, h=256; N=4), where those files are present."""
+    rows = []
+    makers = []
+    if (peers / "qinco_v1" / "model_qinco.py").exists():
+        qinco = _load_peer(peers / "qinco_v1", "model_qinco")
+        makers.append(("QINCo1 (public code)", lambda: qinco.QINCo(d, 256, 2, M, 256),
+                       lambda m, c: m.decode(c), lambda m, x: m.encode(x)))
+    if (peers / "rqmoe_ref" / "model_rqmoe.py").exists():
+        ref = _load_peer(peers / "rqmoe_ref", "model_rqmoe")
+        makers.append(("RQ-MoE reference (sequential)", lambda: ref.RQMoE(d, 256, M, 4, 2, 256, 0.0),
+                       lambda m, c: m.decode(c), lambda m, x: m.encode(x)))
+        makers.append(("RQ-MoE reference (parallel)", lambda: ref.RQMoE(d, 256, M, 4, 2, 256, 0.0),
+                       lambda m, c: m.decode_parallel(c), None))
+    for name, make, decode, encode in makers:
+        torch.manual_seed(0)
+        model = make().to(device).eval()
+        for batch in batches:
+            codes = torch.randint(0, 256, (batch, M), device=device)
+            with torch.inference_mode():
+                row = {"method": name, "device": str(device), "batch": batch,
+                       "decode_vps": _vps(batch, lambda: decode(model, codes), device)}
+            rows.append(row)
+            logger.info("%s", row)
+        if encode is not None:
+            x = torch.randn(max(1, n_encode // 4), d, device=device)
+            with torch.inference_mode():
+                rows[-1]["encode_vps"] = {"exact": _vps(len(x), lambda: encode(model, x), device, min_seconds=0.5)}
+    return rows
+
+
+def run_speed(args) -> dict:
+    """The speed table on every requested device; see the module docstring."""
+    devices = [resolve_device(d) for d in args.devices]
+    result = {"kind": "speed", "meta": run_meta(args.argv, devices[-1]), "rows": []}
+    for device in devices:
+        kernels = args.kernels if device.type == "cuda" else ["torch"]
+        precisions = args.precisions if device.type == "cuda" else ["float32"]
+        batches = args.batches if device.type == "cuda" else [b for b in args.batches if b <= args.cpu_max_batch]
+        for name in args.methods:
+            config = RQMoEConfig(args.d, args.M, 8, **METHODS[name])
+            for kernel in kernels:
+                for precision in precisions:
+                    if kernel == "torch" and precision == "tfloat32":
+                        continue  # the torch path follows torch's own TF32 switch
+                    result["rows"].extend(measure_ours(
+                        name, config, device, batches, kernel, precision,
+                        args.n_encode if device.type == "cuda" else args.cpu_n_encode,
+                        args.train_steps if device.type == "cuda" else args.cpu_train_steps))
+                    write_result(result, args.out)
+        if args.peers:
+            result["rows"].extend(measure_peers(Path(args.peers), args.d, args.M, device, batches,
+                                                args.n_encode if device.type == "cuda" else args.cpu_n_encode))
+            write_result(result, args.out)
+    return result
+
+
+def speed_table(result: dict) -> str:
+    """Markdown table of a speed result: decode vectors/s by batch, encode and training speeds."""
+    rows = result["rows"]
+    batches = sorted({r["batch"] for r in rows})
+    keys: Dict[tuple, Dict[int, dict]] = {}
+    for r in rows:
+        keys.setdefault((r["method"], r["device"], r.get("kernel", ""), r.get("precision", "")), {})[r["batch"]] = r
+    lines = ["| method | device | kernel | precision | " + " | ".join(f"decode bs {b}" for b in batches)
+             + " | encode greedy16 | beam4x16 | exact | train samples/s |",
+             "|---|---|---|---|" + "---:|" * (len(batches) + 4)]
+    fmt = lambda v: f"{v:,.0f}" if isinstance(v, (int, float)) else ""  # noqa: E731
+    for (method, device, kernel, precision), by_batch in keys.items():
+        last = by_batch[max(by_batch)]
+        encode: Optional[dict] = next((r.get("encode_vps") for r in by_batch.values() if r.get("encode_vps")), {})
+        cells = [fmt(by_batch[b]["decode_vps"]) if b in by_batch else "" for b in batches]
+        lines.append(f"| {method} | {device} | {kernel} | {precision} | " + " | ".join(cells) +
+                     f" | {fmt(encode.get('greedy16'))} | {fmt(encode.get('beam4x16'))} | {fmt(encode.get('exact'))}"
+                     f" | {fmt(last.get('train_sps'))} |")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""One fused Triton kernel for the morphing networks' inference on CUDA.
+
+``morph`` computes exactly what ``RQMoE._morph`` computes (gate, every
+expert's residual blocks, the gate-weighted sum) for a block of rows of one
+step per program, keeping every hidden activation in registers: the only
+memory traffic is the rows in, the rows out and the (cached) weights. The
+torch path materialises the (rows, N·H) activations of every layer instead.
+Matmul inputs are bfloat16, TF32 or float32 (``Execution.dtype``); sums are
+float32. Without CUDA the module imports, and ``available()`` says False.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CI and CPU-only installs: the torch path is used
+    triton = None
+
+# Tile sizes (rows a program, hidden units a chunk, warps), chosen on an H200 (bench speed --sweep)
+CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 8, "num_stages": 2}
+N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at least
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the fused kernel can run here: Triton importable and a CUDA device present."""
+    return triton is not None and torch.cuda.is_available()
+
+
+def supports(config) -> bool:
+    """Whether the kernel handles this architecture: d a power of two >= 16, hidden a multiple of 16,
+    at most 16 experts. Other shapes run on the torch path."""
+    d, H = config.d, config.hidden
+    return d >= 16 and d & (d - 1) == 0 and H % 16 == 0 and config.n_experts <= N_PAD
+
+
+if triton is not None:
+    @triton.jit
+    def _morph_kernel(z_ptr, out_ptr, R, s0, S_total,
+                      w1_ptr, b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
+                      D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
+                      BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        s_local = tl.program_id(1)
+        s = s0 + s_local
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        dcols = tl.arange(0, D)
+        hcols = tl.arange(0, HC)
+        ncols = tl.arange(0, NP)
+        offsets = (s_local * R + rows)[:, None] * D + dcols[None, :]
+        z = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0)
+        wtype = w1_ptr.dtype.element_ty
+        zw = z.to(wtype)
+        # the gate: softmax(relu(z G1 + g1) G2 + g2), padded experts have a -1e30 bias
+        logits = tl.zeros((BLOCK_R, NP), dtype=tl.float32)
+        for h0 in range(0, H, HC):
+            g1 = tl.load(g1_ptr + s * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
+            gh = tl.dot(zw, g1, input_precision=PRECISION) + tl.load(gb1_ptr + s * H + h0 + hcols)[None, :]
+            gh = tl.maximum(gh, 0.0).to(wtype)
+            g2 = tl.load(g2_ptr + s * H * NP + (h0 + hcols)[:, None] * NP + ncols[None, :])
+            logits += tl.dot(gh, g2, input_precision=PRECISION)
+        logits += tl.load(gb2_ptr + s * NP + ncols)[None, :]
+        logits = logits - tl.max(logits, axis=1)[:, None]
+        weights = tl.exp(logits)
+        gate = weights / tl.sum(weights, axis=1)[:, None]
+        # the experts: delta = Σ_n a_n Σ_l (relu(y_l W1 + b1) W2 + b2), y_{l+1} = y_l + that layer's update
+        delta = tl.zeros((BLOCK_R, D), dtype=tl.float32)
+        for n in tl.static_range(N):
+            share = tl.sum(tl.where(ncols[None, :] == n, gate, 0.0), axis=1)
+            y = z
+            for layer in tl.static_range(L):
+                block = (layer * S_total + s) * N + n
+                yw = y.to(wtype)
+                update = tl.zeros((BLOCK_R, D), dtype=tl.float32)
+                for h0 in range(0, H, HC):
+                    w1 = tl.load(w1_ptr + block * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
+                    hidden = tl.dot(yw, w1, input_precision=PRECISION) + \
+                        tl.load(b1_ptr + block * H + h0 + hcols)[None, :]
+                    hidden = tl.maximum(hidden, 0.0).to(wtype)
+                    w2 = tl.load(w2_ptr + block * H * D + (h0 + hcols)[:, None] * D + dcols[None, :])
+                    update += tl.dot(hidden, w2, input_precision=PRECISION)
+                update += tl.load(b2_ptr + block * D + dcols)[None, :]
+                delta += share[:, None] * update
+                if layer < L - 1:
+                    y = y + update
+        tl.store(out_ptr + offsets, z + delta, mask=row_ok[:, None])
+
+
+def _prepared_weights(model, dtype: torch.dtype):
+    """The weights in the kernel's layout and dtype, cached while the parameters do not change."""
+    params = (model.expert_w1, model.expert_b1, model.expert_w2, model.expert_b2, model.gate_w1, model.gate_b1,
+              model.gate_w2, model.gate_b2)
+    stamp = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
+    cached = model._fused_cache.get("triton")
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    c = model.config
+    S, N, H = c.n_morph_steps, c.n_experts, c.hidden
+    with torch.no_grad():
+        g2 = model.gate_w2.new_zeros(S, H, N_PAD)
+        g2[:, :, :N] = model.gate_w2
+        gb2 = model.gate_b2.new_full((S, N_PAD), -1e30)
+        gb2[:, :N] = model.gate_b2
+        weights = (model.expert_w1.to(dtype).contiguous(), model.expert_b1.float().reshape(-1).contiguous(),
+                   model.expert_w2.to(dtype).contiguous(), model.expert_b2.float().reshape(-1).contiguous(),
+                   model.gate_w1.to(dtype).contiguous(), model.gate_b1.float().contiguous(),
+                   g2.to(dtype).contiguous(), gb2.float().contiguous())
+    model._fused_cache["triton"] = (stamp, weights)
+    return weights
+
+
+_DTYPES = {"float32": (torch.float32, "ieee"), "tfloat32": (torch.float32, "tf32"),
+           "bfloat16": (torch.bfloat16, "ieee")}
+
+
+def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
+    """The morphed codewords of steps s0..s1-1: z (S', R, d) float32 -> (S', R, d) float32, as
+    ``RQMoE._morph`` computes them, in one fused kernel launch."""
+    if triton is None:
+        raise RuntimeError("the fused kernel needs Triton (pip install triton) and a CUDA device")
+    c = model.config
+    dtype, precision = _DTYPES[model.execution.dtype]
+    z = z.contiguous()
+    out = torch.empty_like(z)
+    S_, R, _ = z.shape
+    if R == 0:
+        return out
+    weights = _prepared_weights(model, dtype)
+    grid = (triton.cdiv(R, CONFIG["BLOCK_R"]), S_)
+    chunk = next(size for size in (CONFIG["HC"], 64, 32, 16) if c.hidden % size == 0)
+    _morph_kernel[grid](z, out, R, s0, c.n_morph_steps, *weights, D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD,
+                        L=c.n_layers, BLOCK_R=CONFIG["BLOCK_R"], HC=chunk,
+                        PRECISION=precision, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    return out
+
+
+def interpreted() -> bool:
+    """Whether Triton runs in its CPU interpreter (TRITON_INTERPRET=1, for tests without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

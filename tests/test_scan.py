@@ -1,0 +1,97 @@
+"""The list-independent lookup-table scan against brute force over the same static codebooks."""
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from faiss_rqmoe import scan
+
+
+def setup(n=3000, nlist=12, M=4, K=16, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centroids = rng.standard_normal((nlist, d)).astype(np.float32) * 3
+    books = rng.standard_normal((M, K, d)).astype(np.float32)
+    codes = rng.integers(0, K, (n, M))
+    lists = rng.integers(0, nlist, n)
+    ids = rng.choice(10**6, n, replace=False).astype(np.int64) - 500  # negative ids too
+    return centroids, books, codes, lists, ids
+
+
+def brute(xq, centroids, books, codes, lists, ids, probes, k, ip, keep=None):
+    """Exact distances to every stored vector of the probed lists: top-k (distances, ids) a query."""
+    recon = centroids[lists] + books[np.arange(books.shape[0]), codes].sum(1)
+    out_d, out_i = [], []
+    for q in range(len(xq)):
+        rows = np.nonzero(np.isin(lists, probes[q]) & (True if keep is None else keep))[0]
+        dist = recon[rows] @ xq[q] if ip else ((recon[rows] - xq[q]) ** 2).sum(1)
+        order = np.argsort(-dist if ip else dist, kind="stable")[:k]
+        out_d.append(np.pad(dist[order], (0, k - len(order)), constant_values=-np.inf if ip else np.inf))
+        out_i.append(np.pad(ids[rows][order], (0, k - len(order)), constant_values=-1))
+    return np.array(out_d), np.array(out_i)
+
+
+@pytest.mark.parametrize("ip", [False, True])
+@pytest.mark.parametrize("nprobe, k", [(1, 5), (3, 40), (12, 3000)])
+def test_scan_equals_brute_force(ip, nprobe, k):
+    centroids, books, codes, lists, ids = setup()
+    mirror = scan.CodeMirror(len(centroids), books.shape[0], 4, torch.device("cpu"), with_terms=not ip)
+    half = len(ids) // 2  # two segments, as two calls of add make
+    for part in (slice(0, half), slice(half, None)):
+        terms = None if ip else scan.vector_terms(torch.from_numpy(books), torch.from_numpy(centroids),
+                                                  torch.from_numpy(codes[part]), torch.from_numpy(lists[part])).numpy()
+        mirror.add(codes[part], lists[part], ids[part], terms)
+    assert len(mirror.segments) == 2 and mirror.ntotal == len(ids)
+    xq = np.random.default_rng(1).standard_normal((30, 8)).astype(np.float32) * 3
+    coarse_all = xq @ centroids.T if ip else ((xq[:, None] - centroids[None]) ** 2).sum(-1)
+    probes = np.argsort(-coarse_all if ip else coarse_all, axis=1)[:, :nprobe]
+    coarse = np.take_along_axis(coarse_all, probes, 1).astype(np.float32)
+    short = scan.scan(mirror, torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes),
+                      torch.from_numpy(coarse), k, ip)
+    D_ref, I_ref = brute(xq, centroids, books, codes, lists, ids, probes, k, ip)
+    np.testing.assert_allclose(short.distances.numpy(), D_ref, rtol=1e-4, atol=1e-3)
+    assert (short.ids.numpy() == I_ref).mean() > 0.95  # positions may swap between equal distances
+    assert (short.valid.numpy() == (I_ref != -1)).all()
+    # every candidate's list number and codes are its own, and it lies at the distance reported
+    recon = centroids[lists] + books[np.arange(books.shape[0]), codes].sum(1)
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    for q, j in zip(*np.nonzero(short.valid.numpy())):
+        r = row_of[int(short.ids[q, j])]
+        assert (lists[r], tuple(codes[r])) == (int(short.list_nos[q, j]), tuple(short.codes[q, j].tolist()))
+        true = recon[r] @ xq[q] if ip else ((recon[r] - xq[q]) ** 2).sum()
+        assert abs(true - float(short.distances[q, j])) <= 1e-3 + 1e-4 * abs(true)
+    mirror.compact()
+    again = scan.scan(mirror, torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes),
+                      torch.from_numpy(coarse), k, ip)
+    np.testing.assert_allclose(again.distances.numpy(), short.distances.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_selector_mask_matches_faiss_is_member():
+    ids = np.array([-7, 0, 3, 99, 100, 101, 5000], dtype=np.int64)
+    chosen = np.array([3, 100, -7], dtype=np.int64)
+    params = faiss.SearchParametersIVF(sel=faiss.IDSelectorRange(3, 100))  # holds its selector alive
+    selectors = [faiss.IDSelectorRange(0, 101), faiss.IDSelectorBatch(3, faiss.swig_ptr(chosen)),
+                 faiss.IDSelectorNot(faiss.IDSelectorRange(0, 101)),
+                 params.sel]  # the untyped selector a SearchParameters object hands back
+    for sel in selectors:
+        expected = np.array([bool(sel.is_member(int(i))) for i in ids])
+        np.testing.assert_array_equal(scan.selector_mask(sel, ids), expected)
+
+
+def test_scan_with_a_selector_keeps_only_selected_ids():
+    centroids, books, codes, lists, ids = setup(n=800)
+    mirror = scan.CodeMirror(len(centroids), books.shape[0], 4, torch.device("cpu"))
+    terms = scan.vector_terms(torch.from_numpy(books), torch.from_numpy(centroids), torch.from_numpy(codes),
+                              torch.from_numpy(lists)).numpy()
+    mirror.add(codes, lists, ids, terms)
+    sel = faiss.IDSelectorRange(0, 400_000)
+    masks = [torch.from_numpy(scan.selector_mask(sel, seg.ids_host)) for seg in mirror.segments]
+    xq = np.random.default_rng(2).standard_normal((10, 8)).astype(np.float32)
+    probes = np.tile(np.arange(len(centroids)), (10, 1))
+    coarse = ((xq[:, None] - centroids[None]) ** 2).sum(-1).astype(np.float32)
+    short = scan.scan(mirror, torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes),
+                      torch.from_numpy(coarse), 50, False, masks)
+    keep = (ids >= 0) & (ids < 400_000)
+    D_ref, I_ref = brute(xq, centroids, books, codes, lists, ids, probes, 50, False, keep)
+    found = short.ids.numpy()[short.valid.numpy()]
+    assert ((found >= 0) & (found < 400_000)).all()
+    np.testing.assert_allclose(short.distances.numpy(), D_ref, rtol=1e-4, atol=1e-3)
