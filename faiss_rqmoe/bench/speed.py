@@ -148,10 +148,37 @@ def measure_peers(peers: Path, d: int, M: int, device: torch.device, batches: Li
     return rows
 
 
+def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str) -> List[dict]:
+    """Decode vectors/s of the fused kernel for several tile sizes (rows a program, hidden chunk, warps)."""
+    from .. import kernels
+
+    config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
+    model = random_model(config, device).set_execution(kernel="triton", dtype=precision)
+    saved, rows = dict(kernels.CONFIG), []
+    try:
+        for block_r, chunk, warps, stages in ((32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2),
+                                              (64, 32, 4, 3), (128, 32, 8, 3), (64, 128, 8, 2)):
+            kernels.CONFIG.update(BLOCK_R=block_r, HC=chunk, num_warps=warps, num_stages=stages)
+            for batch in batches:
+                codes = torch.randint(0, config.K, (batch, config.M), device=device)
+                with torch.inference_mode():
+                    vps = _vps(batch, lambda: model.decode(codes), device)
+                rows.append({"tiles": dict(kernels.CONFIG), "precision": precision, "batch": batch,
+                             "decode_vps": vps})
+                logger.info("%s", rows[-1])
+    finally:
+        kernels.CONFIG.update(saved)
+    return rows
+
+
 def run_speed(args) -> dict:
     """The speed table on every requested device; see the module docstring."""
     devices = [resolve_device(d) for d in args.devices]
     result = {"kind": "speed", "meta": run_meta(args.argv, devices[-1]), "rows": []}
+    if args.sweep:
+        result["tile_sweep"] = [row for precision in args.precisions
+                                for row in sweep_kernel_tiles(devices[0], args.batches, precision)]
+        write_result(result, args.out)
     for device in devices:
         kernels = args.kernels if device.type == "cuda" else ["torch"]
         precisions = args.precisions if device.type == "cuda" else ["float32"]

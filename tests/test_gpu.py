@@ -1,0 +1,105 @@
+"""The GPU paths against the CPU ones: search end to end on CUDA, the code mirror kept in step, and the
+fused kernel against the torch path. Every test skips cleanly without CUDA (CI has none)."""
+import faiss
+import numpy as np
+import pytest
+import torch
+
+import faiss_rqmoe
+from faiss_rqmoe import RQMoE, RQMoEConfig, kernels
+
+from conftest import clustered
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TRAIN = dict(max_epochs=1, batch_size=256, progress=False, keep_rq_if_better=False)
+
+
+@pytest.fixture(scope="module")
+def pair(sift):
+    """The same trained index on the CPU and on the GPU."""
+    cpu = faiss_rqmoe.index_factory(128, "IVF16,RQMoE4x8_N2L2H32_centroid", device="cpu", **TRAIN)
+    cpu.train(sift.xt[:3000], sift.xval[:300])
+    cpu.add(sift.xb[:3000])
+    gpu = faiss_rqmoe.clone_index(cpu).to("cuda")
+    return cpu, gpu
+
+
+@cuda_only
+@pytest.mark.parametrize("nprobe, nshort", [(1, 10), (4, 50), (16, 3000)])
+def test_gpu_search_equals_the_cpu_path(pair, sift, nprobe, nshort):
+    cpu, gpu = pair
+    xq = sift.xq[:100]
+    params = {"nprobe": nprobe, "nshort": nshort}
+    D, I = cpu.search(xq, 10, params)
+    Dg, Ig = gpu.search(xq, 10, params)
+    # the same shortlists up to float32 rounding of the stored terms, and the same exact re-ranking
+    assert (Ig == I).mean() > 0.98
+    same = Ig == I
+    np.testing.assert_allclose(Dg[same], D[same], rtol=1e-4, atol=1e-2)
+
+
+@cuda_only
+def test_query_tensor_on_the_gpu_stays_there(pair, sift):
+    _, gpu = pair
+    xq = torch.from_numpy(sift.xq[:20]).cuda()
+    D, I = gpu.search(xq, 5, {"nprobe": 4, "nshort": 50})
+    assert D.device.type == I.device.type == "cuda"
+    Dn, In = gpu.search(sift.xq[:20], 5, {"nprobe": 4, "nshort": 50})
+    np.testing.assert_array_equal(I.cpu().numpy(), In)
+
+
+@cuda_only
+def test_add_remove_reset_keep_the_gpu_mirror_in_step(sift):
+    index = faiss_rqmoe.index_factory(128, "IVF8,RQMoE4x8_N2L1H32", device="cuda", **TRAIN)
+    index.train(sift.xt[:2000])
+    index.add(sift.xb[:500])
+    index.search(sift.xq[:5], 5)  # builds the mirror
+    index.add_with_ids(sift.xb[500:1000], np.arange(10_000, 10_500))
+    index.remove_ids(np.arange(0, 500, 2))
+    params = {"nprobe": 8, "nshort": 1000}
+    D, I = index.search(sift.xq[:30], 10, params)
+    stored = np.concatenate([np.arange(1, 500, 2), np.arange(10_000, 10_500)])
+    assert set(I.ravel()) <= set(stored)
+    reference = faiss.IndexIDMap(faiss.IndexFlatL2(128))
+    reference.add_with_ids(index.reconstruct_batch(stored), stored)
+    D_ref, I_ref = reference.search(sift.xq[:30], 10)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-4, atol=1e-2)
+    index.reset()
+    D, I = index.search(sift.xq[:3], 4)
+    assert (I == -1).all() and np.isinf(D).all()
+
+
+@cuda_only
+def test_selector_on_the_gpu_path(pair, sift):
+    _, gpu = pair
+    sel = faiss.IDSelectorRange(0, 100)
+    params = faiss.SearchParametersIVF(nprobe=16, sel=sel)
+    D, I = gpu.search(sift.xq[:50], 10, params=params)
+    found = I[I >= 0]
+    assert len(found) > 0 and ((found >= 0) & (found < 100)).all()
+
+
+@cuda_only
+@pytest.mark.skipif(not kernels.available(), reason="needs Triton")
+@pytest.mark.parametrize("condition, ctx", [("instruction", 0), ("instruction", 128), ("reconstruction", 0)])
+def test_fused_kernel_equals_the_torch_path(condition, ctx):
+    cfg = RQMoEConfig(128, 8, 8, n_experts=4, n_layers=2, hidden=256, condition=condition, ctx_dim=ctx)
+    torch.manual_seed(0)
+    model = RQMoE(cfg).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    codes = torch.randint(0, 256, (3000, 8), device="cuda")
+    ctx_vectors = torch.randn(3000, 128, device="cuda") if ctx else None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    reference = model.set_execution(kernel="torch").decode(codes, ctx=ctx_vectors)
+    x = torch.from_numpy(clustered(2000, d=128)).cuda() * 0.05
+    ctx_x = ctx_vectors[:2000] if ctx else None
+    codes_ref = model.encode(x, 16, ctx=ctx_x)
+    for dtype, tolerance in (("float32", 1e-4), ("tfloat32", 3e-3), ("bfloat16", 2e-2)):
+        model.set_execution(kernel="triton", dtype=dtype)
+        fused = model.decode(codes, ctx=ctx_vectors)
+        error = float((fused - reference).norm() / reference.norm())
+        assert error < tolerance, (dtype, error)
+    model.set_execution(kernel="triton", dtype="float32")
+    assert (model.encode(x, 16, ctx=ctx_x) == codes_ref).all(1).float().mean() > 0.99
