@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 import torch
 
-from . import lut, scan
+from . import distributed, lut, scan
 from .arrays import (as_id_list, as_ids, as_vectors, as_vectors_on, check_positive_int, fill_output,
                      returns_like, to_host)
 from .config import Condition, RQMoEConfig
@@ -370,7 +370,12 @@ class IndexRQMoE:
             xval = as_vectors(xval, self.d, "xval", allow_empty=False)
         start = time.perf_counter()
         pretrained_centroids = self.centroids if self.pretrained is not None else None
-        centroids = pretrained_centroids if pretrained_centroids is not None else self._train_coarse(x)
+        if pretrained_centroids is not None:
+            centroids = pretrained_centroids
+        else:  # under torch.distributed, k-means runs once, on rank 0, and every process takes its centroids
+            centroids = self._train_coarse(x) if distributed.rank_and_world()[0] == 0 else \
+                np.zeros((self.nlist, self.d), dtype=np.float32)
+            centroids = distributed.broadcast_array(centroids)
         quantizer = self._make_quantizer(centroids)
         list_nos, val_lists = self._assign(x, quantizer), self._assign(xval, quantizer)
         residuals, val_residuals = x - centroids[list_nos], xval - centroids[val_lists]
@@ -396,17 +401,21 @@ class IndexRQMoE:
         self.model = RQMoE(self.config, mem_budget_bytes=self.model.mem_budget_bytes,
                            execution=self.model.execution).to(self.device)
         start = time.perf_counter()
-        rq = train_faiss_rq(residuals, self.config.M, self.config.nbits, config.rq_beam, config.rq_train_type,
-                            config.rq_train_max, config.seed, config.progress)
+        if distributed.rank_and_world()[0] == 0:  # the faiss start is trained once and broadcast
+            rq = train_faiss_rq(residuals, self.config.M, self.config.nbits, config.rq_beam, config.rq_train_type,
+                                config.rq_train_max, config.seed, config.progress)
+            self.model.init_from_rq(rq, scale=float(np.abs(residuals).max()) or 1.0)
+        distributed.broadcast_module(self.model)
         rq_init_s = time.perf_counter() - start
-        scale = float(np.abs(residuals).max()) or 1.0
-        self.model.init_from_rq(rq, scale=scale)
+        rq_model = RQMoE(RQMoEConfig(**{**self.config.to_dict(), "condition": "none", "ctx_dim": 0})).to(self.device)
+        with torch.no_grad():
+            rq_model.codebooks.copy_(self.model.codebooks)
+            rq_model.scale.copy_(self.model.scale)
+            rq_model.initialized.fill_(True)
         self.train_history = train_rqmoe(self.model, residuals, val_residuals, config.replace(device=str(self.device)),
                                          ctx=ctx[0], ctx_val=ctx[1])
         self.train_history.rq_init_s = rq_init_s
         learned = self._val_mse(self.model, val_residuals, ctx[1])
-        rq_model = RQMoE(RQMoEConfig(**{**self.config.to_dict(), "condition": "none", "ctx_dim": 0})).to(self.device)
-        rq_model.init_from_rq(rq, scale=scale)
         start_mse = self._val_mse(rq_model, val_residuals, None, plain=True)
         self.train_history.learned_val_mse = learned
         self.train_history.rq_val_mse = start_mse

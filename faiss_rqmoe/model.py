@@ -274,7 +274,8 @@ class RQMoE(nn.Module):
                 raise ValueError(f"the fused kernel needs d a power of two >= 16 and hidden a multiple of 16, "
                                  f"got d={self.config.d}, hidden={self.config.hidden}; use kernel='torch'")
             return True
-        return z.is_cuda and kernels.available() and kernels.supports(self.config)
+        # exact float32 dots in Triton run without tensor cores, slower than cuBLAS: auto keeps them in torch
+        return z.is_cuda and self.execution.dtype != "float32" and kernels.available() and kernels.supports(self.config)
 
     def _morph(self, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
         """Mixture of experts applied to z: (S', B, d) for morphed steps s0..s1-1 -> (S', B, d)."""

@@ -22,6 +22,7 @@ JOBS = {
     "codec": "train or fit every codec on one split: MSE, recall@1/10/100, training time, encode/decode speed",
     "search": "our IVF index against faiss IVF-PQ, IVF-RQ and IVF-PQ FastScan+refine over an nprobe x nshort grid",
     "speed": "decode, encode and training vectors a second by batch size and execution strategy",
+    "build": "fill a trained index with an on-disk database in one add or in resumable shards: time and memory",
     "report": "print result files as markdown tables",
     "merge": "combine codec results measured on the same split into one file",
     "plot": "draw the figures of result files as PNG",
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--M", type=int, default=8, help="steps (bytes) a code (default 8)")
     speed.add_argument("--batches", type=int, nargs="+", default=[1024, 8192, 100_000], help="decode batch sizes")
     speed.add_argument("--kernels", nargs="+", default=["torch", "triton"], help="execution kernels on CUDA")
-    speed.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], help="matmul precisions on CUDA")
+    speed.add_argument("--precisions", nargs="+", default=["float32", "tfloat32", "bfloat16"],
+                       help="matmul precisions on CUDA")
     speed.add_argument("--n-encode", type=int, default=20_000, help="vectors encoded on a GPU")
     speed.add_argument("--train-steps", type=int, default=30, help="training steps timed on a GPU")
     speed.add_argument("--cpu-max-batch", type=int, default=8192, help="largest decode batch on a CPU")
@@ -89,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--threads", type=int, default=None, help="CPU threads for torch and faiss")
     speed.add_argument("--no-tf32", action="store_true", help="keep torch's float32 matmuls exact on CUDA")
     speed.add_argument("--out", default=None, help="JSON file to write the result to")
+    build = sub.add_parser("build", help=JOBS["build"], description=JOBS["build"])
+    build.add_argument("--index", required=True, help="a trained index file (write_index)")
+    build.add_argument("--vectors", required=True, help="the database: .npy, .fvecs or .bvecs")
+    build.add_argument("--mode", choices=["single", "sharded"], default="sharded", help="one add, or shards")
+    build.add_argument("--shard-size", type=int, default=131_072, help="rows a shard (default 131072)")
+    build.add_argument("--devices", nargs="+", default=["cpu"], help="one worker a device: cpu, cuda:0, ...")
+    build.add_argument("--work-dir", default="shards", help="where shard files go (and are resumed from)")
+    build.add_argument("--fresh", action="store_true", help="delete earlier shard files first")
+    build.add_argument("--out", default=None, help="JSON file to write the result to")
     merge = sub.add_parser("merge", help=JOBS["merge"], description=JOBS["merge"])
     merge.add_argument("files", nargs="+", help="codec result files")
     merge.add_argument("--out", required=True, help="the merged JSON file")
@@ -110,6 +121,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "build":
+        from .build import run_build
+        print(run_build(args)["rows"])
+        return 0
     if args.command in ("report", "merge", "plot"):
         from .report import run_merge, run_plot, run_report
         {"report": run_report, "merge": run_merge, "plot": run_plot}[args.command](args)
