@@ -70,7 +70,7 @@ def _greedy_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int],
                 idx, chosen = _select_all(model, m, codes[:, :m], residual, cond, groups)
             else:
                 candidates = _base_scores(book, residual).topk(n_candidates, dim=1, largest=False).indices
-                morphed = model.morph_candidates(m, book[candidates], cond)  # (b, A, d)
+                morphed = model.morph_candidates(m, candidates, cond)  # (b, A, d)
                 best = _residual_scores(morphed, residual).argmin(1)
                 idx = candidates[rows, best]
                 chosen = morphed[rows, best]
@@ -104,7 +104,7 @@ def _select_all(model: RQMoE, m: int, prefix: torch.Tensor, residual: torch.Tens
     first = torch.full((u,), b, dtype=torch.int64, device=prefix.device)
     first.scatter_reduce_(0, inverse, torch.arange(b, device=prefix.device), reduce="amin")
     cond_unique = None if cond is None else cond[first]
-    morphed = model.morph_candidates(m, model.codebooks[m].unsqueeze(0), cond_unique, n_rows=u)  # (u, K, d)
+    morphed = model.morph_candidates(m, None, cond_unique, n_rows=u)  # (u, K, d)
     norms = (morphed * morphed).sum(-1)  # (u, K)
     if u == b:  # every row its own codebook (later steps): score in key order, no copy of the (b, K, d) block
         scores = norms - 2 * torch.bmm(morphed, residual[first].unsqueeze(-1)).squeeze(-1)
@@ -142,10 +142,10 @@ def _beam_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: int, beam_size: in
         morphed_step = m >= c.first_morphed and c.n_morph_steps > 0
         if not morphed_step or A == K:
             candidates = torch.arange(K, device=device).expand(b * h, K)
-            base = book.unsqueeze(0)  # shared by all hypotheses
+            shared = None  # all K codewords, shared by all hypotheses
         else:
             candidates = _base_scores(book, flat).topk(A, dim=1, largest=False).indices  # (bh, A)
-            base = book[candidates]  # (bh, A, d)
+            shared = candidates
         if not morphed_step:
             scores = res_norms + _base_scores(book, flat)
             n_cand = K
@@ -156,7 +156,7 @@ def _beam_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: int, beam_size: in
             else:
                 cond = recon_cond(xs.unsqueeze(1) - residual, ctx_cond)
             cond = cond.reshape(b * h, cond.shape[-1])
-            words = model.morph_candidates(m, base, cond, n_rows=b * h)  # (bh, A, d)
+            words = model.morph_candidates(m, shared, cond, n_rows=b * h)  # (bh, A, d)
             scores = res_norms + _residual_scores(words, flat)
             n_cand = words.shape[1]
         keep = min(beam_size, h * n_cand)

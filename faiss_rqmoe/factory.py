@@ -107,7 +107,8 @@ def split_options(options: dict):
     return index_options, TrainConfig.from_options(options)
 
 
-def index_factory(d: int, description: str, metric: int = faiss.METRIC_L2, *, train_config=None, **options):
+def index_factory(d: int, description: str, metric: int = faiss.METRIC_L2, *, train_config=None,
+                  pretrained=None, **options):
     """Build an untrained IndexRQMoE from a description string (see the module grammar).
 
     d: vector dimension; metric: faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT.
@@ -117,8 +118,11 @@ def index_factory(d: int, description: str, metric: int = faiss.METRIC_L2, *, tr
     progress, batch_size, lr, ...) sets training, with
     ``train_encode_candidates`` for training's candidate count. Unknown
     names raise ValueError. ``train_config``: a whole ``TrainConfig`` instead
-    of training keywords. A description with no RQMoE codec is faiss's own
-    and returns ``faiss.index_factory(d, description, metric)``.
+    of training keywords. ``pretrained``: a shipped codec's name
+    (``faiss_rqmoe.pretrained_codecs.available()``) or family ("sift"), which
+    picks the codec matching the description; the index comes back trained
+    and empty. A description with no RQMoE codec is faiss's own and returns
+    ``faiss.index_factory(d, description, metric)``.
     """
     if isinstance(description, str) and "RQMoE" not in description:
         if options or train_config is not None:
@@ -129,6 +133,8 @@ def index_factory(d: int, description: str, metric: int = faiss.METRIC_L2, *, tr
         except RuntimeError as exc:
             raise ValueError(f"index_factory: faiss cannot build {description!r}: "
                              f"{str(exc).splitlines()[0]}\n(RQMoE descriptions: {GRAMMAR})") from None
+    if pretrained is not None:
+        return _pretrained_index(d, description, metric, pretrained, train_config, options)
     fields, nlist, hnsw_m = parse_description(description)
     if "ctx_dim" in fields:
         fields["ctx_dim"] = d
@@ -144,3 +150,17 @@ def index_factory(d: int, description: str, metric: int = faiss.METRIC_L2, *, tr
         options_config = train_config
     return IndexRQMoE(config, nlist=nlist, metric=metric, hnsw_m=hnsw_m, train_config=options_config,
                       auto_architecture=auto, **index_options)
+
+
+def _pretrained_index(d: int, description: str, metric: int, pretrained: str, train_config, options: dict):
+    from . import pretrained_codecs
+
+    name = pretrained if pretrained in pretrained_codecs.available() else \
+        pretrained_codecs.for_description(pretrained, description)
+    header = pretrained_codecs.describe(name)
+    if header["config"]["d"] != d or header["metric_type"] != metric:
+        raise ValueError(f"index_factory: the pretrained codec {name!r} is for d={header['config']['d']} and "
+                         f"metric {header['metric_type']}, not d={d} and metric {metric}")
+    if train_config is not None:
+        options = {**train_config.to_dict(non_default_only=True), **options}
+    return pretrained_codecs.load(name, **options)

@@ -287,7 +287,7 @@ class RQMoE(nn.Module):
                 return z + self._morph_delta(s0, s1, z).float()
         return z + self._morph_delta(s0, s1, z)
 
-    def _morph_delta(self, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
+    def _morph_delta(self, s0: int, s1: int, z: torch.Tensor, pre: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The experts' gate-weighted residual updates, Σ_n a_n (y_n - z): (S', B, d) -> (S', B, d).
 
         Σ_n a_n = 1, so the morphed codeword is z plus this, and it sums the
@@ -296,7 +296,8 @@ class RQMoE(nn.Module):
         is one product (all read z). With one layer, the last product runs over
         the gate-weighted hidden units of all experts at once; with more, each
         expert's state feeds its next layer, so they run expert by expert,
-        reading strided views of the shared first layer (no copies).
+        reading strided views of the shared first layer (no copies). pre: the
+        first layer's activations (S', B, (N+1)H) when the caller has them.
         """
         c = self.config
         S_, R, d = z.shape
@@ -306,8 +307,9 @@ class RQMoE(nn.Module):
         relu = torch.relu_ if inplace else torch.relu
         dropout = self.dropout if self.training and torch.is_grad_enabled() else 0.0
         drop = (lambda h: torch.nn.functional.dropout(h, dropout)) if dropout > 0 else (lambda h: h)  # noqa: E731
-        w_in, b_in = self._first_layer(s0, s1)
-        pre = relu(torch.baddbmm(b_in, z, w_in))  # (S', R, (N+1)H)
+        if pre is None:
+            w_in, b_in = self._first_layer(s0, s1)
+            pre = relu(torch.baddbmm(b_in, z, w_in))  # (S', R, (N+1)H)
         gate = torch.softmax(torch.baddbmm(self.gate_b2[s0:s1, None, :], pre[..., N * H:], self.gate_w2[s0:s1]),
                              dim=-1)  # (S', R, N)
         if self.training and torch.is_grad_enabled():
@@ -341,24 +343,54 @@ class RQMoE(nn.Module):
         z = self._project(s, s + 1, base.unsqueeze(0), None if cond is None else cond.unsqueeze(0))
         return self._morph(s, s + 1, z)[0]
 
-    def morph_candidates(self, m: int, base: torch.Tensor, cond: Optional[torch.Tensor],
-                         n_rows: Optional[int] = None) -> torch.Tensor:
-        """Morphed candidate codewords of step m for several conditioning rows.
+    def _codeword_tables(self, s: int):
+        """What the projection and the first layer make of step s's base codewords alone (inference):
+        z_c = C P_c + bias (K, d) and its first-layer pre-activations z_c W_in + b_in (K, (N+1)H).
+        Both are linear in the codeword, so a candidate's z and pre-activation are these rows plus its
+        conditioning row's share: encoding gathers them instead of multiplying every candidate."""
+        params = (self.codebooks, self.proj_code, self.proj_bias, self.expert_w1, self.expert_b1, self.gate_w1,
+                  self.gate_b1)
+        stamp = tuple((p.data_ptr(), p._version) for p in params)
+        key = ("codewords", s)
+        if key in self._fused_cache and self._fused_cache[key][0] == stamp:
+            return self._fused_cache[key][1]
+        m = s + self.config.first_morphed
+        w_in, b_in = self._first_layer(s, s + 1)
+        z_c = torch.addmm(self.proj_bias[s], self.codebooks[m], self.proj_code[s])  # (K, d)
+        tables = (z_c, torch.addmm(b_in[0, 0], z_c, w_in[0]))
+        self._fused_cache[key] = (stamp, tables)
+        return tables
 
-        base: (u, A, d) candidates a row, or (1, A, d) shared by all rows;
-        cond: (u, Dc) or None; n_rows: u where neither tensor says it.
-        The projection is linear, so it runs on the A codewords and the u
-        conditions apart and only the sum is broadcast to (u, A, d).
-        Returns (u, A, d).
+    def morph_candidates(self, m: int, candidates: Optional[torch.Tensor], cond: Optional[torch.Tensor],
+                         n_rows: Optional[int] = None) -> torch.Tensor:
+        """Morphed candidate codewords of step m for several conditioning rows (inference only).
+
+        candidates: (u, A) int64 codeword indices a row, or None for all K
+        codewords, shared by every row; cond: (u, Dc) or None; n_rows: u where
+        neither tensor says it. Returns (u, A, d). The codeword and the
+        conditioning enter linearly, so their shares of z and of the first
+        layer are computed apart (K rows and u rows) and only added per
+        candidate: no candidate pays the (d, (N+1)H) product.
         """
-        s = m - self.config.first_morphed
-        d = self.config.d
-        z = torch.matmul(base, self.proj_code[s]) + self.proj_bias[s]
+        c = self.config
+        s = m - c.first_morphed
+        z_c, pre_c = self._codeword_tables(s)
+        u = n_rows if n_rows is not None else (candidates.shape[0] if candidates is not None else cond.shape[0])
+        z = z_c.unsqueeze(0) if candidates is None else z_c[candidates]  # (1 or u, A, d)
+        pre = pre_c.unsqueeze(0) if candidates is None else pre_c[candidates]
         if cond is not None and cond.shape[-1] > 0:
-            z = z + torch.matmul(cond, self.proj_cond[s]).unsqueeze(1)
-        u = n_rows if n_rows is not None else z.shape[0]
-        z = z.expand(u, z.shape[1], d)
-        return self._morph(s, s + 1, z.reshape(1, -1, d))[0].reshape(u, -1, d)
+            z_r = cond @ self.proj_cond[s]  # (u, d)
+            w_in, _ = self._first_layer(s, s + 1)
+            z = z + z_r.unsqueeze(1)
+            pre = pre + (z_r @ w_in[0]).unsqueeze(1)
+        A = z.shape[1]
+        z = z.expand(u, A, c.d).reshape(1, u * A, c.d)
+        if self._use_triton(z):
+            from . import kernels
+            return kernels.morph(self, s, s + 1, z.contiguous())[0].reshape(u, A, c.d)
+        # the relu makes a new tensor: pre may still be the cached table itself
+        pre = torch.relu(pre.expand(u, A, pre.shape[-1]).reshape(1, u * A, -1))
+        return (z + self._morph_delta(s, s + 1, z, pre=pre))[0].reshape(u, A, c.d)
 
     # ----------------------------------------------------------------- decode
     def decode_steps(self, codes: torch.Tensor, ctx: Optional[torch.Tensor] = None) -> torch.Tensor:

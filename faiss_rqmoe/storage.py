@@ -84,6 +84,9 @@ def save_arrays(target: PathOrFile, arrays: Dict[str, np.ndarray], meta: dict) -
             np.savez(f, **payload)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it: mkstemp's files are private (0600)
         os.replace(tmp, path)
         tmp = None
     except OSError as exc:

@@ -596,10 +596,3 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
                 history.stop_reason, history.best_val_mse, history.best_epoch, history.init_val_mse)
     return history
 
-
-if __name__ == "__main__":  # python -m faiss_rqmoe.train / torchrun -m faiss_rqmoe.train
-    import sys
-
-    from faiss_rqmoe.train_cli import main
-
-    sys.exit(main())

@@ -26,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--description", required=True, help="the index's factory string, e.g. IVF1024,RQMoE8x8")
     parser.add_argument("--metric", choices=["l2", "ip"], default="l2", help="L2 or inner product (default l2)")
     parser.add_argument("--out", required=True, help="file to write the trained (empty) index to")
-    parser.add_argument("--encode-candidates", default="auto",
+    parser.add_argument("--encode-candidates", dest="index_encode_candidates", default="auto",
                         help="candidates a step when the index encodes added vectors ('auto', 'none' or a number)")
-    parser.add_argument("--encode-beam", default="auto", help="beam when the index encodes added vectors ('auto' or a number)")
+    parser.add_argument("--encode-beam", dest="index_encode_beam", default="auto", help="beam when the index encodes added vectors ('auto' or a number)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available; one GPU a process)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and faiss")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     if rank != 0:
         config = config.replace(progress=False)
     index = index_factory(ds.d, args.description, metric, train_config=config, device=device,
-                          encode_candidates=_number_or_word(args.encode_candidates),
-                          encode_beam=_number_or_word(args.encode_beam))
+                          encode_candidates=_number_or_word(args.index_encode_candidates),
+                          encode_beam=_number_or_word(args.index_encode_beam))
     start = time.perf_counter()
     index.train(ds.xt, ds.xval)
     if rank == 0:

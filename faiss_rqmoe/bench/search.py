@@ -75,9 +75,9 @@ def build_index(args, ds: datasets.Dataset, device: torch.device, result: dict):
     n_bytes = args.bytes[0]
     options = dict(device=device, encode_candidates=args.encode_candidates, encode_beam=args.encode_beam)
     if args.pretrained:
-        from ..pretrained import pretrained_index
+        from ..pretrained_codecs import load
 
-        index = pretrained_index(args.pretrained, device=device, **options)
+        index = load(args.pretrained, device=device, **options)
         description = f"pretrained:{args.pretrained}"
     else:
         description = _description(args, n_bytes)
