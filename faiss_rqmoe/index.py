@@ -340,7 +340,7 @@ class IndexRQMoE:
         kmeans = faiss.Kmeans(self.d, nlist, niter=20, seed=config.seed + 1234, spherical=False, verbose=False,
                               max_points_per_centroid=256)
         sample = min(len(x), 256 * nlist)
-        expected = sample * nlist * self.d * 20 / (0.3 * matmul_rate()) + 0.2
+        expected = sample * nlist * self.d * 20 / (0.05 * matmul_rate()) + 0.2  # faiss's k-means: ~5 % of a GEMM's rate
         with timed_stage(f"k-means IVF{nlist} ({sample} vectors)", expected, config.progress), \
                 folded_faiss_warnings(f"training IVF{nlist}"):
             kmeans.train(x)

@@ -34,6 +34,7 @@ CHECKPOINT_FORMAT = "faiss_rqmoe.checkpoint/1"
 LR_SCHEDULES = ("plateau", "cosine")
 OPTIMIZERS = ("adam", "adamw")
 RQ_TRAIN_TYPES = ("progressive_dim", "kmeans")
+RQ_AUTO_THRESHOLD = 50_000  # training vectors from which kmeans with beam 1 trains the RQ start better and faster
 AUTO = "auto"
 
 # What "auto" means where a default depends on the device: (cpu, cuda)
@@ -78,7 +79,9 @@ class TrainConfig:
     training: ``encode_candidates`` (None: exact; "auto": 16 on a CPU, 32 on
     a GPU). Start: faiss RQ trained on at most ``rq_train_max`` vectors with
     beam ``rq_beam`` and ``rq_train_type`` progressive_dim (faiss's default)
-    | kmeans. The index also reads ``lut_train_max``: vectors its lookup
+    | kmeans; "auto" for both is faiss's default (progressive_dim, beam 5)
+    below 50 000 training vectors and kmeans with beam 1 from there, which
+    measured better and several times faster (docs/experiments.md). The index also reads ``lut_train_max``: vectors its lookup
     tables are fitted on, and ``keep_rq_if_better``: keep the faiss RQ start
     when it encodes the validation vectors better than the learned codec.
     ``checkpoint_path``: written after every epoch and
@@ -101,8 +104,8 @@ class TrainConfig:
     balance_loss: float = 0.0
     encode_candidates: Union[int, str, None] = AUTO
     rq_train_max: int = 100_000
-    rq_beam: int = 5
-    rq_train_type: str = "progressive_dim"
+    rq_beam: Union[int, str] = AUTO
+    rq_train_type: str = AUTO
     lut_train_max: int = 200_000
     keep_rq_if_better: bool = True
     seed: int = 0
@@ -112,12 +115,14 @@ class TrainConfig:
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        for name in ("max_epochs", "batch_size", "lr_patience", "stop_patience", "rq_train_max", "rq_beam",
-                     "lut_train_max"):
+        for name in ("max_epochs", "batch_size", "lr_patience", "stop_patience", "rq_train_max", "lut_train_max"):
             set_(name, _as_optional(getattr(self, name), int, name, minimum=1))
             if getattr(self, name) is None:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got None")
         set_("epoch_size", _as_optional(self.epoch_size, int, "epoch_size", minimum=1))
+        set_("rq_beam", _as_optional(self.rq_beam, int, "rq_beam", minimum=1, allow_auto=True))
+        if self.rq_beam is None:
+            raise ValueError("TrainConfig.rq_beam must be an integer >= 1 or 'auto', got None")
         set_("seed", _as_optional(self.seed, int, "seed", minimum=0))
         set_("encode_candidates", _as_optional(self.encode_candidates, int, "encode_candidates", minimum=1,
                                                allow_auto=True))
@@ -131,7 +136,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dropout and warmup_fraction must be < 1, got {self.dropout}, "
                              f"{self.warmup_fraction}")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("optimizer", OPTIMIZERS),
-                              ("rq_train_type", RQ_TRAIN_TYPES)):
+                              ("rq_train_type", RQ_TRAIN_TYPES + (AUTO,))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.device is not None:
@@ -204,8 +209,10 @@ TRAIN_OPTION_HELP = {
     "encode_candidates": "candidates a step when training encodes its batches ('auto': 16 on a CPU, 32 on a "
                          "GPU; 'none': exact)",
     "rq_train_max": "training vectors for the faiss RQ start",
-    "rq_beam": "beam of the faiss RQ start's training (faiss's default: 5)",
-    "rq_train_type": "faiss RQ training: progressive_dim (faiss's default) or kmeans (faster)",
+    "rq_beam": "beam of the faiss RQ start's training ('auto': 5 below 50 000 training vectors, faiss's "
+               "default, else 1, which measured better there)",
+    "rq_train_type": "faiss RQ training: progressive_dim (faiss's default), kmeans (2-5x faster) or 'auto' "
+                     "(progressive_dim below 50 000 vectors, else kmeans)",
     "lut_train_max": "vectors the index's lookup tables are fitted on",
     "keep_rq_if_better": "keep the faiss RQ start when it encodes the validation vectors better",
     "seed": "random seed",
@@ -282,10 +289,14 @@ def reconstruction_mse(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[in
 
 # ------------------------------------------------------------------ the RQ start
 def expected_rq_train_s(n: int, d: int, M: int, K: int, beam: int, train_type: str) -> float:
-    """A rough forecast of faiss RQ training time on this machine (for the progress bar)."""
-    kmeans_macs = n * K * d * 25 * (2.5 if train_type == "progressive_dim" else 1.0)
-    beam_macs = n * beam * K * d * (M + 1) / 2
-    return M * (kmeans_macs + beam_macs) / (0.3 * matmul_rate()) + 0.5  # faiss's k-means reaches ~1/3 of a GEMM
+    """A forecast of faiss RQ training time on this machine, for the progress bar: per step, k-means on
+    at most 256 vectors a centroid and a beam encoding of the training set, with constants measured for
+    d=128, K=256 on a 2-core machine whose float32 products ran at 70 G multiply-adds a second, scaled
+    by this machine's rate (within about 2x of the real time)."""
+    work = d * K / (128 * 256)
+    kmeans_s = 6.1e-6 * min(n, 256 * K) * (7.0 if train_type == "progressive_dim" else 1.0)
+    beam_s = 1.9e-6 * n * beam
+    return M * work * (kmeans_s + beam_s) * 70e9 / matmul_rate() + 0.2
 
 
 def train_faiss_rq(xt: np.ndarray, M: int, nbits: int, beam: int = 5, train_type: str = "progressive_dim",
@@ -294,10 +305,15 @@ def train_faiss_rq(xt: np.ndarray, M: int, nbits: int, beam: int = 5, train_type
 
     beam: faiss's max_beam_size while training (faiss's default is 5);
     train_type: "progressive_dim" (faiss's default) or "kmeans" (plain
-    k-means a step, Train_default: several times faster). Returns the rq.
+    k-means a step, Train_default: several times faster); "auto" for either
+    resolves by the sample size (see TrainConfig). The returned rq encodes
+    with beam 5 (faiss's default) at least. Returns the rq.
     """
     import faiss
 
+    small = min(xt.shape[0], max_train) < RQ_AUTO_THRESHOLD
+    beam = (5 if small else 1) if beam == AUTO else beam
+    train_type = ("progressive_dim" if small else "kmeans") if train_type == AUTO else train_type
     if xt.shape[0] > max_train:
         rows = np.sort(np.random.default_rng(seed).choice(xt.shape[0], max_train, replace=False))
         xt = xt[rows]
@@ -310,7 +326,7 @@ def train_faiss_rq(xt: np.ndarray, M: int, nbits: int, beam: int = 5, train_type
     desc = f"faiss RQ{M}x{nbits} start ({len(xt)} vectors, beam {beam})"
     with timed_stage(desc, expected, progress), folded_faiss_warnings("training the faiss RQ start"):
         rq.train(np.ascontiguousarray(xt, dtype=np.float32))
-    rq.max_beam_size = beam  # also the encoding beam of rq.compute_codes
+    rq.max_beam_size = max(beam, 5)  # the encoding beam of rq.compute_codes: at least faiss's default
     return rq
 
 

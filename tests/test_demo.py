@@ -1,4 +1,4 @@
-"""The demo (README's first command) on a tiny split: its table, its saved file, its error messages."""
+"""The demo (README's first command) on a tiny split, and the command line around it."""
 import re
 import subprocess
 import sys
@@ -11,36 +11,44 @@ import faiss_rqmoe
 from faiss_rqmoe import __main__ as cli
 from faiss_rqmoe import datasets
 
-# (n_train, n_val, n_db, n_query, nlist, architecture, training seconds, encode candidates, LUT vectors)
-TINY = (1_500, 200, 2_000, 50, 8, "N1L1H16", 0.5, 4, 1_500)
-ROW = re.compile(r"^(IVF-RQ-MoE|IVF-RQ4x8|IVF-PQ4x8)\s+(\d+)\s+([\d.e+]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)$",
-                 re.MULTILINE)
+TINY = (2_000, 200, 2_000, 50)
+ROW = re.compile(r"^(IVF-RQ-MoE \(pretrained\), nshort (?:50|10)|faiss IVF-RQ8x8|faiss IVF-PQ8x8)\s+(\d+)\s+([\d.e+]+)"
+                 r"\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)$", re.MULTILINE)
 
 
 @pytest.fixture
 def tiny(monkeypatch):
-    monkeypatch.setitem(cli.SIZES, "quick", TINY)
+    monkeypatch.setattr(cli, "QUICK_SPLIT", TINY)
 
 
 def test_quick_demo_prints_the_table_and_saves_a_loadable_index(tiny, tmp_path, capsys):
     out = tmp_path / "demo.rqmoe"
-    assert cli.main(["demo", "--quick", "--bytes", "4", "--device", "cpu", "--out", str(out)]) == 0
+    assert cli.main(["demo", "--quick", "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert cli.TABLE_HEADER in printed
     rows = {m.group(1): m.groups()[1:] for m in ROW.finditer(printed)}
-    assert set(rows) == {"IVF-RQ-MoE", "IVF-RQ4x8", "IVF-PQ4x8"}, printed
+    assert len(rows) == 4, printed
     for code_bytes, mse, r1, r10, qps, _ in rows.values():
-        assert 4 <= int(code_bytes) <= 5  # 4 code bytes, + 1 norm byte for the additive quantizers
+        assert 8 <= int(code_bytes) <= 9  # 8 code bytes, + 1 norm byte for the additive quantizers
         assert 0 <= float(r1) <= float(r10) <= 1 and float(mse) > 0 and int(qps) > 0
-    assert f"faiss_rqmoe.read_index({str(out)!r})" in printed
+    assert f"faiss_rqmoe.read_index({str(out.resolve())!r})" in printed
+    assert "IVF-RQ-MoE against faiss IVF-RQ8x8: MSE" in printed
 
-    # the saved index loads and answers like the table says: recompute R@10 from the file
+    # the saved index loads and answers as the table says: recompute R@10 at nshort 50 from the file
     index = faiss_rqmoe.read_index(out, device="cpu")
     ds = datasets.load_small(n_train=TINY[0], n_val=TINY[1], n_db=TINY[2], n_query=TINY[3])
-    assert index.ntotal == TINY[2] and index.d == 128 and index.config.M == 4
-    _, I = index.search(ds.xq, 10)
+    assert index.ntotal == TINY[2] and index.d == 128 and index.pretrained == "sift-ivf1024-8B"
+    _, I = index.search(ds.xq, 10, {"nprobe": cli.NPROBE, "nshort": 50})
     recall_at_10 = float((I == ds.gt[:, :1]).any(axis=1).mean())
-    assert abs(recall_at_10 - float(rows["IVF-RQ-MoE"][3])) < 1e-3
+    assert abs(recall_at_10 - float(rows["IVF-RQ-MoE (pretrained), nshort 50"][3])) < 1e-3
+
+
+def test_the_default_output_path_is_printed_in_full(tiny, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert cli.main(["demo", "--quick", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    expected = tmp_path / "faiss_rqmoe_demo" / "demo_index.rqmoe"
+    assert expected.is_file() and str(expected.resolve()) in printed and "data cache:" in printed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is missing")
@@ -52,7 +60,7 @@ def test_missing_cuda_is_a_clear_error(tiny, tmp_path, capsys):
 
 def test_bad_bytes_is_a_clear_error(capsys):
     assert cli.main(["demo", "--quick", "--bytes", "0"]) == 2
-    assert "--bytes must be >= 1, got 0" in capsys.readouterr().err
+    assert "--bytes must be 8 or 16" in capsys.readouterr().err
 
 
 def test_missing_data_extra_names_the_install_command(tiny, monkeypatch, capsys):
@@ -65,17 +73,37 @@ def test_missing_data_extra_names_the_install_command(tiny, monkeypatch, capsys)
     assert "the SIFT data sets need OpenCV" in err and 'pip install -e ".[data]"' in err
 
 
-def test_faiss_few_points_warning_is_dropped_and_the_rest_passes(capfd):
-    import faiss
-
-    with cli._drop_from_stderr(cli._FAISS_FEW_POINTS):
-        faiss.Kmeans(8, 16, niter=2).train(np.random.default_rng(0).standard_normal((100, 8), dtype=np.float32))
-        print("still shown", file=sys.stderr, flush=True)
-    err = capfd.readouterr().err
-    assert "still shown" in err and "please provide at least" not in err
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "faiss_rqmoe", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_command_line_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "faiss_rqmoe", "demo", "--help"], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0 and "--quick" in result.stdout and "--bytes" in result.stdout
+def test_the_command_line_names_itself_and_has_help_everywhere():
+    top = run("--help")
+    assert top.returncode == 0 and top.stdout.startswith("usage: faiss-rqmoe") and "``" not in top.stdout
+    assert run("--version").stdout.strip() == f"faiss-rqmoe {faiss_rqmoe.__version__}"
+    demo = run("demo", "--help")
+    assert demo.returncode == 0 and "--quick" in demo.stdout and "--bytes" in demo.stdout
+    bench = run("bench", "--help")
+    assert bench.returncode == 0 and bench.stdout.startswith("usage: faiss-rqmoe bench")
+    for job in ("codec", "search", "speed", "build", "report", "merge", "plot"):
+        assert job in bench.stdout
+    search = run("bench", "search", "--help").stdout
+    # every option has a help line: no option line is followed directly by the next option
+    options = re.findall(r"^  (--[a-z0-9-]+)([^\n]*)\n(?!\s{10,}\S)", search, re.MULTILINE)
+    assert all(text.strip() for _, text in options), [name for name, text in options if not text.strip()]
+    assert run("train", "--help").stdout.startswith("usage: faiss-rqmoe train")
+    assert "sift-8B" in run("pretrained", "list").stdout
+
+
+def test_bench_through_the_main_command_line_equals_the_module(tmp_path):
+    out = tmp_path / "speed.json"
+    result = run("bench", "speed", "--devices", "cpu", "--methods", "QINCo1-shape", "--batches", "256",
+                 "--cpu-n-encode", "64", "--cpu-train-steps", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    import json
+
+    speed = json.loads(out.read_text())
+    assert speed["kind"] == "speed" and speed["meta"]["command"].startswith("python -m faiss_rqmoe.bench speed")
+    row = speed["rows"][0]
+    assert row["method"] == "QINCo1-shape" and row["batch"] == 256 and row["decode_vps"] > 0
+    assert set(row["encode_vps"]) == {"greedy16", "beam4x16", "exact"} and row["train_sps"] > 0
