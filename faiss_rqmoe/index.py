@@ -398,8 +398,10 @@ class IndexRQMoE:
             self.config = RQMoEConfig(**{**self.config.to_dict(), **auto_architecture(self.device, len(residuals))})
             logger.info("model size for %d training vectors on %s: %s", len(residuals), self.device,
                         auto_architecture(self.device, len(residuals)))
-        self.model = RQMoE(self.config, mem_budget_bytes=self.model.mem_budget_bytes,
-                           execution=self.model.execution).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # the networks' start follows the seed, not the caller's RNG
+            torch.manual_seed(config.seed)
+            self.model = RQMoE(self.config, mem_budget_bytes=self.model.mem_budget_bytes,
+                               execution=self.model.execution).to(self.device)
         start = time.perf_counter()
         if distributed.rank_and_world()[0] == 0:  # the faiss start is trained once and broadcast
             rq = train_faiss_rq(residuals, self.config.M, self.config.nbits, config.rq_beam, config.rq_train_type,
