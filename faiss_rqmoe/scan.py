@@ -28,8 +28,12 @@ from . import lut
 MAX_SEGMENTS = 8
 
 
-def code_dtype(nbits: int) -> torch.dtype:
-    """The narrowest torch dtype that holds one sub-code of nbits bits."""
+def code_dtype(nbits: int, device: torch.device) -> torch.dtype:
+    """How a mirror stores sub-codes: on a GPU the narrowest dtype that holds nbits bits; on the CPU
+    int64 positions m * K + i_m in the flattened (M * K) table, ready to gather (converting and offsetting
+    uint8 codes at every scan cost more than the gather itself on two cores)."""
+    if device.type == "cpu":
+        return torch.int64
     return torch.uint8 if nbits <= 8 else torch.int32
 
 
@@ -37,15 +41,29 @@ def code_dtype(nbits: int) -> torch.dtype:
 class Segment:
     """Stored vectors grouped by list: rows offsets[l]:offsets[l+1] belong to list l.
 
-    codes (n, M) uint8/int32, ids (n,) int64, terms (n,) float32 (L2) or None (IP), all on the scan
-    device; offsets (nlist+1,) int64 there too; ids_host (n,) int64 numpy for selectors.
-    """
+    codes (n, M) as ``code_dtype`` stores them (on the CPU already offset by m * K), ids (n,) int64,
+    terms (n,) float32 (L2) or None (IP), all on the scan device; offsets (nlist+1,) int64 there too;
+    ids_host (n,) int64 numpy for selectors."""
 
     codes: torch.Tensor
     ids: torch.Tensor
     terms: Optional[torch.Tensor]
     offsets: torch.Tensor
     ids_host: np.ndarray
+    K: int
+
+    @property
+    def offset(self) -> bool:
+        """Whether codes hold positions in the flattened table (m * K + i_m) rather than sub-codes."""
+        return self.codes.dtype == torch.int64
+
+    def sub_codes(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The sub-codes i_m (int64) of some rows (all without ``rows``)."""
+        codes = self.codes if rows is None else self.codes[rows]
+        codes = codes.long()
+        if self.offset:
+            codes = codes - torch.arange(codes.shape[-1], device=codes.device) * self.K
+        return codes
 
     @property
     def n(self) -> int:
@@ -88,7 +106,8 @@ class CodeMirror:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held: (M sub-code bytes + 8 id bytes + 4 term bytes) a vector + 8 (nlist+1) a segment."""
+        """Device bytes held: (M sub-codes + 8 id bytes + 4 term bytes) a vector + 8 (nlist+1) a segment; a
+        sub-code is 1 byte on a GPU (nbits <= 8), 8 on the CPU (see ``code_dtype``)."""
         return sum(s.nbytes for s in self.segments)
 
     def add(self, codes: np.ndarray, list_nos: np.ndarray, ids: np.ndarray, terms: Optional[np.ndarray]) -> None:
@@ -101,10 +120,14 @@ class CodeMirror:
         offsets = np.zeros(self.nlist + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         as_device = lambda a, dtype=None: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)  # noqa
+        dtype = code_dtype(self.nbits, self.device)
+        stored = codes[order].astype(np.int64)
+        if dtype == torch.int64:
+            stored += np.arange(self.M, dtype=np.int64) * (1 << self.nbits)
         self.segments.append(Segment(
-            codes=as_device(codes[order], code_dtype(self.nbits)), ids=as_device(ids[order]),
+            codes=as_device(stored, dtype), ids=as_device(ids[order]),
             terms=as_device(terms[order]) if self.with_terms else None, offsets=as_device(offsets),
-            ids_host=np.ascontiguousarray(ids[order])))
+            ids_host=np.ascontiguousarray(ids[order]), K=1 << self.nbits))
         if len(self.segments) > MAX_SEGMENTS:
             self.compact()
 
@@ -115,7 +138,7 @@ class CodeMirror:
         parts = self.segments
         list_nos = np.concatenate([np.repeat(np.arange(self.nlist), np.diff(s.offsets.cpu().numpy()))
                                    for s in parts])
-        codes = np.concatenate([s.codes.cpu().numpy() for s in parts])
+        codes = np.concatenate([s.sub_codes().cpu().numpy() for s in parts])
         ids = np.concatenate([s.ids_host for s in parts])
         terms = np.concatenate([s.terms.cpu().numpy() for s in parts]) if self.with_terms else None
         self.segments = []
@@ -182,15 +205,16 @@ def _segment_candidates(seg: Segment, luts: torch.Tensor, probes: torch.Tensor, 
     width = int(n_cand.max()) if B else 0
     if width == 0:
         empty = torch.empty(B, 0, device=device)
-        return empty, empty.long(), empty.long(), empty.long().reshape(B, 0, M)
+        return empty, empty.long(), empty.long(), torch.empty(B, 0, M, dtype=torch.int64, device=device)
     j = torch.arange(width, device=device).expand(B, width)
     probe_of = torch.searchsorted(ends_cum, j.contiguous(), right=True).clamp_(max=P - 1)  # (B, C)
     valid = j < n_cand.unsqueeze(1)
     first_of = (ends_cum - sizes).gather(1, probe_of)
     rows = torch.where(valid, starts.gather(1, probe_of) + j - first_of, torch.zeros_like(j))  # segment rows
-    codes = seg.codes[rows].long()  # (B, C, M)
-    flat = (codes + torch.arange(M, device=device) * K).reshape(B, width * M)
-    table = luts.reshape(B, M * K).gather(1, flat).reshape(B, width, M).sum(-1)  # Σ_m <q, T_m[i_m]>
+    flat = seg.codes[rows]  # (B, C, M)
+    if not seg.offset:
+        flat = flat.long() + torch.arange(M, device=device) * K
+    table = luts.reshape(B, M * K).gather(1, flat.reshape(B, width * M)).reshape(B, width, M).sum(-1)
     if inner_product:
         scores = coarse.gather(1, probe_of) + table
     else:
@@ -201,7 +225,7 @@ def _segment_candidates(seg: Segment, luts: torch.Tensor, probes: torch.Tensor, 
     best, where = scores.topk(top, dim=1, largest=inner_product)
     picked = rows.gather(1, where)
     return best, seg.ids[picked].masked_fill(~torch.isfinite(best), -1), probes.gather(1, probe_of.gather(1, where)), \
-        codes.gather(1, where.unsqueeze(-1).expand(B, top, M))
+        seg.sub_codes(picked)
 
 
 def scan(mirror: CodeMirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor,
