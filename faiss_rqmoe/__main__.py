@@ -62,30 +62,13 @@ def _timed_search(search, xq):
     return I, len(xq) / (time.perf_counter() - start)
 
 
-def _faiss_with_quantizer(kind: str, quantizer_centroids, d: int, n_bytes: int):
-    """faiss IVF-RQ (8-bit norms, as ours) or IVF-PQ over the given coarse centroids (not retrained)."""
-    import faiss
-
-    nlist = len(quantizer_centroids)
-    quantizer = faiss.IndexFlatL2(d)
-    quantizer.add(quantizer_centroids)
-    if kind == "RQ":
-        index = faiss.IndexIVFResidualQuantizer(quantizer, d, nlist, n_bytes, 8, faiss.METRIC_L2,
-                                                faiss.AdditiveQuantizer.ST_norm_qint8)
-    else:
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, n_bytes, 8)
-    index.own_fields = True
-    quantizer.this.disown()
-    return index
-
-
 def demo(args) -> int:
     """Run the demo; returns a process exit code."""
     try:
         import torch
 
         import faiss_rqmoe
-        from faiss_rqmoe import datasets, evaluation
+        from faiss_rqmoe import baselines, datasets, evaluation
         from faiss_rqmoe.devices import resolve_device
     except ImportError as exc:
         return _missing_dependency(exc)
@@ -130,17 +113,18 @@ def demo(args) -> int:
             rows.append((f"{label}, nshort {nshort}", index.code_size, mse, I, qps, build_s))
 
     print("- faiss at the same code size, over the same coarse centroids, trained on the same vectors:", flush=True)
-    for kind in ("RQ", "PQ"):
-        ref = _faiss_with_quantizer(kind, index.centroids, d, n_bytes)
+    for name, description in baselines.ivf_baselines(d, index.nlist, n_bytes, refine=False):
+        ref = baselines.build_ivf_baseline(description, d, centroids=index.centroids)
         start = time.perf_counter()
         ref.train(ds.xt)
         ref.add(ds.xb)
         ref_build_s = time.perf_counter() - start
-        ref.nprobe = NPROBE
+        ivf = baselines.ivf_part(ref)
+        ivf.nprobe = NPROBE
         I, qps = _timed_search(lambda xq: ref.search(xq, 10)[1], ds.xq)
         ref_mse = evaluation.mse(ds.xb, ref.reconstruct_n(0, ref.ntotal))
-        rows.append((f"faiss IVF-{kind}{n_bytes}x8", ref.code_size, ref_mse, I, qps, ref_build_s))
-        print(f"  faiss IVF-{kind}{n_bytes}x8 built in {ref_build_s:.1f} s", flush=True)
+        rows.append((f"faiss {name}", ivf.code_size, ref_mse, I, qps, ref_build_s))
+        print(f"  faiss {description} built in {ref_build_s:.1f} s", flush=True)
 
     print(f"\n{'quick' if args.quick else 'full'} run: IVF{index.nlist}, nprobe={NPROBE}, k=10; IVF-RQ-MoE re-ranks "
           f"nshort candidates with its decoder; torch threads={torch.get_num_threads()}, codec on {index.device}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Optional
 
 import numpy as np
 import torch
@@ -37,12 +36,17 @@ def _is_real_numpy(dtype: np.dtype) -> bool:
     return dtype != np.bool_ and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer))
 
 
-def _shape_error(name: str, shape, width: int) -> Optional[ValueError]:
-    if len(shape) != 2:
-        return ValueError(f"{name} must be a 2-D array of shape (n, {width}), got shape {tuple(shape)}")
-    if shape[1] != width:
-        return ValueError(f"{name} has {shape[1]} columns, expected d={width}")
-    return None
+def _check_layout(x, d: int, name: str, allow_empty: bool, real: bool) -> None:
+    """The checks every vector input passes: a real dtype (``real``, as the caller decided it), two
+    dimensions, d columns, and at least one row unless ``allow_empty``."""
+    if not real:
+        raise TypeError(f"{name} must be a real numeric array or tensor (float32), got dtype {x.dtype}")
+    if len(x.shape) != 2:
+        raise ValueError(f"{name} must be a 2-D array of shape (n, {d}), got shape {tuple(x.shape)}")
+    if x.shape[1] != d:
+        raise ValueError(f"{name} has {x.shape[1]} columns, expected d={d}")
+    if not allow_empty and x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: expected at least one vector of dimension {d}")
 
 
 def as_vectors(x, d: int, name: str = "x", allow_empty: bool = True) -> np.ndarray:
@@ -50,17 +54,10 @@ def as_vectors(x, d: int, name: str = "x", allow_empty: bool = True) -> np.ndarr
 
     x: numpy array, nested list or torch tensor (copied to the host).
     """
-    if isinstance(x, torch.Tensor):
-        if x.dtype not in _TORCH_REAL:
-            raise TypeError(f"{name} must be a real numeric array or tensor (float32), got dtype {x.dtype}")
+    if isinstance(x, torch.Tensor) and x.dtype not in _TORCH_REAL:
+        _check_layout(x, d, name, allow_empty, real=False)
     x = np.asarray(to_host(x))
-    if not _is_real_numpy(x.dtype):
-        raise TypeError(f"{name} must be a real numeric array or tensor (float32), got dtype {x.dtype}")
-    error = _shape_error(name, x.shape, d)
-    if error is not None:
-        raise error
-    if not allow_empty and x.shape[0] == 0:
-        raise ValueError(f"{name} is empty: expected at least one vector of dimension {d}")
+    _check_layout(x, d, name, allow_empty, real=_is_real_numpy(x.dtype))
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -72,13 +69,7 @@ def as_vectors_on(x, d: int, device: torch.device, name: str = "x", allow_empty:
     through the host. Same rules as ``as_vectors``."""
     if not isinstance(x, torch.Tensor):
         return torch.from_numpy(as_vectors(x, d, name, allow_empty)).to(device)
-    if x.dtype not in _TORCH_REAL:
-        raise TypeError(f"{name} must be a real numeric array or tensor (float32), got dtype {x.dtype}")
-    error = _shape_error(name, x.shape, d)
-    if error is not None:
-        raise error
-    if not allow_empty and x.shape[0] == 0:
-        raise ValueError(f"{name} is empty: expected at least one vector of dimension {d}")
+    _check_layout(x, d, name, allow_empty, real=x.dtype in _TORCH_REAL)
     x = x.detach().to(device=device, dtype=torch.float32)
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values")

@@ -41,10 +41,30 @@ class FaissCodec:
         return self.index.sa_decode(codes)
 
 
-def _rq(d: int, n_bytes: int, beam: int) -> faiss.Index:
+def _rq(d: int, n_bytes: int, beam: int, train_type: str = "progressive_dim", encode_beam=None) -> faiss.Index:
+    """A faiss RQ codec: trained with beam ``beam`` and ``train_type`` (progressive_dim is faiss's default,
+    kmeans plain k-means a step), encoding with ``encode_beam`` (default: the training beam)."""
     index = faiss.IndexResidualQuantizer(d, n_bytes, 8, faiss.METRIC_L2, faiss.AdditiveQuantizer.ST_decompress)
     index.rq.max_beam_size = beam
+    index.rq.train_type = {"progressive_dim": faiss.ResidualQuantizer.Train_progressive_dim,
+                           "kmeans": faiss.ResidualQuantizer.Train_default}[train_type]
+    if encode_beam is not None:
+        return _EncodeBeam(index, encode_beam)
     return index
+
+
+class _EncodeBeam:
+    """A faiss RQ index whose encoding beam differs from its training beam."""
+
+    def __init__(self, index, encode_beam: int):
+        self.index, self.encode_beam = index, encode_beam
+
+    def __getattr__(self, name):
+        return getattr(self.index, name)
+
+    def train(self, x):
+        self.index.train(x)
+        self.index.rq.max_beam_size = self.encode_beam
 
 
 def make_baselines(d: int, n_bytes: int) -> List:
@@ -55,6 +75,13 @@ def make_baselines(d: int, n_bytes: int) -> List:
         FaissCodec("opq", f"OPQ{n_bytes},PQ{n_bytes}x8", faiss.index_factory(d, f"OPQ{n_bytes},PQ{n_bytes}x8")),
         FaissCodec("rq1", f"RQ{n_bytes}x8 (beam 1)", _rq(d, n_bytes, 1)),
         FaissCodec("rq32", f"RQ{n_bytes}x8 (beam 32)", _rq(d, n_bytes, 32)),
+        # the start of our codecs: faiss's default recipe and the cheaper ones it is measured against
+        FaissCodec("rq-default", f"RQ{n_bytes}x8 (faiss default: progressive, beam 5)", _rq(d, n_bytes, 5)),
+        FaissCodec("rq-pd1", f"RQ{n_bytes}x8 (progressive, train beam 1, encode beam 5)",
+                   _rq(d, n_bytes, 1, encode_beam=5)),
+        FaissCodec("rq-km5", f"RQ{n_bytes}x8 (k-means, beam 5)", _rq(d, n_bytes, 5, "kmeans")),
+        FaissCodec("rq-km1", f"RQ{n_bytes}x8 (k-means, train beam 1, encode beam 5)",
+                   _rq(d, n_bytes, 1, "kmeans", encode_beam=5)),
         FaissCodec("lsq", f"LSQ{n_bytes}x8", faiss.IndexLocalSearchQuantizer(
             d, n_bytes, 8, faiss.METRIC_L2, faiss.AdditiveQuantizer.ST_decompress)),
     ]
@@ -155,6 +182,18 @@ def ivf_baselines(d: int, nlist: int, n_bytes: int, refine: bool = True) -> List
     if refine and d % (2 * n_bytes) == 0:
         rows.append((f"IVF-PQ{2 * n_bytes}x4fs+RFlat", f"IVF{nlist},PQ{2 * n_bytes}x4fs,RFlat"))
     return rows
+
+
+def build_ivf_baseline(description: str, d: int, centroids=None, metric: int = faiss.METRIC_L2) -> faiss.Index:
+    """An untrained faiss IVF index from its description; with ``centroids`` (nlist, d) float32 its coarse
+    quantizer holds them already, so ``train`` fits only the codec (the comparison is then the codec's)."""
+    index = faiss.index_factory(d, description, metric)
+    if centroids is not None:
+        ivf = ivf_part(index)
+        if len(centroids) != ivf.nlist:
+            raise ValueError(f"{description}: {len(centroids)} centroids for nlist={ivf.nlist}")
+        ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index
 
 
 def ivf_part(index: faiss.Index) -> faiss.IndexIVF:

@@ -46,11 +46,6 @@ class Condition(str, enum.Enum):
         """The name tables and plots print."""
         return {"instruction": "RQ-MoE", "reconstruction": "QINCo-style", "none": "RQ (ours, trained)"}[self.value]
 
-    @property
-    def factory_option(self) -> Optional[str]:
-        """The factory-string option that selects this mode (None: the default, RQ-MoE)."""
-        return {"instruction": None, "reconstruction": "qinco", "none": "rq"}[self.value]
-
 
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

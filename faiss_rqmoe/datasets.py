@@ -259,7 +259,8 @@ def wallpaper_descriptors(progress: bool = True) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """A fixed split: train xt, validation xval, database xb, queries xq (float32),
-    gt (nq, k_gt) int64: exact L2 nearest neighbours of each query in xb, nearest first."""
+    gt (nq, k_gt) int64: exact nearest neighbours of each query in xb, nearest first, for
+    ``metric`` ("l2", or "ip" for inner product)."""
 
     name: str
     xt: np.ndarray
@@ -267,6 +268,7 @@ class Dataset:
     xb: np.ndarray
     xq: np.ndarray
     gt: np.ndarray
+    metric: str = "l2"
 
     @property
     def d(self) -> int:
@@ -348,13 +350,15 @@ def load_wallpaper(n_train: int = 1_000_000, n_val: int = 10_000, n_db: int = 1_
 
 
 def load_dataset(name_or_path: str, gt_path=None, **split_sizes) -> Dataset:
-    """'default', 'small', 'wallpaper', a split written by export_split (.npz), or a vector file
+    """'default', 'small', 'wallpaper', 'text', a split written by export_split (.npz), or a vector file
     (.npy/.fvecs/.bvecs) split like the built-in sets (queries = first n_query rows, database = next
     n_db rows; gt_path, if given, must refer to those).
 
     split_sizes: n_train, n_val, n_db, n_query (for an .npz: at most the stored sizes).
     """
-    loaders = {"default": load_default, "small": load_small, "wallpaper": load_wallpaper}
+    from .textset import load_text
+
+    loaders = {"default": load_default, "small": load_small, "wallpaper": load_wallpaper, "text": load_text}
     if name_or_path in loaders:
         return loaders[name_or_path](**split_sizes)
     if Path(name_or_path).suffix == ".npz":
@@ -412,6 +416,7 @@ def export_split(ds: Dataset, path, n_train: Optional[int] = None, n_val: Option
     else:
         gt = ground_truth(parts["xb"], parts["xq"], k_gt)
     meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "name": name or ds.name, "dtype": np.dtype(dtype).name,
+            "metric": ds.metric,
             "n_train": n_train, "n_val": n_val, "n_db": n_db, "n_query": n_query, "k_gt": k_gt,
             "source": {"name": ds.name, "n_train": len(ds.xt), "n_val": len(ds.xval), "n_db": len(ds.xb),
                        "n_query": len(ds.xq)}}
@@ -449,4 +454,4 @@ def load_exported(path, n_train: Optional[int] = None, n_val: Optional[int] = No
     if len(parts["xb"]) < len(stored["xb"]):
         gt = ground_truth(parts["xb"], parts["xq"], gt.shape[1])
     return Dataset(meta["name"], parts["xt"], parts["xval"], parts["xb"], parts["xq"],
-                   np.ascontiguousarray(gt[:len(parts["xq"])], dtype=np.int64))
+                   np.ascontiguousarray(gt[:len(parts["xq"])], dtype=np.int64), meta.get("metric", "l2"))

@@ -100,7 +100,6 @@ def split_options(options: dict):
             options[field] = options.pop(alias)
     unknown = sorted(set(options) - set(TrainConfig.field_names()))
     if unknown:
-        known = sorted(INDEX_OPTIONS + tuple(TRAIN_ALIASES)) + TrainConfig.field_names()
         raise ValueError(f"index_factory: unknown option{'s' if len(unknown) > 1 else ''} {unknown}; "
                          f"index options: {list(INDEX_OPTIONS)}, training options: "
                          f"{list(TRAIN_ALIASES) + TrainConfig.field_names()}")

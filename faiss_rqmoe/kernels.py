@@ -11,7 +11,6 @@ float32. Without CUDA the module imports, and ``available()`` says False.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -21,8 +20,9 @@ try:
 except ImportError:  # CI and CPU-only installs: the torch path is used
     triton = None
 
-# Tile sizes (rows a program, hidden units a chunk, warps), chosen on an H200 (bench speed --sweep)
-CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 8, "num_stages": 2}
+# Tile sizes (rows a program, hidden units a chunk, warps, pipeline stages): the fastest of
+# `bench speed --sweep` on an H200 in bfloat16 (notebooks/results/speed_h200.json, tile_sweep)
+CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 2}
 N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at least
 
 
@@ -139,7 +139,3 @@ def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
                         PRECISION=precision, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
     return out
 
-
-def interpreted() -> bool:
-    """Whether Triton runs in its CPU interpreter (TRITON_INTERPRET=1, for tests without a GPU)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"

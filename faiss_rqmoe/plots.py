@@ -9,7 +9,9 @@ Result dicts, as loaded from JSON:
   (``"{method}@{bytes}"`` -> ``{"mse_per_step": [M floats], "history": {"time_s", "val_mse",
   "init_val_mse", ...}}``) for the learned codecs;
 - ``kind == "search"``: ``methods`` (name -> ``{"grid": [{"nprobe", "nshort"?, "R@1", "R@10",
-  "qps"}, ...]}``).
+  "qps"}, ...]}``);
+- ``kind == "speed"``: ``rows`` (dicts with ``method``, ``device``, ``kernel``?, ``precision``?,
+  ``batch``, ``decode_vps``).
 """
 from __future__ import annotations
 
@@ -161,6 +163,31 @@ def plot_training_curves(result: dict, path) -> Path:
     return _save(fig, path)
 
 
+def plot_speed(result: dict, path) -> Path:
+    """Decode vectors a second against batch size, one line per method and execution strategy, one
+    panel a device (log-log). Returns path (.png)."""
+    _check_kind(result, "speed")
+    lines: Dict[str, Dict[str, List[Tuple[int, float]]]] = {}
+    for row in result.get("rows", []):
+        label = " ".join(filter(None, [row["method"], row.get("kernel"), row.get("precision")]))
+        lines.setdefault(row["device"], {}).setdefault(label, []).append((int(row["batch"]), float(row["decode_vps"])))
+    if not lines:
+        raise ValueError("the result has no speed rows to plot")
+    fig, axes = _figure(len(lines))
+    for ax, (device, by_label) in zip(axes, sorted(lines.items())):
+        for label, points in sorted(by_label.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch (vectors decoded together)")
+        ax.set_ylabel("decoded vectors a second")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="x-small")
+        ax.set_title(_title(result, f"decode speed on {device}"), fontsize="medium")
+    return _save(fig, path)
+
+
 def _load(path) -> dict:
     path = Path(path)
     with open(path) as f:
@@ -188,6 +215,9 @@ def plot_all(result_paths: Iterable, out_dir) -> List[Path]:
                 written.append(plot_training_curves(result, out_dir / f"{stem}_training.png"))
         elif result["kind"] == "search":
             written.append(plot_recall_qps(result, out_dir / f"{stem}_recall_qps.png"))
-        else:
-            raise ValueError(f"{result_path}: unknown result kind {result['kind']!r}; expected 'codec' or 'search'")
+        elif result["kind"] == "speed":
+            written.append(plot_speed(result, out_dir / f"{stem}_speed.png"))
+        elif result["kind"] != "build":
+            raise ValueError(f"{result_path}: unknown result kind {result['kind']!r}; expected 'codec', 'search', "
+                             "'speed' or 'build'")
     return written

@@ -35,10 +35,6 @@ class FileFormatError(ValueError):
         self.kind = kind
 
 
-def _label(source) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else "<file object>"
-
-
 # ------------------------------------------------------------------ writing
 def _payload(arrays: Dict[str, np.ndarray], meta: dict) -> Dict[str, np.ndarray]:
     payload, table = {}, {}

@@ -568,6 +568,9 @@ def load_text(n_train: Optional[int] = None, n_val: int = 10_000, n_db: int = 10
     datasets.split computes: for unit vectors |q - x|^2 = 2 - 2 <q, x>, so the L2 neighbours are the
     inner-product neighbours, in the same order (check_unit_norm makes sure the rows are unit norm).
     """
+    import dataclasses
+
     data = text_embeddings(progress)
     check_unit_norm(data)
-    return datasets.split(TEXT_NAME, data, n_train, n_val, n_db, n_query, cache_gt=True)
+    split = datasets.split(TEXT_NAME, data, n_train, n_val, n_db, n_query, cache_gt=True)
+    return dataclasses.replace(split, metric="ip")

@@ -292,9 +292,9 @@ def expected_rq_train_s(n: int, d: int, M: int, K: int, beam: int, train_type: s
     """A forecast of faiss RQ training time on this machine, for the progress bar: per step, k-means on
     at most 256 vectors a centroid and a beam encoding of the training set, with constants measured for
     d=128, K=256 on a 2-core machine whose float32 products ran at 70 G multiply-adds a second, scaled
-    by this machine's rate (within about 2x of the real time)."""
+    by this machine's rate (within about 2x of the real time on the runs measured)."""
     work = d * K / (128 * 256)
-    kmeans_s = 6.1e-6 * min(n, 256 * K) * (7.0 if train_type == "progressive_dim" else 1.0)
+    kmeans_s = 6.1e-6 * min(n, 256 * K) * (12.0 if train_type == "progressive_dim" else 1.0)
     beam_s = 1.9e-6 * n * beam
     return M * work * (kmeans_s + beam_s) * 70e9 / matmul_rate() + 0.2
 

@@ -42,8 +42,9 @@ def test_turboquant_keeps_norm_and_mean():
 def test_make_baselines_names_and_sizes():
     codecs = baselines.make_baselines(16, 2)
     keys = [codec.key for codec in codecs]
-    assert keys == ["pq", "opq", "rq1", "rq32", "lsq", "rabitq", "turboquant"]
-    assert [codec.bytes_per_vector for codec in codecs[:5]] == [2.0] * 5
+    assert keys == ["pq", "opq", "rq1", "rq32", "rq-default", "rq-pd1", "rq-km5", "rq-km1", "lsq", "rabitq",
+                    "turboquant"]
+    assert [codec.bytes_per_vector for codec in codecs[:9]] == [2.0] * 9
     assert "rabitq" not in [codec.key for codec in baselines.make_baselines(16, 4)]
 
 
@@ -56,3 +57,13 @@ def test_faiss_rq_codec_round_trip():
     codes = codec.encode(x)
     assert codes.shape == (3000, 2) and codes.dtype == np.uint8
     assert evaluation.mse(x, codec.decode(codes)) < 0.9 * (x ** 2).sum(1).mean()
+
+
+def test_rq_recipes_train_with_one_beam_and_encode_with_another():
+    x = np.random.default_rng(5).standard_normal((2000, 8)).astype(np.float32)
+    codec = {c.key: c for c in baselines.make_baselines(8, 2)}["rq-km1"]
+    assert codec.index.rq.max_beam_size == 1
+    assert codec.index.rq.train_type == baselines.faiss.ResidualQuantizer.Train_default
+    codec.train(x)
+    assert codec.index.rq.max_beam_size == 5  # the database is encoded with faiss's default beam
+    assert codec.encode(x).shape == (2000, 2)

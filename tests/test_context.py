@@ -1,4 +1,4 @@
-"""The IVF-conditioned codec (DESIGN §3): a context vector per code (the IVF centroid) starts the
+"""The IVF-conditioned codec (docs/design.md, "Conditioning on the IVF centroid"): a context vector per code (the IVF centroid) starts the
 instruction stream, I_1 = A · ctx, or joins the QINCo-style partial reconstruction, and morphs step 1 too."""
 import faiss
 import numpy as np
@@ -40,7 +40,7 @@ def test_untrained_context_model_is_faiss_rq(condition):
 
 
 def test_decode_with_context_matches_hand_computed_steps():
-    """M=2, N=1, L=1: step 1 is morphed with I_1 = A·ctx, step 2 with I_2 = I_1 + E_1[i_1] (DESIGN §1, §3)."""
+    """M=2, N=1, L=1: step 1 is morphed with I_1 = A·ctx, step 2 with I_2 = I_1 + E_1[i_1] (docs/design.md, "The quantizer")."""
     cfg = RQMoEConfig(3, 2, 1, n_experts=1, n_layers=1, hidden=2, instr_dim=2, ctx_dim=3)
     model = perturb(RQMoE(cfg), scale=0.3)
     with torch.no_grad():

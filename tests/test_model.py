@@ -70,7 +70,7 @@ def test_inference_decode_equals_the_differentiable_one_bit_for_bit(condition):
 
 
 def test_decode_matches_hand_computed_single_step():
-    """M=2, N=1, L=1: the morphed codeword follows the formula of DESIGN.md §1."""
+    """M=2, N=1, L=1: the morphed codeword follows the formula of docs/design.md, "The quantizer"."""
     cfg = RQMoEConfig(3, 2, 1, n_experts=1, n_layers=1, hidden=2, instr_dim=2)
     model = perturb(RQMoE(cfg), scale=0.3)
     codes = torch.tensor([[1, 0]])

@@ -92,4 +92,5 @@ def test_benchmarks_runs_on_the_committed_results(monkeypatch):
     monkeypatch.setenv("FAISS_RQMOE_RESULTS", str(results))
     text = outputs_text(execute("benchmarks.ipynb"))  # merged files keep a list of metas: must still plot
     skipped = [line for line in text.splitlines() if line.startswith("skipping")]
-    assert "RQ-MoE" in text and skipped == ["skipping calibration_h100.json: not a benchmark result (kind=None)"]
+    assert "RQ-MoE" in text and skipped == []  # every committed file is of a kind the notebook shows
+    assert "| build_default200k_sharded_cpu | sharded | 200000 |" in text

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     codec = sub.choices["codec"]
     codec.add_argument("--methods", nargs="+",
                        default=["pq", "opq", "rq1", "rq32", "lsq", "rabitq", "turboquant", "rqmoe", "qinco", "rq-sgd"],
-                       help="codecs to run: pq opq rq1 rq32 lsq rabitq turboquant (static), rqmoe qinco rq-sgd (ours)")
+                       help="codecs to run: pq opq rq1 rq32 lsq rabitq turboquant (static), rqmoe qinco rq-sgd (ours), "
+                            "pretrained:NAME (a shipped flat codec, e.g. pretrained:sift-8B)")
     codec.add_argument("--static-train-max", type=int, default=None,
                        help="train static codecs on the first N training vectors only (LSQ is slow)")
     codec.add_argument("--exact-sample", type=int, default=10_000,

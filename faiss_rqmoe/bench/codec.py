@@ -32,7 +32,7 @@ LEARNED_KEYS = ("rqmoe", "qinco", "rq-sgd")
 
 def quality(ds: datasets.Dataset, recon: np.ndarray) -> dict:
     """MSE on the database and recall of exhaustive search over its reconstructions."""
-    _, I = evaluation.knn_search_exhaustive(recon, ds.xq, 100)
+    _, I = evaluation.knn_search_exhaustive(recon, ds.xq, 100, ds.metric)
     row = {"mse": evaluation.mse(ds.xb, recon)}
     row.update(evaluation.recall_at(I, ds.gt, ks=(1, 10, 100)))
     return row
@@ -107,6 +107,24 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
     return row, extras
 
 
+def pretrained_row(name: str, ds: datasets.Dataset, args, device: torch.device) -> tuple:
+    """A shipped flat codec (e.g. sift-8B) measured on this split as it is: no training. Returns (row, extras)."""
+    from ..pretrained_codecs import load
+
+    index = load(name, device=device)
+    if index.nlist != 1:
+        raise ValueError(f"bench codec measures flat codecs; {name} is an IVF codec (use bench search --pretrained)")
+    model = index.model.set_execution(kernel=args.kernel, dtype=args.precision)
+    candidates, beam = args.encode_candidates, args.encode_beam
+    codes, encode_s = timed(lambda: model.encode(ds.xb, candidates, beam), device, warmup=False)
+    recon, decode_s = timed(lambda: model.decode(codes), device)
+    row = {"method": f"pretrained {name}", "bytes": float(index.config.code_size), "train_s": 0.0,
+           "encode_vps": len(ds.xb) / encode_s, "decode_vps": len(ds.xb) / decode_s, "config": index.config.to_dict(),
+           "encode_candidates": candidates, "encode_beam": beam}
+    row.update(quality(ds, recon.cpu().numpy()))
+    return row, {"mse_per_step": mse_per_step(model, ds.xb[:20_000], codes[:20_000])}
+
+
 def run_codec(args) -> dict:
     """The codec table: every requested method at every requested code size."""
     device = resolve_device(args.device)
@@ -116,7 +134,13 @@ def run_codec(args) -> dict:
     for n_bytes in args.bytes:
         static = {codec.key: codec for codec in baselines.make_baselines(ds.d, n_bytes)}
         for key in args.methods:
-            if key in LEARNED_KEYS:
+            if key.startswith("pretrained:"):
+                name = key.split(":", 1)[1]
+                if int(name.rsplit("-", 1)[-1].rstrip("B")) != n_bytes:
+                    continue
+                row, extras = pretrained_row(name, ds, args, device)
+                result["extras"][f"{row['method']}@{n_bytes}"] = extras
+            elif key in LEARNED_KEYS:
                 logger.info("%d bytes: training %s", n_bytes, Condition.parse(key).display_name)
                 row, extras = learned_row(key, ds, n_bytes, args, device)
                 result["extras"][f"{row['method']}@{n_bytes}"] = extras

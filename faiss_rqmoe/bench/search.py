@@ -22,7 +22,7 @@ from .. import baselines, datasets, evaluation
 from ..devices import resolve_device
 from ..factory import index_factory
 from ..io import read_index, write_index
-from .meta import dataset_meta, load_split, run_meta, write_result
+from .meta import dataset_meta, faiss_metric, load_split, run_meta, write_result
 from .options import train_config_from_args
 
 logger = logging.getLogger("faiss_rqmoe.bench")
@@ -47,17 +47,17 @@ def qps_grid(search, xq, gt: np.ndarray, grid: List[dict]) -> List[dict]:
     return rows
 
 
-def build_faiss_baselines(args, ds: datasets.Dataset, n_bytes: int) -> Dict[str, tuple]:
-    """faiss IVF indexes at the same nlist and code size, trained and filled: name -> (index, train_s)."""
+def build_faiss_baselines(args, ds: datasets.Dataset, n_bytes: int, nlist: int) -> Dict[str, tuple]:
+    """faiss IVF indexes at our index's nlist and code size, trained and filled: name -> (index, train_s, mse)."""
     built = {}
-    for name, description in baselines.ivf_baselines(ds.d, args.nlist, n_bytes, refine=not args.no_refine):
+    for name, description in baselines.ivf_baselines(ds.d, nlist, n_bytes, refine=not args.no_refine):
         logger.info("training faiss %s", description)
-        ref = faiss.index_factory(ds.d, description)
+        ref = baselines.build_ivf_baseline(description, ds.d, metric=faiss_metric(ds))
         start = time.perf_counter()
         ref.train(ds.xt[:args.faiss_train_max])
         train_s = time.perf_counter() - start
         ref.add(ds.xb)
-        built[name] = (ref, train_s)
+        built[name] = (ref, train_s, evaluation.mse(ds.xb, ref.reconstruct_n(0, ref.ntotal)))
     return built
 
 
@@ -77,11 +77,16 @@ def build_index(args, ds: datasets.Dataset, device: torch.device, result: dict):
     if args.pretrained:
         from ..pretrained_codecs import load
 
-        index = load(args.pretrained, device=device, **options)
+        training = train_config_from_args(args, device).to_dict(non_default_only=True)
+        training.pop("device", None)
+        if "encode_candidates" in training:  # the factory's name for training's own candidate count
+            training["train_encode_candidates"] = training.pop("encode_candidates")
+        index = load(args.pretrained, **options, **training)
         description = f"pretrained:{args.pretrained}"
     else:
         description = _description(args, n_bytes)
-        index = index_factory(ds.d, description, train_config=train_config_from_args(args, device), **options)
+        index = index_factory(ds.d, description, faiss_metric(ds), train_config=train_config_from_args(args, device),
+                              **options)
     index.model.mem_budget_bytes = args.mem_budget_gib << 30
     index.model.set_execution(kernel=args.kernel, dtype=args.precision)
     start = time.perf_counter()
@@ -101,19 +106,19 @@ def _save_bundle(path: Path, index, refs: Dict[str, tuple], ds: datasets.Dataset
     """Everything a search benchmark needs without the data set: our index, faiss's, queries, truth."""
     path.mkdir(parents=True, exist_ok=True)
     write_index(index, path / "index.rqmoe")
-    for name, (ref, _) in refs.items():
+    for name, (ref, _, _) in refs.items():
         faiss.write_index(ref, str(path / f"{name}{BASELINE_SUFFIX}"))
     np.save(path / "xq.npy", ds.xq)
     np.save(path / "gt.npy", ds.gt)
-    meta = dict(meta, baselines={name: train_s for name, (_, train_s) in refs.items()})
+    meta = dict(meta, baselines={name: [train_s, mse] for name, (_, train_s, mse) in refs.items()})
     (path / "bundle.json").write_text(json.dumps(meta, indent=1))
 
 
 def _load_bundle(path: Path, device: torch.device):
     meta = json.loads((path / "bundle.json").read_text())
     index = read_index(path / "index.rqmoe", device=device)
-    refs = {name: (faiss.read_index(str(path / f"{name}{BASELINE_SUFFIX}")), train_s)
-            for name, train_s in meta["baselines"].items()}
+    refs = {name: (faiss.read_index(str(path / f"{name}{BASELINE_SUFFIX}")), *values)
+            for name, values in meta["baselines"].items()}
     return index, refs, np.load(path / "xq.npy"), np.load(path / "gt.npy"), meta
 
 
@@ -130,7 +135,7 @@ def run_search(args) -> dict:
         xq, gt = ds.xq, ds.gt
         result["dataset"] = dataset_meta(ds)
         index = build_index(args, ds, device, result)
-        refs = build_faiss_baselines(args, ds, args.bytes[0]) if not args.no_baselines else {}
+        refs = build_faiss_baselines(args, ds, index.config.code_size, index.nlist) if not args.no_baselines else {}
         if args.save_bundle:
             _save_bundle(Path(args.save_bundle), index, refs, ds,
                          {"dataset": result["dataset"], "built_on": result["meta"], "train_s": result["train_s"]})
@@ -145,7 +150,7 @@ def run_search(args) -> dict:
         return index.search(q, K, params=params)[1]
 
     grid = [{"nprobe": p, "nshort": s} for p in args.nprobe for s in args.nshort]
-    result["methods"]["IVF-RQ-MoE"] = {"config": index.config.to_dict(), "device": str(device),
+    result["methods"]["IVF-RQ-MoE"] = {"config": index.config.to_dict(), "device": str(device), "mse": result.get("mse"),
                                        "bytes": index.code_size, "grid": qps_grid(ours, queries, gt, grid)}
     write_result(result, args.out)
     if args.cpu_points and device.type == "cuda":
@@ -154,7 +159,7 @@ def run_search(args) -> dict:
         result["methods"]["IVF-RQ-MoE (CPU path)"] = {"config": index.config.to_dict(), "device": "cpu",
                                                       "bytes": index.code_size, "grid": qps_grid(ours, xq, gt, points)}
         write_result(result, args.out)
-    for name, (ref, train_s) in refs.items():
+    for name, (ref, train_s, ref_mse) in refs.items():
         refine = isinstance(faiss.downcast_index(ref), faiss.IndexRefine)
         factors = args.refine_k_factors if refine else [1]
 
@@ -163,7 +168,8 @@ def run_search(args) -> dict:
                                                                      params.get("k_factor", 1)))[1]
 
         points = [dict({"nprobe": p}, **({"k_factor": f} if refine else {})) for p in args.nprobe for f in factors]
-        result["methods"][name] = {"train_s": train_s, "bytes": baselines.stored_bytes(ref), "device": "cpu",
+        result["methods"][name] = {"train_s": train_s, "mse": ref_mse, "bytes": baselines.stored_bytes(ref),
+                                   "device": "cpu",
                                    "grid": qps_grid(search, xq, gt, points)}
         write_result(result, args.out)
     return result

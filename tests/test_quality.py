@@ -1,0 +1,33 @@
+"""Never worse than faiss's residual quantizer at the same bytes, even where learning cannot help."""
+import warnings
+
+import faiss
+import numpy as np
+import pytest
+
+import faiss_rqmoe
+from faiss_rqmoe import evaluation
+
+
+@pytest.mark.parametrize("description", ["RQMoE4x6_N2L1H16", "IVF4,RQMoE4x6_N2L1H16"])
+def test_the_index_is_never_worse_than_faiss_rq_on_structureless_data(description):
+    """Gaussian noise has nothing for the networks to learn; a second of training cannot beat the RQ start.
+    The index must then keep that start, which is faiss's own RQ (same data, same recipe, same beam)."""
+    rng = np.random.default_rng(0)
+    xt, xval, xb = (rng.standard_normal((n, 32)).astype(np.float32) for n in (4000, 500, 2000))
+    index = faiss_rqmoe.index_factory(32, description, max_epochs=1, progress=False, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the index says it kept its start; that is the point
+        index.train(xt, xval)
+    index.add(xb)
+    ours = evaluation.mse(xb, index.reconstruct_n())
+    if index.nlist == 1:
+        reference = faiss.IndexResidualQuantizer(32, 4, 6)  # faiss's defaults: progressive training, beam 5
+    else:
+        quantizer = faiss.IndexFlatL2(32)
+        quantizer.add(index.centroids)  # the same coarse quantizer: the comparison is the codec's
+        reference = faiss.IndexIVFResidualQuantizer(quantizer, 32, index.nlist, 4, 6)
+    reference.train(xt)
+    reference.add(xb)
+    theirs = evaluation.mse(xb, reference.reconstruct_n(0, reference.ntotal))
+    assert ours <= theirs * (1 + 1e-3), (ours, theirs)
