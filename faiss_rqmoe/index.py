@@ -95,7 +95,8 @@ class IndexRQMoE:
     """A compressed vector index with the FAISS interface, backed by an RQ-MoE codec.
 
     config: the codec (d, M, nbits, architecture). nlist: inverted lists;
-    0 builds the flat variant (one list, every code scanned). metric:
+    0 builds the flat variant (one list, centred on the training mean,
+    every code scanned). metric:
     faiss.METRIC_L2 or faiss.METRIC_INNER_PRODUCT. hnsw_m: > 0 uses an HNSW
     coarse quantizer with that many links (on the CPU path; a GPU assigns
     exactly). nprobe: lists probed a query; nshort: shortlist re-ranked by
@@ -328,10 +329,12 @@ class IndexRQMoE:
         return quantizer.search(x, 1)[1][:, 0]
 
     def _train_coarse(self, x: np.ndarray) -> np.ndarray:
-        """The nlist centroids (nlist, d) float32: faiss k-means on x, or one zero centroid when flat."""
+        """The nlist centroids (nlist, d) float32: faiss k-means on x, or, when flat, the mean of x (what
+        faiss's IVF1 finds): the codec then encodes centred vectors, which matters for data far from the
+        origin, e.g. sentence embeddings."""
         nlist, config = self.nlist, self.train_config
         if self._nlist <= 1:
-            return np.zeros((1, self.d), dtype=np.float32)
+            return x.mean(0, dtype=np.float64, keepdims=True).astype(np.float32)
         if len(x) < nlist:
             raise ValueError(f"training IVF{nlist} needs at least nlist={nlist} vectors, got {len(x)}")
         if len(x) < 30 * nlist:

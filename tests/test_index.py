@@ -52,8 +52,12 @@ def test_exhaustive_search_equals_brute_force_over_reconstructions(sift, which, 
 def test_flat_variant_scans_everything(sift):
     index = build(sift, "RQMoE4x8_N2L1H32", n_db=1500)
     D, I = index.search(sift.xq[:30], 5, params={"nshort": index.ntotal})
-    D_ref, I_ref = brute_force(index.reconstruct_n(0, index.ntotal), sift.xq[:30], 5, faiss.METRIC_L2)
-    assert (I == I_ref).mean() > 0.99
+    recon = index.reconstruct_n(0, index.ntotal)
+    D_ref, I_ref = brute_force(recon, sift.xq[:30], 5, faiss.METRIC_L2)
+    assert (I == I_ref).mean() > 0.95  # the rest: near ties, ordered differently by float rounding
+    exact = ((sift.xq[:30, None, :] - recon[I]) ** 2).sum(-1)  # true distances of what the search returned
+    np.testing.assert_allclose(exact, D_ref, rtol=1e-4)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-4)
     assert index.sa_code_size() == 4 + 1  # 4 bytes of codes + 1 norm byte, no list number
 
 
