@@ -1,4 +1,4 @@
-"""The command line: faiss-rqmoe (or python -m faiss_rqmoe) demo | bench | train | pretrained."""
+"""The command line: faiss-rqmoe (or python -m faiss_rqmoe) demo | data | bench | train | pretrained."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,7 @@ RQ-MoE (Residual Quantization via Mixture of Experts) as a drop-in FAISS index.
 
   faiss-rqmoe demo --quick        a pretrained SIFT codec against faiss IVF-RQ and IVF-PQ (about a minute on 2 cores)
   faiss-rqmoe demo                the same, training the codec from scratch (a few minutes)
+  faiss-rqmoe data NAME           build (once, offline) and cache a data set: default, wallpaper, text
   faiss-rqmoe bench JOB ...       the benchmark: codec, search, speed, build, report, merge, plot
   faiss-rqmoe train ...           train an index's codec on a data set and save it (torchrun-ready)
   faiss-rqmoe pretrained list     the pretrained codecs shipped with the package
@@ -150,6 +151,40 @@ def demo(args) -> int:
     return 0
 
 
+DATA_SETS = {  # name: (what it is, the extra or packages its build needs)
+    "default": ("SIFT on the photos scikit-image ships (about a minute)", 'pip install -e ".[data]"'),
+    "wallpaper": ("SIFT on Debian's wallpaper packages (about 20 minutes on 2 cores)",
+                  'pip install -e ".[data]" and the wallpaper packages its error message names'),
+    "text": ("all-MiniLM-L6-v2 embeddings of Debian package descriptions and manual pages (1-2 hours on 2 cores)",
+             'pip install -e ".[text]" and the manual-page packages its error message names'),
+}
+
+
+def build_data(args) -> int:
+    """faiss-rqmoe data NAME: build the data set NAME into the cache (or find it there) and describe it."""
+    import logging
+
+    from . import datasets
+
+    logging.getLogger("faiss_rqmoe").setLevel(logging.INFO)
+    what, needs = DATA_SETS[args.name]
+    print(f"{args.name}: {what}; cache: {datasets.cache_dir()}", flush=True)
+    try:
+        if args.name == "text":
+            from . import textset
+
+            data, info = textset.text_embeddings(progress=True), datasets.build_info(textset.TEXT_NAME)
+        else:
+            build = datasets.default_descriptors if args.name == "default" else datasets.wallpaper_descriptors
+            name = datasets.DEFAULT_NAME if args.name == "default" else datasets.WALLPAPER_NAME
+            data, info = build(progress=True), datasets.build_info(name)
+    except ImportError as exc:
+        return _fail(f"{exc}\nbuilding the {args.name} set needs: {needs}")
+    print(f"{args.name}: {data.shape[0]} vectors of {data.shape[1]} dimensions, {data.dtype}"
+          + (f", built in {info['build_s']:.0f} s" if info and "build_s" in info else ""))
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -175,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of codec training without --quick (default: the library's, 30 s on a CPU)")
     p.add_argument("--out", default=None,
                    help="where to save the index (default: a faiss_rqmoe_demo folder in the temporary directory)")
+    p = sub.add_parser("data", help="build and cache a data set (default, wallpaper, text)",
+                       description="Build a data set offline, once, into the cache (FAISS_RQMOE_CACHE, default "
+                                   "~/.cache/faiss_rqmoe); the benchmark's --dataset NAME then loads it. "
+                                   "Already built: prints its size.")
+    p.add_argument("name", choices=sorted(DATA_SETS), help="which set")
     for name, helptext in (("bench", "the benchmark (faiss-rqmoe bench --help)"),
                            ("train", "train an index's codec and save it (faiss-rqmoe train --help)"),
                            ("pretrained", "list or export pretrained codecs (faiss-rqmoe pretrained --help)")):
@@ -201,7 +241,7 @@ def main(argv=None) -> int:
         return run(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return demo(args)
+    return build_data(args) if args.command == "data" else demo(args)
 
 
 if __name__ == "__main__":

@@ -107,3 +107,19 @@ def test_bench_through_the_main_command_line_equals_the_module(tmp_path):
     row = speed["rows"][0]
     assert row["method"] == "QINCo1-shape" and row["batch"] == 256 and row["decode_vps"] > 0
     assert set(row["encode_vps"]) == {"greedy16", "beam4x16", "exact"} and row["train_sps"] > 0
+
+
+def test_data_builds_into_the_cache_and_reports_the_set(sift, capsys, monkeypatch):
+    assert cli.main(["data", "default"]) == 0  # the sift fixture built it: this only reads the cache
+    out = capsys.readouterr().out
+    data = datasets.default_descriptors(progress=False)
+    assert f"default: {data.shape[0]} vectors of 128 dimensions, uint8" in out and str(datasets.cache_dir()) in out
+
+    def no_opencv(progress=True):
+        raise ImportError("the SIFT data sets need OpenCV")
+
+    monkeypatch.setattr(datasets, "wallpaper_descriptors", no_opencv)
+    assert cli.main(["data", "wallpaper"]) == 2
+    assert 'building the wallpaper set needs: pip install -e ".[data]"' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["data", "wallpapers"])  # argparse names the valid choices
