@@ -562,12 +562,13 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
                 loss_sum += train_step(model, forward, optimizer, xt_scaled[rows], ctx_batch, candidates,
                                        config.balance_loss, world)
                 state["samples"] += min(batch, per_epoch - i0)
+                spent = time.perf_counter() - start  # one reading for the bar and the stop: a stop shows a full bar
                 if budget_s:
-                    bar.n = min(time.perf_counter() - start, budget_s)
+                    bar.n = min(spent, budget_s)
                     bar.refresh()
                 else:
                     bar.update(1)
-                if budget_s is not None and distributed.any_rank(time.perf_counter() - start > budget_s):
+                if budget_s is not None and distributed.any_rank(spent > budget_s):
                     out_of_time = True
                     break
             model.eval()
