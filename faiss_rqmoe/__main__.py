@@ -167,17 +167,15 @@ def build_data(args) -> int:
     from . import datasets
 
     logging.getLogger("faiss_rqmoe").setLevel(logging.INFO)
+    from . import textset
+
     what, needs = DATA_SETS[args.name]
+    build, cache_name = {"default": (datasets.default_descriptors, datasets.DEFAULT_NAME),
+                         "wallpaper": (datasets.wallpaper_descriptors, datasets.WALLPAPER_NAME),
+                         "text": (textset.text_embeddings, textset.TEXT_NAME)}[args.name]
     print(f"{args.name}: {what}; cache: {datasets.cache_dir()}", flush=True)
     try:
-        if args.name == "text":
-            from . import textset
-
-            data, info = textset.text_embeddings(progress=True), datasets.build_info(textset.TEXT_NAME)
-        else:
-            build = datasets.default_descriptors if args.name == "default" else datasets.wallpaper_descriptors
-            name = datasets.DEFAULT_NAME if args.name == "default" else datasets.WALLPAPER_NAME
-            data, info = build(progress=True), datasets.build_info(name)
+        data, info = build(progress=True), datasets.build_info(cache_name)
     except ImportError as exc:
         return _fail(f"{exc}\nbuilding the {args.name} set needs: {needs}")
     print(f"{args.name}: {data.shape[0]} vectors of {data.shape[1]} dimensions, {data.dtype}"

@@ -49,13 +49,20 @@ def mse(x: np.ndarray, x_rec: np.ndarray, chunk: int = 65_536) -> float:
     return total / len(x)
 
 
-def knn_search_exhaustive(xb: np.ndarray, xq: np.ndarray, k: int, metric: str = "l2"):
-    """Exact k-NN with a faiss flat index: xb (n, d), xq (nq, d) -> D, I of shape (nq, k)."""
+def faiss_metric(metric: str) -> int:
+    """faiss's metric constant for the data sets' names: "l2" or "ip" (inner product)."""
     import faiss
 
     if metric not in ("l2", "ip"):
         raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def knn_search_exhaustive(xb: np.ndarray, xq: np.ndarray, k: int, metric: str = "l2"):
+    """Exact k-NN with a faiss flat index: xb (n, d), xq (nq, d) -> D, I of shape (nq, k)."""
+    import faiss
+
     xb = np.ascontiguousarray(xb, dtype=np.float32)
-    index = faiss.IndexFlatL2(xb.shape[1]) if metric == "l2" else faiss.IndexFlatIP(xb.shape[1])
+    index = faiss.IndexFlat(xb.shape[1], faiss_metric(metric))
     index.add(xb)
     return index.search(np.ascontiguousarray(xq, dtype=np.float32), k)

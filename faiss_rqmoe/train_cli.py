@@ -42,7 +42,7 @@ def _number_or_word(text: str):
 
 
 def main(argv=None) -> int:
-    from . import distributed
+    from . import distributed, evaluation
     from .bench.options import train_config_from_args
     from .datasets import load_dataset
     from .devices import resolve_device
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     rank, world = distributed.rank_and_world()
     sizes = {k: v for k, v in (("n_train", args.n_train), ("n_db", args.n_db), ("n_query", args.n_query)) if v}
     ds = load_dataset(args.dataset, gt_path=args.gt, **sizes)
-    metric = faiss.METRIC_INNER_PRODUCT if args.metric == "ip" else faiss.METRIC_L2
+    metric = evaluation.faiss_metric(args.metric)
     config = train_config_from_args(args, device)
     if rank != 0:
         config = config.replace(progress=False)

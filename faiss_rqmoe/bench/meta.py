@@ -64,14 +64,6 @@ def dataset_meta(ds: datasets.Dataset) -> dict:
     return {"name": ds.name, "d": ds.d, "n_train": len(ds.xt), "n_val": len(ds.xval), "n_db": len(ds.xb),
             "n_query": len(ds.xq), "metric": ds.metric}
 
-
-def faiss_metric(ds: datasets.Dataset) -> int:
-    """The faiss metric of a data set's ground truth."""
-    import faiss
-
-    return faiss.METRIC_INNER_PRODUCT if ds.metric == "ip" else faiss.METRIC_L2
-
-
 def write_result(result: dict, out: Optional[str]) -> None:
     """Write a result as JSON (atomically: a half-written file never replaces a whole one)."""
     if out:

@@ -22,7 +22,7 @@ from .. import baselines, datasets, evaluation
 from ..devices import resolve_device
 from ..factory import index_factory
 from ..io import read_index, write_index
-from .meta import dataset_meta, faiss_metric, load_split, run_meta, write_result
+from .meta import dataset_meta, load_split, run_meta, write_result
 from .options import train_config_from_args
 
 logger = logging.getLogger("faiss_rqmoe.bench")
@@ -52,7 +52,7 @@ def build_faiss_baselines(args, ds: datasets.Dataset, n_bytes: int, nlist: int) 
     built = {}
     for name, description in baselines.ivf_baselines(ds.d, nlist, n_bytes, refine=not args.no_refine):
         logger.info("training faiss %s", description)
-        ref = baselines.build_ivf_baseline(description, ds.d, metric=faiss_metric(ds))
+        ref = baselines.build_ivf_baseline(description, ds.d, metric=evaluation.faiss_metric(ds.metric))
         start = time.perf_counter()
         ref.train(ds.xt[:args.faiss_train_max])
         train_s = time.perf_counter() - start
@@ -85,7 +85,7 @@ def build_index(args, ds: datasets.Dataset, device: torch.device, result: dict):
         description = f"pretrained:{args.pretrained}"
     else:
         description = _description(args, n_bytes)
-        index = index_factory(ds.d, description, faiss_metric(ds), train_config=train_config_from_args(args, device),
+        index = index_factory(ds.d, description, evaluation.faiss_metric(ds.metric), train_config=train_config_from_args(args, device),
                               **options)
     index.model.mem_budget_bytes = args.mem_budget_gib << 30
     index.model.set_execution(kernel=args.kernel, dtype=args.precision)

@@ -68,11 +68,16 @@ def load(name: str, device=None, **index_options):
     index_options: nprobe, nshort, encode_candidates, encode_beam and training
     options, as for ``index_factory``.
     """
+    return _load_file(_path(name), name, device, **index_options)
+
+
+def _load_file(path: Path, name: str, device=None, **index_options):
+    """load() of the pretrained codec file at path, recorded as ``name``."""
     from ..factory import split_options
     from ..index import IndexRQMoE
     from .. import lut
 
-    arrays, meta = load_arrays(_path(name), "a pretrained codec")
+    arrays, meta = load_arrays(path, "a pretrained codec")
     if meta.get("format") != FORMAT:
         raise FileFormatError(f"{name}: not a pretrained codec (format {meta.get('format')!r})")
     config = RQMoEConfig.from_dict(meta["config"])
@@ -89,12 +94,13 @@ def load(name: str, device=None, **index_options):
     return index.restore(state, ivf, pretrained=name)
 
 
-def storage_check(index, name: str, x: np.ndarray) -> dict:
+def storage_check(index, path, name: str, x: np.ndarray) -> dict:
     """The reconstruction MSE of x (n, d) float32 with the index's own (float32) weights and with the
-    shipped codec ``name``'s stored ones, on the same codes: how much the storage dtype moves the error."""
+    ones exported to the pretrained codec file at path, on the same codes: how much the storage dtype
+    moves the error."""
     from .. import evaluation
 
-    exported = load(name, device="cpu")
+    exported = _load_file(Path(path), name, device="cpu")
     codes = index.sa_encode(x)
     full, stored = evaluation.mse(x, index.sa_decode(codes)), evaluation.mse(x, exported.sa_decode(codes))
     return {"n": len(x), "mse_float32": full, "mse_stored": stored, "relative_change": stored / full - 1}
@@ -165,7 +171,7 @@ def main(argv=None) -> int:
 
         val = load_dataset(args.check_on, n_db=1000, n_query=100).xval[:5000]
         arrays, meta = load_arrays(out, "a pretrained codec")
-        meta["storage_check"] = dict(storage_check(index, args.name, val), data=f"{args.check_on} validation vectors")
+        meta["storage_check"] = dict(storage_check(index, out, args.name, val), data=f"{args.check_on} validation vectors")
         meta.pop("arrays", None)
         save_arrays(out, arrays, meta)
         print(json.dumps(meta["storage_check"]))
