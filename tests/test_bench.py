@@ -42,3 +42,33 @@ def test_bench_search_runs_end_to_end_with_a_centroid_conditioned_codec(tmp_path
     # probing every list and re-ranking everything is exhaustive search: it finds at least what 2 lists do
     assert grid[(16, 2000)]["R@10"] >= grid[(2, 2000)]["R@10"]
     assert len(result["train_history"]["val_mse"]) == 1
+
+
+def test_bench_search_of_a_trained_index_file_matches_searching_it_directly(tmp_path):
+    """`bench search --trained-index` adds the database to the file's index and measures it: its recall
+    equals that of the same file read, filled and searched here; a filled index is refused."""
+    from faiss_rqmoe import datasets, evaluation, index_factory, read_index, write_index
+    from faiss_rqmoe.train import TrainConfig
+
+    ds = datasets.load_small(n_train=3000, n_val=200, n_db=2000, n_query=40)
+    index = index_factory(ds.d, "IVF16,RQMoE4x8_N2L1H16", encode_candidates=8, encode_beam=1,
+                          train_config=TrainConfig(max_epochs=1, encode_candidates=8, device="cpu", progress=False))
+    index.train(ds.xt, ds.xval)
+    path = tmp_path / "trained.rqmoe"
+    write_index(index, path)
+    out = tmp_path / "search.json"
+    bench.main(["search", "--dataset", "small", "--n-train", "3000", "--n-db", "2000", "--n-query", "40",
+                "--trained-index", str(path), "--encode-candidates", "8", "--nprobe", "4", "--nshort", "20",
+                "--no-baselines", "--device", "cpu", "--quiet", "--out", str(out)])
+    result = json.loads(out.read_text())
+    row, = result["methods"]["IVF-RQ-MoE"]["grid"]
+    direct = read_index(path, device="cpu")
+    direct.add(ds.xb)
+    _, I = direct.search(ds.xq, 10, params={"nprobe": 4, "nshort": 20})
+    assert row["R@1"] == evaluation.recall_at(I, ds.gt, ks=(1,))["R@1"]
+    assert result["train_s"] is None and result["description"] == "file:trained.rqmoe"
+    filled = tmp_path / "filled.rqmoe"
+    write_index(direct, filled)
+    with pytest.raises(ValueError, match="holds 2000 vectors"):
+        bench.main(["search", "--dataset", "small", "--n-train", "3000", "--n-db", "2000", "--n-query", "40",
+                    "--trained-index", str(filled), "--no-baselines", "--device", "cpu", "--quiet"])

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.choices["search"]
     search.add_argument("--description", default=None, help="our index's factory string (default: from the flags)")
     search.add_argument("--pretrained", default=None, help="start from a pretrained codec, e.g. sift-ivf1024-8B")
+    search.add_argument("--trained-index", default=None,
+                        help="an index file written by faiss-rqmoe train (trained, empty): search it instead of "
+                             "training one here")
     search.add_argument("--nlist", type=int, default=1024, help="inverted lists (default 1024)")
     search.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="lists probed")
     search.add_argument("--nshort", type=int, nargs="+", default=[10, 20, 50, 100, 200],

@@ -74,7 +74,18 @@ def build_index(args, ds: datasets.Dataset, device: torch.device, result: dict):
     """Our index, trained on ds.xt (or from --pretrained) and filled with ds.xb; records what it did."""
     n_bytes = args.bytes[0]
     options = dict(device=device, encode_candidates=args.encode_candidates, encode_beam=args.encode_beam)
-    if args.pretrained:
+    if args.trained_index:
+        if args.pretrained or args.description:
+            raise ValueError("--trained-index names a trained index: leave out --pretrained and --description")
+        index = read_index(args.trained_index, device=device)
+        if index.ntotal:
+            raise ValueError(f"{args.trained_index} holds {index.ntotal} vectors: give a trained, empty index "
+                             "(faiss-rqmoe train writes one)")
+        if index.d != ds.d:
+            raise ValueError(f"{args.trained_index} has d={index.d}, the data set d={ds.d}")
+        index.encode_candidates, index.encode_beam = args.encode_candidates, args.encode_beam
+        description = f"file:{Path(args.trained_index).name}"
+    elif args.pretrained:
         from ..pretrained_codecs import load
 
         training = train_config_from_args(args, device).to_dict(non_default_only=True)
@@ -89,9 +100,12 @@ def build_index(args, ds: datasets.Dataset, device: torch.device, result: dict):
                               **options)
     index.model.mem_budget_bytes = args.mem_budget_gib << 30
     index.model.set_execution(kernel=args.kernel, dtype=args.precision)
-    start = time.perf_counter()
-    index.train(ds.xt, ds.xval)
-    result["train_s"] = time.perf_counter() - start
+    if args.trained_index:
+        result["train_s"] = None  # trained by another command
+    else:
+        start = time.perf_counter()
+        index.train(ds.xt, ds.xval)
+        result["train_s"] = time.perf_counter() - start
     start = time.perf_counter()
     index.add(ds.xb)
     result["add_s"] = time.perf_counter() - start
