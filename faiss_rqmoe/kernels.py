@@ -11,6 +11,7 @@ float32. Without CUDA the module imports, and ``available()`` says False.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -30,6 +31,11 @@ N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at lea
 def available() -> bool:
     """Whether the fused kernel can run here: Triton importable and a CUDA device present."""
     return triton is not None and torch.cuda.is_available()
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, for tests without a GPU)."""
+    return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def supports(config) -> bool:

@@ -34,7 +34,8 @@ class Execution:
     """How the morphing networks run (the arithmetic they compute is the same).
 
     kernel: "torch" (batched matrix products, any device, differentiable),
-    "triton" (one fused kernel a step for inference on CUDA) or "auto"
+    "triton" (one fused kernel a step for inference on CUDA; data on the CPU
+    takes the torch path) or "auto"
     (triton for inference on CUDA when Triton is installed, else torch).
     dtype: "float32"; "tfloat32" (the fused kernel's matmuls in TF32; the
     torch path follows torch.backends.cuda.matmul.allow_tf32); or
@@ -270,6 +271,8 @@ class RQMoE(nn.Module):
             return False
         from . import kernels
         if kernel == "triton":
+            if not (z.is_cuda or kernels.interpreting()):
+                return False  # the fused kernel runs on CUDA: a model moved to the CPU keeps working
             if not kernels.supports(self.config):
                 raise ValueError(f"the fused kernel needs d a power of two >= 16 and hidden a multiple of 16, "
                                  f"got d={self.config.d}, hidden={self.config.hidden}; use kernel='torch'")

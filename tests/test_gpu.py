@@ -105,6 +105,20 @@ def test_fused_kernel_equals_the_torch_path(condition, ctx):
     assert (model.encode(x, 16, ctx=ctx_x) == codes_ref).all(1).float().mean() > 0.99
 
 
+def test_a_model_set_to_the_fused_kernel_still_runs_on_the_cpu():
+    """kernel='triton' chooses the fused kernel for CUDA data; a model moved to the CPU (an index's
+    ``to("cpu")``) decodes and encodes there through torch, exactly as kernel='torch' does."""
+    torch.manual_seed(0)
+    model = RQMoE(RQMoEConfig(32, 4, 4, n_experts=2, n_layers=1, hidden=16))
+    codes = torch.randint(0, 16, (50, 4))
+    x = torch.randn(40, 32)
+    with torch.no_grad():
+        reference, reference_codes = model.set_execution(kernel="torch").decode(codes), model.encode(x, 4)
+        model.set_execution(kernel="triton", dtype="bfloat16")
+        assert torch.equal(model.decode(codes), reference)
+        assert torch.equal(model.encode(x, 4), reference_codes)
+
+
 KERNEL_CHECK = """
 import torch
 from faiss_rqmoe import RQMoE, RQMoEConfig
