@@ -111,6 +111,15 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[Tuple[float, flo
     return front[::-1]
 
 
+def _method_label(name: str, method: dict) -> str:
+    """A search method's legend entry: its name, bytes stored a vector and where it ran, where known."""
+    details = [f"{method['bytes']} B" if "bytes" in method else "",
+               {"cpu": "CPU"}.get(str(method.get("device")), "GPU" if str(method.get("device", "")).startswith("cuda")
+                                  else "")]
+    details = [d for d in details if d]
+    return f"{name} ({', '.join(details)})" if details else name
+
+
 def plot_recall_qps(result: dict, path, recall_key: str = "R@1") -> Path:
     """recall_key (default recall@1) vs queries a second over the search grid: every grid point faint,
     the Pareto front of each method as a line, qps on a log scale. Returns path (.png)."""
@@ -125,7 +134,7 @@ def plot_recall_qps(result: dict, path, recall_key: str = "R@1") -> Path:
         if not points:
             continue
         front = pareto_front(points)
-        line, = ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", label=name)
+        line, = ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", label=_method_label(name, method))
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=10, alpha=0.3, color=line.get_color())
     ax.set_yscale("log")
     ax.set_xlabel(recall_key.replace("R@", "recall@"))

@@ -77,3 +77,9 @@ def test_clear_errors(tmp_path):
     bad.write_text(json.dumps({"kind": "other"}))
     with pytest.raises(ValueError, match="unknown result kind"):
         plots.plot_all([bad], tmp_path)
+
+
+def test_search_legend_names_bytes_and_device():
+    assert plots._method_label("IVF-RQ8x8", {"bytes": 9, "device": "cpu"}) == "IVF-RQ8x8 (9 B, CPU)"
+    assert plots._method_label("IVF-RQ-MoE", {"bytes": 9, "device": "cuda:0"}) == "IVF-RQ-MoE (9 B, GPU)"
+    assert plots._method_label("X", {}) == "X"
