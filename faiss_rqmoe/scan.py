@@ -228,28 +228,88 @@ def _segment_candidates(seg: Segment, luts: torch.Tensor, probes: torch.Tensor, 
         seg.sub_codes(picked)
 
 
+def _segment_candidates_by_list(seg: Segment, luts: torch.Tensor, probes: torch.Tensor, coarse: torch.Tensor,
+                                k: int, inner_product: bool, mask: Optional[torch.Tensor], K: int):
+    """The same top-k as ``_segment_candidates``, list by list: the queries that probe a list share its
+    codes as one gather index into their tables, which keeps the scan in cache on a CPU (a few ns a
+    candidate instead of tens). luts (B, M, K), probes/coarse (B, P)."""
+    B, P = probes.shape
+    M = luts.shape[1]
+    device = luts.device
+    worst = -torch.inf if inner_product else torch.inf
+    flat_luts = luts.reshape(B, M * K)
+    pair_lists = probes.reshape(-1)
+    order = torch.argsort(pair_lists, stable=True)
+    lists, counts = torch.unique_consecutive(pair_lists[order], return_counts=True)
+    offsets = seg.offsets.tolist()
+    pair_coarse = coarse.reshape(-1)
+    step_offsets = None if seg.offset else torch.arange(M, device=device) * K
+    best_d = torch.full((B * P, k), worst, device=device)
+    best_r = torch.zeros((B * P, k), dtype=torch.int64, device=device)
+    start = 0
+    for l, count in zip(lists.tolist(), counts.tolist()):
+        pairs = order[start:start + count]
+        start += count
+        r0, r1 = offsets[l], offsets[l + 1]
+        if r1 == r0:
+            continue
+        positions = seg.codes[r0:r1] if step_offsets is None else seg.codes[r0:r1].long() + step_offsets
+        table = flat_luts.index_select(0, pairs // P).index_select(1, positions.reshape(-1))
+        table = table.view(count, r1 - r0, M).sum(-1)  # (count, n_l)
+        if inner_product:
+            scores = pair_coarse[pairs].unsqueeze(1) + table
+        else:
+            scores = pair_coarse[pairs].unsqueeze(1) + seg.terms[r0:r1] - 2 * table
+        if mask is not None:
+            scores.masked_fill_(~mask[r0:r1], worst)
+        top = min(k, r1 - r0)
+        d, where = scores.topk(top, dim=1, largest=inner_product)
+        best_d[pairs, :top] = d
+        best_r[pairs, :top] = where + r0
+    top = min(k, P * k)
+    best, where = best_d.view(B, P * k).topk(top, dim=1, largest=inner_product)
+    picked = best_r.view(B, P * k).gather(1, where)
+    return best, seg.ids[picked].masked_fill(~torch.isfinite(best), -1), probes.gather(1, where // k), \
+        seg.sub_codes(picked)
+
+
+STRATEGIES = ("auto", "by_list", "gather")
+
+
 def scan(mirror: CodeMirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor,
          coarse: torch.Tensor, k: int, inner_product: bool, masks: Optional[List[torch.Tensor]] = None,
-         budget_bytes: int = 256 << 20) -> Shortlist:
+         budget_bytes: int = 256 << 20, strategy: str = "auto") -> Shortlist:
     """The k best stored vectors a query by the lookup-table distance, over the probed lists.
 
     codebooks: (M, K, d) float32 static codebooks on the mirror's device; xq: (nq, d) float32 there;
     probes: (nq, P) int64 list numbers (-1: none); coarse: (nq, P) float32, ||q - c||² (L2) or <q, c>
     (IP) of each probe; masks: per segment, (n,) bool of the vectors a selector keeps, or None.
+    strategy: "gather" (all candidates of a query chunk in a few large gathers: the GPU's), "by_list"
+    (one list at a time, its codes shared by the queries that probe it: the CPU's) or "auto" (by device).
     Temporaries stay near ``budget_bytes`` (queries are taken in chunks). Returns a ``Shortlist``.
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     M, K = codebooks.shape[0], codebooks.shape[1]
     nq = xq.shape[0]
     device = xq.device
+    by_list = strategy == "by_list" or (strategy == "auto" and device.type == "cpu")
     worst = -torch.inf if inner_product else torch.inf
     missing = probes < 0
     probes = probes.clamp(min=0)
     coarse = torch.where(missing, torch.full_like(coarse, worst), coarse)
     flat_books = codebooks.reshape(M * K, -1)
-    sizes = torch.zeros(nq, dtype=torch.int64, device=device)
-    for seg in mirror.segments:
-        sizes += (seg.offsets[probes + 1] - seg.offsets[probes]).masked_fill(missing, 0).sum(1)
-    per_query = max(1, int(sizes.max()) if nq else 1) * (8 * M + 48) + 4 * M * K
+    if by_list:
+        # a chunk's tables and candidate buffers, and one list's temporaries if every query probed the largest
+        largest = max([int((seg.offsets[1:] - seg.offsets[:-1]).max()) for seg in mirror.segments] or [1])
+        per_query = 4 * M * K + 12 * probes.shape[1] * k + largest * (4 * M + 16)
+        candidates = _segment_candidates_by_list
+    else:
+        sizes = torch.zeros(nq, dtype=torch.int64, device=device)
+        for seg in mirror.segments:
+            sizes += (seg.offsets[probes + 1] - seg.offsets[probes]).masked_fill(missing, 0).sum(1)
+        per_query = max(1, int(sizes.max()) if nq else 1) * (8 * M + 48) + 4 * M * K
+        candidates = _segment_candidates
     chunk = max(1, budget_bytes // per_query)
     out_d = torch.full((nq, k), worst, device=device)
     out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
@@ -258,8 +318,8 @@ def scan(mirror: CodeMirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: 
     for i0 in range(0, nq, chunk):
         sl = slice(i0, i0 + chunk)
         luts = (xq[sl] @ flat_books.T).reshape(-1, M, K)
-        parts = [_segment_candidates(seg, luts, probes[sl], coarse[sl], k, inner_product,
-                                     None if masks is None else masks[s], K)
+        parts = [candidates(seg, luts, probes[sl], coarse[sl], k, inner_product,
+                            None if masks is None else masks[s], K)
                  for s, seg in enumerate(mirror.segments)]
         dist = torch.cat([p[0] for p in parts], 1)
         if dist.shape[1] == 0:

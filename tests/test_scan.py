@@ -30,9 +30,10 @@ def brute(xq, centroids, books, codes, lists, ids, probes, k, ip, keep=None):
     return np.array(out_d), np.array(out_i)
 
 
+@pytest.mark.parametrize("strategy", ["by_list", "gather"])
 @pytest.mark.parametrize("ip", [False, True])
 @pytest.mark.parametrize("nprobe, k", [(1, 5), (3, 40), (12, 3000)])
-def test_scan_equals_brute_force(ip, nprobe, k):
+def test_scan_equals_brute_force(ip, nprobe, k, strategy):
     centroids, books, codes, lists, ids = setup()
     mirror = scan.CodeMirror(len(centroids), books.shape[0], 4, torch.device("cpu"), with_terms=not ip)
     half = len(ids) // 2  # two segments, as two calls of add make
@@ -46,7 +47,7 @@ def test_scan_equals_brute_force(ip, nprobe, k):
     probes = np.argsort(-coarse_all if ip else coarse_all, axis=1)[:, :nprobe]
     coarse = np.take_along_axis(coarse_all, probes, 1).astype(np.float32)
     short = scan.scan(mirror, torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes),
-                      torch.from_numpy(coarse), k, ip)
+                      torch.from_numpy(coarse), k, ip, strategy=strategy)
     D_ref, I_ref = brute(xq, centroids, books, codes, lists, ids, probes, k, ip)
     np.testing.assert_allclose(short.distances.numpy(), D_ref, rtol=1e-4, atol=1e-3)
     assert (short.ids.numpy() == I_ref).mean() > 0.95  # positions may swap between equal distances
@@ -61,7 +62,7 @@ def test_scan_equals_brute_force(ip, nprobe, k):
         assert abs(true - float(short.distances[q, j])) <= 1e-3 + 1e-4 * abs(true)
     mirror.compact()
     again = scan.scan(mirror, torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes),
-                      torch.from_numpy(coarse), k, ip)
+                      torch.from_numpy(coarse), k, ip, strategy=strategy)
     np.testing.assert_allclose(again.distances.numpy(), short.distances.numpy(), rtol=1e-5, atol=1e-4)
 
 
@@ -77,7 +78,8 @@ def test_selector_mask_matches_faiss_is_member():
         np.testing.assert_array_equal(scan.selector_mask(sel, ids), expected)
 
 
-def test_scan_with_a_selector_keeps_only_selected_ids():
+@pytest.mark.parametrize("strategy", ["by_list", "gather"])
+def test_scan_with_a_selector_keeps_only_selected_ids(strategy):
     centroids, books, codes, lists, ids = setup(n=800)
     mirror = scan.CodeMirror(len(centroids), books.shape[0], 4, torch.device("cpu"))
     terms = scan.vector_terms(torch.from_numpy(books), torch.from_numpy(centroids), torch.from_numpy(codes),
@@ -89,9 +91,32 @@ def test_scan_with_a_selector_keeps_only_selected_ids():
     probes = np.tile(np.arange(len(centroids)), (10, 1))
     coarse = ((xq[:, None] - centroids[None]) ** 2).sum(-1).astype(np.float32)
     short = scan.scan(mirror, torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes),
-                      torch.from_numpy(coarse), 50, False, masks)
+                      torch.from_numpy(coarse), 50, False, masks, strategy=strategy)
     keep = (ids >= 0) & (ids < 400_000)
     D_ref, I_ref = brute(xq, centroids, books, codes, lists, ids, probes, 50, False, keep)
     found = short.ids.numpy()[short.valid.numpy()]
     assert ((found >= 0) & (found < 400_000)).all()
     np.testing.assert_allclose(short.distances.numpy(), D_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_both_strategies_give_the_same_shortlist_and_small_budgets_chunk_the_queries():
+    """The list-by-list scan (CPU) and the all-candidates gather (GPU) give the same shortlist, also with a
+    tiny budget (one query a chunk); distances within float rounding (the tables' matrix product and the
+    sums are shaped differently), ids equal but where two distances tie to rounding."""
+    centroids, books, codes, lists, ids = setup(n=2000)
+    mirror = scan.CodeMirror(len(centroids), books.shape[0], 4, torch.device("cpu"))
+    mirror.add(codes, lists, ids, scan.vector_terms(torch.from_numpy(books), torch.from_numpy(centroids),
+                                                    torch.from_numpy(codes), torch.from_numpy(lists)).numpy())
+    xq = np.random.default_rng(3).standard_normal((25, 8)).astype(np.float32) * 3
+    coarse_all = ((xq[:, None] - centroids[None]) ** 2).sum(-1)
+    probes = np.argsort(coarse_all, axis=1)[:, :4]
+    coarse = np.take_along_axis(coarse_all, probes, 1).astype(np.float32)
+    args = (mirror, torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes),
+            torch.from_numpy(coarse), 30, False)
+    results = [scan.scan(*args, strategy=s, budget_bytes=b) for s in ("gather", "by_list") for b in (256 << 20, 1)]
+    for other in results[1:]:
+        np.testing.assert_allclose(other.distances.numpy(), results[0].distances.numpy(), rtol=1e-5, atol=1e-4)
+        assert (other.ids == results[0].ids).float().mean() > 0.98
+        assert torch.equal(other.valid, results[0].valid)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        scan.scan(*args, strategy="fast")
