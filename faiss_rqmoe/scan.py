@@ -248,24 +248,30 @@ def _segment_candidates_by_list(seg: Segment, luts: torch.Tensor, probes: torch.
     best_r = torch.zeros((B * P, k), dtype=torch.int64, device=device)
     start = 0
     for l, count in zip(lists.tolist(), counts.tolist()):
-        pairs = order[start:start + count]
+        list_pairs = order[start:start + count]
         start += count
         r0, r1 = offsets[l], offsets[l + 1]
         if r1 == r0:
             continue
         positions = seg.codes[r0:r1] if step_offsets is None else seg.codes[r0:r1].long() + step_offsets
-        table = flat_luts.index_select(0, pairs // P).index_select(1, positions.reshape(-1))
-        table = table.view(count, r1 - r0, M).sum(-1)  # (count, n_l)
-        if inner_product:
-            scores = pair_coarse[pairs].unsqueeze(1) + table
-        else:
-            scores = pair_coarse[pairs].unsqueeze(1) + seg.terms[r0:r1] - 2 * table
-        if mask is not None:
-            scores.masked_fill_(~mask[r0:r1], worst)
-        top = min(k, r1 - r0)
-        d, where = scores.topk(top, dim=1, largest=inner_product)
-        best_d[pairs, :top] = d
-        best_r[pairs, :top] = where + r0
+        positions = positions.T.contiguous()  # (M, n_l): one gather index a step
+        block = max(1, LIST_BLOCK_ENTRIES // (r1 - r0))  # queries at a time: their (block, n_l) sums stay in cache
+        for b0 in range(0, count, block):
+            pairs = list_pairs[b0:b0 + block]
+            tables = flat_luts.index_select(0, pairs // P)  # (b, M * K)
+            table = tables.index_select(1, positions[0])  # (b, n_l), summed a step at a time in place
+            for m in range(1, M):
+                table += tables.index_select(1, positions[m])
+            if inner_product:
+                scores = pair_coarse[pairs].unsqueeze(1) + table
+            else:
+                scores = pair_coarse[pairs].unsqueeze(1) + seg.terms[r0:r1] - 2 * table
+            if mask is not None:
+                scores.masked_fill_(~mask[r0:r1], worst)
+            top = min(k, r1 - r0)
+            d, where = scores.topk(top, dim=1, largest=inner_product)
+            best_d[pairs, :top] = d
+            best_r[pairs, :top] = where + r0
     top = min(k, P * k)
     best, where = best_d.view(B, P * k).topk(top, dim=1, largest=inner_product)
     picked = best_r.view(B, P * k).gather(1, where)
@@ -274,6 +280,7 @@ def _segment_candidates_by_list(seg: Segment, luts: torch.Tensor, probes: torch.
 
 
 STRATEGIES = ("auto", "by_list", "gather")
+LIST_BLOCK_ENTRIES = 1 << 20  # by_list: distances computed at once for one list (4 MB of float32)
 
 
 def scan(mirror: CodeMirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor,
@@ -302,7 +309,7 @@ def scan(mirror: CodeMirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: 
     if by_list:
         # a chunk's tables and candidate buffers, and one list's temporaries if every query probed the largest
         largest = max([int((seg.offsets[1:] - seg.offsets[:-1]).max()) for seg in mirror.segments] or [1])
-        per_query = 4 * M * K + 12 * probes.shape[1] * k + largest * (4 * M + 16)
+        per_query = 8 * M * K + 12 * probes.shape[1] * k + largest * 24
         candidates = _segment_candidates_by_list
     else:
         sizes = torch.zeros(nq, dtype=torch.int64, device=device)

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--description", required=True, help="the index's factory string, e.g. IVF1024,RQMoE8x8")
-    parser.add_argument("--metric", choices=["l2", "ip"], default="l2", help="L2 or inner product (default l2)")
+    parser.add_argument("--metric", choices=["l2", "ip"], default=None,
+                        help="L2 or inner product (default: the data set's, e.g. ip for text; l2 for a vector file)")
     parser.add_argument("--out", required=True, help="file to write the trained (empty) index to")
     parser.add_argument("--encode-candidates", dest="index_encode_candidates", default="auto",
                         help="candidates a step when the index encodes added vectors ('auto', 'none' or a number)")
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     rank, world = distributed.rank_and_world()
     sizes = {k: v for k, v in (("n_train", args.n_train), ("n_db", args.n_db), ("n_query", args.n_query)) if v}
     ds = load_dataset(args.dataset, gt_path=args.gt, **sizes)
-    metric = evaluation.faiss_metric(args.metric)
+    metric = evaluation.faiss_metric(args.metric or ds.metric)
     config = train_config_from_args(args, device)
     if rank != 0:
         config = config.replace(progress=False)

@@ -72,3 +72,24 @@ def test_bench_search_of_a_trained_index_file_matches_searching_it_directly(tmp_
     with pytest.raises(ValueError, match="holds 2000 vectors"):
         bench.main(["search", "--dataset", "small", "--n-train", "3000", "--n-db", "2000", "--n-query", "40",
                     "--trained-index", str(filled), "--no-baselines", "--device", "cpu", "--quiet"])
+
+
+def test_faiss_rqmoe_train_takes_the_metric_of_the_data_set(tmp_path):
+    """An inner-product data set trains an inner-product index unless --metric says otherwise."""
+    import faiss
+    import numpy as np
+
+    from faiss_rqmoe import datasets, read_index, train_cli
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1700, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ds = datasets.Dataset("unit", x[:1200], x[1200:1400], x[1400:1690], x[1690:],
+                          np.zeros((10, 5), dtype=np.int64), metric="ip")
+    split = datasets.export_split(ds, tmp_path / "unit.npz")
+    common = ["--dataset", str(split), "--description", "RQMoE2x8_N2L1H16", "--max-epochs", "1",
+              "--train-candidates", "8", "--device", "cpu", "--quiet"]
+    train_cli.main(common + ["--out", str(tmp_path / "ip.rqmoe")])
+    train_cli.main(common + ["--metric", "l2", "--out", str(tmp_path / "l2.rqmoe")])
+    assert read_index(tmp_path / "ip.rqmoe").metric_type == faiss.METRIC_INNER_PRODUCT
+    assert read_index(tmp_path / "l2.rqmoe").metric_type == faiss.METRIC_L2

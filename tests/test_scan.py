@@ -99,9 +99,9 @@ def test_scan_with_a_selector_keeps_only_selected_ids(strategy):
     np.testing.assert_allclose(short.distances.numpy(), D_ref, rtol=1e-4, atol=1e-3)
 
 
-def test_both_strategies_give_the_same_shortlist_and_small_budgets_chunk_the_queries():
+def test_both_strategies_give_the_same_shortlist_and_small_budgets_chunk_the_queries(monkeypatch):
     """The list-by-list scan (CPU) and the all-candidates gather (GPU) give the same shortlist, also with a
-    tiny budget (one query a chunk); distances within float rounding (the tables' matrix product and the
+    tiny budget (one query a chunk) and a list's queries taken in small blocks; distances within float rounding (the tables' matrix product and the
     sums are shaped differently), ids equal but where two distances tie to rounding."""
     centroids, books, codes, lists, ids = setup(n=2000)
     mirror = scan.CodeMirror(len(centroids), books.shape[0], 4, torch.device("cpu"))
@@ -114,6 +114,8 @@ def test_both_strategies_give_the_same_shortlist_and_small_budgets_chunk_the_que
     args = (mirror, torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes),
             torch.from_numpy(coarse), 30, False)
     results = [scan.scan(*args, strategy=s, budget_bytes=b) for s in ("gather", "by_list") for b in (256 << 20, 1)]
+    monkeypatch.setattr(scan, "LIST_BLOCK_ENTRIES", 300)  # a list's queries in blocks of one or two
+    results.append(scan.scan(*args, strategy="by_list"))
     for other in results[1:]:
         np.testing.assert_allclose(other.distances.numpy(), results[0].distances.numpy(), rtol=1e-5, atol=1e-4)
         assert (other.ids == results[0].ids).float().mean() > 0.98
