@@ -164,10 +164,9 @@ def build_data(args) -> int:
     """faiss-rqmoe data NAME: build the data set NAME into the cache (or find it there) and describe it."""
     import logging
 
-    from . import datasets
+    from . import datasets, textset
 
     logging.getLogger("faiss_rqmoe").setLevel(logging.INFO)
-    from . import textset
 
     what, needs = DATA_SETS[args.name]
     build, cache_name = {"default": (datasets.default_descriptors, datasets.DEFAULT_NAME),

@@ -113,10 +113,9 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[Tuple[float, flo
 
 def _method_label(name: str, method: dict) -> str:
     """A search method's legend entry: its name, bytes stored a vector and where it ran, where known."""
-    details = [f"{method['bytes']} B" if "bytes" in method else "",
-               {"cpu": "CPU"}.get(str(method.get("device")), "GPU" if str(method.get("device", "")).startswith("cuda")
-                                  else "")]
-    details = [d for d in details if d]
+    device = str(method.get("device", ""))
+    where = "CPU" if device == "cpu" else "GPU" if device.startswith("cuda") else ""
+    details = [d for d in (f"{method['bytes']} B" if "bytes" in method else "", where) if d]
     return f"{name} ({', '.join(details)})" if details else name
 
 

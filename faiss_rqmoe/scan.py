@@ -65,6 +65,14 @@ class Segment:
             codes = codes - torch.arange(codes.shape[-1], device=codes.device) * self.K
         return codes
 
+    def table_positions(self, rows) -> torch.Tensor:
+        """The positions m * K + i_m (int64) of some rows' sub-codes in a flattened (M * K) table: rows
+        are an index tensor or a slice; the inverse of ``sub_codes``."""
+        codes = self.codes[rows]
+        if self.offset:
+            return codes
+        return codes.long() + torch.arange(codes.shape[-1], device=codes.device) * self.K
+
     @property
     def n(self) -> int:
         return int(self.ids.shape[0])
@@ -211,9 +219,7 @@ def _segment_candidates(seg: Segment, luts: torch.Tensor, probes: torch.Tensor, 
     valid = j < n_cand.unsqueeze(1)
     first_of = (ends_cum - sizes).gather(1, probe_of)
     rows = torch.where(valid, starts.gather(1, probe_of) + j - first_of, torch.zeros_like(j))  # segment rows
-    flat = seg.codes[rows]  # (B, C, M)
-    if not seg.offset:
-        flat = flat.long() + torch.arange(M, device=device) * K
+    flat = seg.table_positions(rows)  # (B, C, M)
     table = luts.reshape(B, M * K).gather(1, flat.reshape(B, width * M)).reshape(B, width, M).sum(-1)
     if inner_product:
         scores = coarse.gather(1, probe_of) + table
@@ -243,7 +249,6 @@ def _segment_candidates_by_list(seg: Segment, luts: torch.Tensor, probes: torch.
     lists, counts = torch.unique_consecutive(pair_lists[order], return_counts=True)
     offsets = seg.offsets.tolist()
     pair_coarse = coarse.reshape(-1)
-    step_offsets = None if seg.offset else torch.arange(M, device=device) * K
     best_d = torch.full((B * P, k), worst, device=device)
     best_r = torch.zeros((B * P, k), dtype=torch.int64, device=device)
     start = 0
@@ -253,8 +258,7 @@ def _segment_candidates_by_list(seg: Segment, luts: torch.Tensor, probes: torch.
         r0, r1 = offsets[l], offsets[l + 1]
         if r1 == r0:
             continue
-        positions = seg.codes[r0:r1] if step_offsets is None else seg.codes[r0:r1].long() + step_offsets
-        positions = positions.T.contiguous()  # (M, n_l): one gather index a step
+        positions = seg.table_positions(slice(r0, r1)).T.contiguous()  # (M, n_l): one gather index a step
         block = max(1, LIST_BLOCK_ENTRIES // (r1 - r0))  # queries at a time: their (block, n_l) sums stay in cache
         for b0 in range(0, count, block):
             pairs = list_pairs[b0:b0 + block]
