@@ -92,7 +92,7 @@ def as_codes(codes, M: int, K: int, device: torch.device, name: str = "codes") -
     if codes.shape[0] == 0:
         raise ValueError(f"{name} is empty: expected at least one code")
     codes = codes.to(device=device, dtype=torch.int64)
-    low, high = int(codes.min()), int(codes.max())
+    low, high = (int(v) for v in torch.aminmax(codes))
     if low < 0 or high >= K:
         raise ValueError(f"{name} must lie in [0, K={K}), got values in [{low}, {high}]")
     return codes

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from typing import Optional
 
 import numpy as np
@@ -47,6 +48,9 @@ class Condition(str, enum.Enum):
         return {"instruction": "RQ-MoE", "reconstruction": "QINCo-style", "none": "RQ (ours, trained)"}[self.value]
 
 
+_ROUTING = re.compile(r"dense|top(\d+)")
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"RQMoEConfig.{name} must be a positive integer, got {value!r}")
@@ -67,7 +71,10 @@ class RQMoEConfig:
     given with every code (the IVF centroid of its inverted list), 0 for
     none. A context starts the instruction stream (I_1 = A · ctx) or, in the
     QINCo-style mode, is added to the partial reconstruction it conditions
-    on; with one, the first step is morphed too.
+    on; with one, the first step is morphed too. routing: "dense" (every
+    expert runs on every row, gate-weighted: the paper's mixture) or "top<k>"
+    (each row runs only its k highest-gated experts, their gate weights
+    renormalised to sum to 1; "top1" costs one expert a step instead of N).
     """
 
     d: int
@@ -79,6 +86,7 @@ class RQMoEConfig:
     instr_dim: Optional[int] = None
     condition: str = Condition.INSTRUCTION.value
     ctx_dim: int = 0
+    routing: str = "dense"
 
     def __post_init__(self):
         for name in ("d", "M", "nbits", "n_experts", "n_layers", "hidden"):
@@ -97,6 +105,13 @@ class RQMoEConfig:
         if isinstance(self.ctx_dim, bool) or not isinstance(self.ctx_dim, (int, np.integer)) or self.ctx_dim < 0:
             raise ValueError(f"RQMoEConfig.ctx_dim must be an integer >= 0, got {self.ctx_dim!r}")
         object.__setattr__(self, "ctx_dim", int(self.ctx_dim))
+        routing = str(self.routing).strip().lower()
+        match = _ROUTING.fullmatch(routing)
+        if not match or (match.group(1) and not 1 <= int(match.group(1)) <= self.n_experts):
+            raise ValueError(f"RQMoEConfig.routing must be 'dense' or 'top<k>' with 1 <= k <= n_experts "
+                             f"({self.n_experts}), got {self.routing!r}")
+        object.__setattr__(self, "routing", "dense" if routing == "dense" or
+                           int(match.group(1)) == self.n_experts else routing)
         if self.ctx_dim > 0 and self.cond_dim == 0:
             raise ValueError("RQMoEConfig: a context (ctx_dim > 0) needs a conditioning vector to enter: "
                              f"condition {self.condition!r} with instr_dim={self.instr_dim} has none")
@@ -105,6 +120,11 @@ class RQMoEConfig:
     def mode(self) -> Condition:
         """The conditioning mode as a ``Condition``."""
         return Condition(self.condition)
+
+    @property
+    def top_k(self) -> Optional[int]:
+        """Experts a row runs under routing "top<k>"; None for dense routing (all of them)."""
+        return None if self.routing == "dense" else int(self.routing[3:])
 
     @property
     def K(self) -> int:
@@ -139,16 +159,20 @@ class RQMoEConfig:
         return (self.M * self.nbits + 7) // 8
 
     def macs_per_vector(self) -> int:
-        """Multiply-adds of the morphing networks to decode one vector (the dense experts' cost)."""
+        """Multiply-adds of the morphing networks to decode one vector: the projection, the gate and the
+        experts a row runs (all N when dense, k under top-k routing)."""
         d, H, N, L = self.d, self.hidden, self.n_experts, self.n_layers
-        per_step = d * d + self.cond_dim * d + d * H + H * N + N * L * 2 * d * H
+        per_step = d * d + self.cond_dim * d + d * H + H * N + (self.top_k or N) * L * 2 * d * H
         return self.n_morph_steps * per_step
 
     def to_dict(self) -> dict:
-        """JSON-ready fields; ctx_dim is left out when 0, so context-free files read as before."""
+        """JSON-ready fields; ctx_dim is left out when 0 and routing when dense, so files of such
+        codecs read as before."""
         values = dataclasses.asdict(self)
         if not self.ctx_dim:
             del values["ctx_dim"]
+        if self.routing == "dense":
+            del values["routing"]
         return values
 
     @classmethod

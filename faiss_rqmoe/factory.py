@@ -8,10 +8,11 @@ Grammar (tokens separated by ',' ; architecture options by '_')::
     option      := "N" experts | "L" layers | "H" hidden | "E" instr_dim
                  | "N" experts "L" layers "H" hidden     (e.g. _N4L2H256)
                  | "qinco" | "rq"                         (condition mode)
+                 | "top" k             (each row runs its k highest-gated experts, e.g. _top1)
                  | "centroid"          (condition on the IVF centroid; needs IVF)
 
 Examples: "RQMoE8x8", "IVF1024,RQMoE8x8", "IVF4096_HNSW32,RQMoE16x8_N4L2H256",
-"IVF1024,RQMoE8x8_centroid". Without N/L/H the network's size follows the
+"IVF1024,RQMoE8x8_centroid", "IVF1024,RQMoE8x8_N4L2H256_top1". Without N/L/H the network's size follows the
 device and the training set (``index.auto_architecture``). A description
 without an RQMoE codec ("IVF64,PQ8", "Flat", ...) is faiss's: it is passed
 to ``faiss.index_factory`` unchanged.
@@ -31,6 +32,7 @@ GRAMMAR = __doc__[__doc__.index("Grammar"):__doc__.index("Examples")].rstrip()
 _COARSE = re.compile(r"IVF(\d+)(?:_HNSW(\d+))?")
 _CODEC = re.compile(r"RQMoE(\d+)x(\d+)((?:_[A-Za-z0-9]+)*)")
 _ARCH = re.compile(r"([NLHE])(\d+)")
+_ROUTING = re.compile(r"top\d+")
 _PRE_TRANSFORM = re.compile(r"(OPQ|PCAR?W?|RR|ITQ|L2norm)\d*(_\d+)?")
 
 INDEX_OPTIONS = ("nprobe", "nshort", "encode_candidates", "encode_beam", "device")
@@ -76,6 +78,9 @@ def parse_description(description: str):
                                                 "with nlist > 1, e.g. IVF1024,RQMoE8x8_centroid")
             fields["ctx_dim"] = None
             continue
+        if _ROUTING.fullmatch(option.lower()):
+            fields["routing"] = option.lower()
+            continue
         try:
             fields["condition"] = Condition.parse(option).value
             continue
@@ -84,7 +89,7 @@ def parse_description(description: str):
         parts = _ARCH.findall(option)
         if not parts or "".join(a + b for a, b in parts) != option:
             raise _bad(description, option, "architecture options are N<experts>, L<layers>, H<hidden>, "
-                                            "E<instr_dim>, qinco, rq or centroid")
+                                            "E<instr_dim>, qinco, rq, top<k> or centroid")
         for letter, value in parts:
             fields[names[letter]] = int(value)
     return fields, nlist, hnsw_m

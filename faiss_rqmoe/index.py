@@ -400,7 +400,10 @@ class IndexRQMoE:
         validation residuals better with the index's encoding settings."""
         config = self.train_config
         if self.auto_architecture:
-            self.config = RQMoEConfig(**{**self.config.to_dict(), **auto_architecture(self.device, len(residuals))})
+            fields = {**self.config.to_dict(), **auto_architecture(self.device, len(residuals))}
+            if self.config.top_k is not None and self.config.top_k >= fields["n_experts"]:
+                fields["routing"] = "dense"  # top-k of k or fewer experts runs them all
+            self.config = RQMoEConfig(**fields)
             logger.info("model size for %d training vectors on %s: %s", len(residuals), self.device,
                         auto_architecture(self.device, len(residuals)))
         with torch.random.fork_rng(devices=[]):  # the networks' start follows the seed, not the caller's RNG

@@ -47,6 +47,34 @@ def supports(config) -> bool:
 
 if triton is not None:
     @triton.jit
+    def _expert_delta(z, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D: tl.constexpr, H: tl.constexpr,
+                      N: tl.constexpr, L: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        # expert n of step s on a tile of rows z (BLOCK_R, D): Σ_l (relu(y_l W1 + b1) W2 + b2), with
+        # y_0 = z and y_{l+1} = y_l + that layer's update; matmul inputs in the weights' dtype, float32 sums
+        dcols = tl.arange(0, D)
+        hcols = tl.arange(0, HC)
+        wtype = w1_ptr.dtype.element_ty
+        delta = tl.zeros((BLOCK_R, D), dtype=tl.float32)
+        y = z
+        for layer in tl.static_range(L):
+            block = (layer * S_total + s) * N + n
+            yw = y.to(wtype)
+            update = tl.zeros((BLOCK_R, D), dtype=tl.float32)
+            for h0 in range(0, H, HC):
+                w1 = tl.load(w1_ptr + block * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
+                hidden = tl.dot(yw, w1, input_precision=PRECISION) + \
+                    tl.load(b1_ptr + block * H + h0 + hcols)[None, :]
+                hidden = tl.maximum(hidden, 0.0).to(wtype)
+                w2 = tl.load(w2_ptr + block * H * D + (h0 + hcols)[:, None] * D + dcols[None, :])
+                update += tl.dot(hidden, w2, input_precision=PRECISION)
+            update += tl.load(b2_ptr + block * D + dcols)[None, :]
+            delta += update
+            if layer < L - 1:
+                y = y + update
+        return delta
+
+    @triton.jit
     def _morph_kernel(z_ptr, out_ptr, R, s0, S_total,
                       w1_ptr, b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
                       D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
@@ -79,23 +107,36 @@ if triton is not None:
         delta = tl.zeros((BLOCK_R, D), dtype=tl.float32)
         for n in tl.static_range(N):
             share = tl.sum(tl.where(ncols[None, :] == n, gate, 0.0), axis=1)
-            y = z
-            for layer in tl.static_range(L):
-                block = (layer * S_total + s) * N + n
-                yw = y.to(wtype)
-                update = tl.zeros((BLOCK_R, D), dtype=tl.float32)
-                for h0 in range(0, H, HC):
-                    w1 = tl.load(w1_ptr + block * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
-                    hidden = tl.dot(yw, w1, input_precision=PRECISION) + \
-                        tl.load(b1_ptr + block * H + h0 + hcols)[None, :]
-                    hidden = tl.maximum(hidden, 0.0).to(wtype)
-                    w2 = tl.load(w2_ptr + block * H * D + (h0 + hcols)[:, None] * D + dcols[None, :])
-                    update += tl.dot(hidden, w2, input_precision=PRECISION)
-                update += tl.load(b2_ptr + block * D + dcols)[None, :]
-                delta += share[:, None] * update
-                if layer < L - 1:
-                    y = y + update
+            delta += share[:, None] * _expert_delta(z, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D=D, H=H, N=N,
+                                                    L=L, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
         tl.store(out_ptr + offsets, z + delta, mask=row_ok[:, None])
+
+
+    @triton.jit
+    def _routed_kernel(z_ptr, out_ptr, order_ptr, ends_ptr, counts_ptr, starts_ptr, G, s0, S_total,
+                       w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                       D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, GP: tl.constexpr,
+                       BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr):
+        # top-1 routing: the rows are sorted by (step, expert) group, and every program takes BLOCK_R rows
+        # of one group, so it runs that group's expert only
+        pid = tl.program_id(0)
+        gcols = tl.arange(0, GP)
+        ends = tl.load(ends_ptr + gcols, mask=gcols < G, other=2147483647)  # cumulative blocks a group
+        g = tl.sum((ends <= pid).to(tl.int32), axis=0)
+        if g < G:
+            first_block = tl.sum(tl.where(gcols == g - 1, ends, 0), axis=0)  # 0 for the first group
+            local = (pid - first_block) * BLOCK_R + tl.arange(0, BLOCK_R)
+            row_ok = local < tl.load(counts_ptr + g)
+            rows = tl.load(order_ptr + tl.load(starts_ptr + g) + local, mask=row_ok, other=0)
+            s_local = g // N
+            n = g % N
+            s = s0 + s_local
+            dcols = tl.arange(0, D)
+            offsets = rows[:, None] * D + dcols[None, :]
+            z = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0)
+            delta = _expert_delta(z, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D=D, H=H, N=N, L=L,
+                                  BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
+            tl.store(out_ptr + offsets, z + delta, mask=row_ok[:, None])
 
 
 def _prepared_weights(model, dtype: torch.dtype):
@@ -127,7 +168,8 @@ _DTYPES = {"float32": (torch.float32, "ieee"), "tfloat32": (torch.float32, "tf32
 
 def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
     """The morphed codewords of steps s0..s1-1: z (S', R, d) float32 -> (S', R, d) float32, as
-    ``RQMoE._morph`` computes them, in one fused kernel launch."""
+    ``RQMoE._morph`` computes them, in one fused kernel launch (dense experts) or, under top-1 routing,
+    the gate in torch and one launch for the experts."""
     if triton is None:
         raise RuntimeError("the fused kernel needs Triton (pip install triton) and a CUDA device")
     c = model.config
@@ -138,6 +180,8 @@ def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
     if R == 0:
         return out
     weights = _prepared_weights(model, dtype)
+    if c.top_k == 1:
+        return _routed_morph(model, s0, s1, z, out, weights, precision)
     grid = (triton.cdiv(R, CONFIG["BLOCK_R"]), S_)
     chunk = next(size for size in (CONFIG["HC"], 64, 32, 16) if c.hidden % size == 0)
     _morph_kernel[grid](z, out, R, s0, c.n_morph_steps, *weights, D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD,
@@ -145,3 +189,24 @@ def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
                         PRECISION=precision, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
     return out
 
+
+
+def _routed_morph(model, s0: int, s1: int, z: torch.Tensor, out: torch.Tensor, weights, precision: str):
+    """morph() under top-1 routing: the gate's choice for every row (torch, float32), the rows sorted
+    by (step, expert), then one launch whose programs each run one expert on BLOCK_R rows of its group."""
+    c = model.config
+    S_, R, _ = z.shape
+    N, G, block_r = c.n_experts, S_ * c.n_experts, CONFIG["BLOCK_R"]
+    choice = model.gate_logits(s0, s1, model.gate_hidden(s0, s1, z)).argmax(-1)  # (S', R)
+    group = (choice + torch.arange(S_, device=z.device).view(S_, 1) * N).reshape(-1)  # (S'·R,)
+    order = torch.argsort(group).to(torch.int32)
+    counts = torch.zeros(G, dtype=torch.int64, device=z.device).index_add_(0, group, torch.ones_like(group))
+    ends = torch.cumsum((counts + block_r - 1) // block_r, 0)  # cumulative blocks a group
+    starts = torch.cumsum(counts, 0) - counts
+    grid = (triton.cdiv(S_ * R, block_r) + G,)  # an upper bound on the blocks: no host sync (CUDA graphs)
+    chunk = next(size for size in (CONFIG["HC"], 64, 32, 16) if c.hidden % size == 0)
+    _routed_kernel[grid](z, out, order, ends.to(torch.int32), counts.to(torch.int32), starts.to(torch.int32), G, s0,
+                         c.n_morph_steps, *weights[:4], D=c.d, H=c.hidden, N=N, L=c.n_layers,
+                         GP=triton.next_power_of_2(G), BLOCK_R=block_r, HC=chunk, PRECISION=precision,
+                         num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    return out

@@ -9,7 +9,8 @@ what it computes: the morphing networks of all steps and experts run as a few
 large matrix products (the first layer of every expert and of the gate as one
 (d, (N+1)·H) product per step; the last layer as one product over the
 gate-weighted hidden units of all experts), optionally with bfloat16 inputs
-(float32 accumulation) or as one fused Triton kernel on CUDA.
+(float32 accumulation) or as one fused Triton kernel on CUDA. Under top-k
+routing (``RQMoEConfig.routing``) each expert runs on its own rows only.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from .arrays import as_codes, as_vectors_on, check_positive_int
 from .config import Condition, RQMoEConfig
+from .graphs import GraphCache, bucket, stamp
 
 DEFAULT_MEM_BUDGET_BYTES = 1 << 30
 KERNELS = ("auto", "torch", "triton")
@@ -34,23 +36,29 @@ class Execution:
     """How the morphing networks run (the arithmetic they compute is the same).
 
     kernel: "torch" (batched matrix products, any device, differentiable),
-    "triton" (one fused kernel a step for inference on CUDA; data on the CPU
-    takes the torch path) or "auto"
+    "triton" (one fused kernel a step for inference on CUDA, for dense experts
+    or top-1 routing; data on the CPU takes the torch path) or "auto"
     (triton for inference on CUDA when Triton is installed, else torch).
     dtype: "float32"; "tfloat32" (the fused kernel's matmuls in TF32; the
     torch path follows torch.backends.cuda.matmul.allow_tf32); or
     "bfloat16" matmul inputs on CUDA, with float32 sums and a float32
     residual path. Inference only: training always runs in float32.
+    cuda_graphs: on CUDA, decode batches of up to ``graphs.MAX_ROWS`` codes by
+    replaying a recorded CUDA graph (the same kernels, one launch); False
+    runs them eagerly.
     """
 
     kernel: str = "auto"
     dtype: str = "float32"
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
             raise ValueError(f"Execution.kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"Execution.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"Execution.cuda_graphs must be True or False, got {self.cuda_graphs!r}")
 
 
 def _uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -80,6 +88,7 @@ class RQMoE(nn.Module):
         self.dropout = 0.0
         self.gate_usage: Optional[torch.Tensor] = None  # (S', N) mean gate weights of the last training pass
         self._fused_cache = {}
+        self._graphs = GraphCache()
         c = config
         S, N, L, H, d, K = c.n_morph_steps, c.n_experts, c.n_layers, c.hidden, c.d, c.K
         self.register_buffer("scale", torch.ones((), dtype=torch.float32))
@@ -123,11 +132,14 @@ class RQMoE(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items())
 
-    def set_execution(self, kernel: Optional[str] = None, dtype: Optional[str] = None) -> "RQMoE":
-        """Choose the execution strategy (see ``Execution``); returns self."""
-        self.execution = dataclasses.replace(self.execution, **{k: v for k, v in
-                                                                 (("kernel", kernel), ("dtype", dtype)) if v})
+    def set_execution(self, kernel: Optional[str] = None, dtype: Optional[str] = None,
+                      cuda_graphs: Optional[bool] = None) -> "RQMoE":
+        """Choose the execution strategy (see ``Execution``); None keeps a setting. Returns self."""
+        changes = {k: v for k, v in (("kernel", kernel), ("dtype", dtype), ("cuda_graphs", cuda_graphs))
+                   if v is not None}
+        self.execution = dataclasses.replace(self.execution, **changes)
         self._fused_cache.clear()
+        self._graphs.clear()
         return self
 
     def _morph_bytes_per_row(self) -> int:
@@ -269,6 +281,11 @@ class RQMoE(nn.Module):
         kernel = self.execution.kernel
         if kernel == "torch" or torch.is_grad_enabled():
             return False
+        if self.config.top_k not in (None, 1):
+            if kernel == "triton":
+                raise ValueError(f"the fused kernel runs dense experts or top-1 routing; routing="
+                                 f"{self.config.routing!r} runs on the torch path: use kernel='torch' or 'auto'")
+            return False
         from . import kernels
         if kernel == "triton":
             if not (z.is_cuda or kernels.interpreting()):
@@ -310,13 +327,23 @@ class RQMoE(nn.Module):
         relu = torch.relu_ if inplace else torch.relu
         dropout = self.dropout if self.training and torch.is_grad_enabled() else 0.0
         drop = (lambda h: torch.nn.functional.dropout(h, dropout)) if dropout > 0 else (lambda h: h)  # noqa: E731
-        if pre is None:
-            w_in, b_in = self._first_layer(s0, s1)
-            pre = relu(torch.baddbmm(b_in, z, w_in))  # (S', R, (N+1)H)
-        gate = torch.softmax(torch.baddbmm(self.gate_b2[s0:s1, None, :], pre[..., N * H:], self.gate_w2[s0:s1]),
-                             dim=-1)  # (S', R, N)
+        # top-k routing without autograd runs each expert on its own rows; in training every expert runs
+        # and the gate is masked to the chosen ones (the same values, and the products stay large)
+        routed = c.top_k is not None and inplace
+        if pre is None and routed:  # the gate alone
+            gate_hidden = self.gate_hidden(s0, s1, z)
+        else:
+            if pre is None:
+                w_in, b_in = self._first_layer(s0, s1)
+                pre = relu(torch.baddbmm(b_in, z, w_in))  # (S', R, (N+1)H)
+            gate_hidden = pre[..., N * H:]
+        gate = torch.softmax(self.gate_logits(s0, s1, gate_hidden), dim=-1)  # (S', R, N)
         if self.training and torch.is_grad_enabled():
             self.gate_usage = gate.mean(1)  # (S', N), for the load-balancing loss
+        if routed:
+            return self._routed_delta(s0, s1, z, gate, None if pre is None else pre[..., :N * H])
+        if c.top_k is not None:
+            gate = routed_gate(gate, c.top_k)
         first = drop(pre[..., :N * H].reshape(S_, R, N, H))
         weights = gate.unsqueeze(-1)  # (S', R, N, 1)
         delta = torch.bmm(gate, self.expert_b2[L - 1, s0:s1, :, 0])  # Σ_n a_n b2 of the last layer
@@ -339,6 +366,68 @@ class RQMoE(nn.Module):
                     weighted = hidden.mul_(share) if inplace else hidden * share
                     delta = torch.baddbmm(delta, weighted, w2)
         return delta
+
+    def gate_hidden(self, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
+        """The gate's hidden units alone, relu(z G1 + g1): (S', R, d) -> (S', R, H), steps s0..s1-1."""
+        return torch.relu(torch.baddbmm(self.gate_b1[s0:s1, None, :], z, self.gate_w1[s0:s1]))
+
+    def gate_logits(self, s0: int, s1: int, gate_hidden: torch.Tensor) -> torch.Tensor:
+        """The gate's logits from its hidden units: (S', R, H) -> (S', R, N), steps s0..s1-1."""
+        return torch.baddbmm(self.gate_b2[s0:s1, None, :], gate_hidden, self.gate_w2[s0:s1])
+
+    def _routed_delta(self, s0: int, s1: int, z: torch.Tensor, gate: torch.Tensor,
+                      pre: Optional[torch.Tensor]) -> torch.Tensor:
+        """``_morph_delta`` under top-k routing, for inference: each row's k highest-gated experts,
+        weighted by their gate weights renormalised to sum to 1 (``routed_gate``).
+
+        z (S', R, d); gate (S', R, N); pre: the experts' first-layer activations (S', R, N·H) when the
+        caller has them, else None. The rows are sorted by (step, expert), so that each expert runs
+        its residual blocks as plain matrix products on one contiguous slice of its own rows (no
+        padding: an unbalanced gate costs no extra work); the updates are scattered back to their rows.
+        Returns (S', R, d).
+        """
+        c = self.config
+        S_, R, d = z.shape
+        N, H, L, k = c.n_experts, c.hidden, c.n_layers, c.top_k
+        top_w, top_n = torch.topk(gate, k, dim=-1)  # (S', R, k)
+        weights = top_w / top_w.sum(-1, keepdim=True)
+        steps = torch.arange(S_, device=z.device).view(S_, 1, 1)
+        group = (steps * N + top_n).reshape(-1)  # (S'·R·k,) the (step, expert) pair of every assignment
+        order = torch.argsort(group, stable=True)
+        row = torch.div(order, k, rounding_mode="floor")  # the (step, row) each sorted assignment belongs to
+        counts = torch.bincount(group, minlength=S_ * N).tolist()
+        y_all = z.reshape(S_ * R, d).index_select(0, row)  # (S'·R·k, d), grouped by (step, expert)
+        first = None if pre is None else pre.reshape(S_ * R * N, H).index_select(0, row * N + group[order] % N)
+        # each assignment's Σ_l update, written slice by slice (autocast has no out= products: pieces there)
+        in_place = not torch.is_autocast_enabled(z.device.type)
+        summed = y_all.new_empty(y_all.shape) if in_place else None
+        pieces, begin = [], 0
+        for g, count in enumerate(counts):
+            if count == 0:
+                continue
+            s, n = divmod(g, N)
+            rows = slice(begin, begin + count)
+            begin += count
+            y, hidden, earlier = y_all[rows], None if first is None else first[rows], None
+            for layer in range(L):
+                w2, b2 = self.expert_w2[layer, s0 + s, n], self.expert_b2[layer, s0 + s, n, 0]
+                if layer > 0 or hidden is None:
+                    hidden = torch.addmm(self.expert_b1[layer, s0 + s, n, 0], y, self.expert_w1[layer, s0 + s, n])
+                    hidden = hidden.relu_()
+                if layer < L - 1:
+                    update = torch.addmm(b2, hidden, w2)
+                    earlier = update if earlier is None else earlier.add_(update)
+                    y = y + update
+                elif in_place:  # the last layer writes the sum of all the updates into its slice
+                    torch.addmm(b2 if earlier is None else earlier.add_(b2), hidden, w2, out=summed[rows])
+                else:
+                    pieces.append(torch.addmm(b2 if earlier is None else earlier + b2, hidden, w2))
+        if not in_place:
+            summed = torch.cat(pieces)
+        if k == 1:  # one expert a row, weight 1: a permutation back to the rows
+            return summed.new_empty(S_ * R, d).index_copy_(0, row, summed).view(S_, R, d)
+        chosen = summed * weights.reshape(-1)[order].unsqueeze(-1)
+        return chosen.new_zeros(S_ * R, d).index_add_(0, row, chosen).view(S_, R, d)
 
     def _step_codewords(self, step: int, base: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
         """Morphed codewords of one morphed step: base (B, d), cond (B, Dc) -> (B, d)."""
@@ -405,8 +494,7 @@ class RQMoE(nn.Module):
         for condition 'instruction'/'none', sequential for 'reconstruction'.
         """
         c = self.config
-        steps = torch.arange(c.M, device=codes.device)
-        base = self.codebooks[steps, codes]  # (n, M, d)
+        base = step_rows(self.codebooks, codes)  # (n, M, d)
         if c.n_morph_steps == 0:
             return base
         ctx_cond = self.ctx_cond(ctx)
@@ -440,11 +528,35 @@ class RQMoE(nn.Module):
                 instr = advance_instruction(instr, self.instr_codebooks[m, codes[:, m]])
         return torch.stack(outputs, dim=1)
 
+    def _decode_block(self, codes: torch.Tensor, ctx_s: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw reconstructions of a block of validated codes (n, M), normalised contexts or None -> (n, d)."""
+        return torch.sum(self.decode_steps(codes, ctx_s), dim=1).mul_(self.scale)
+
+    def _graphed_decode(self, codes: torch.Tensor, ctx_s: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """decode through a recorded CUDA graph (graphs.py), or None where that does not apply: not on
+        CUDA, graphs off, a batch past graphs.MAX_ROWS or the memory budget's chunk, or a computation that
+        synchronises with the host (top-k routing on the torch path)."""
+        c = self.config
+        rows = bucket(codes.shape[0])
+        if not (codes.is_cuda and self.execution.cuda_graphs and rows) or c.n_morph_steps == 0 \
+                or rows > self.rows_per_chunk(c.n_morph_steps):
+            return None
+        if c.top_k is not None and not (c.top_k == 1 and self._use_triton(codes)):
+            return None
+        inputs = (codes,) if ctx_s is None else (codes, ctx_s)
+        weights = stamp(list(self.parameters()) + list(self.buffers()))
+        return self._graphs.run(("decode", rows, ctx_s is not None, self.execution), weights, self._decode_block,
+                                inputs, codes.shape[0], rows)
+
     def _decode_chunked(self, codes, ctx, sequential: bool) -> torch.Tensor:
         codes = self.check_codes(codes)
         ctx_s = self.check_ctx(ctx, codes.shape[0])
         c = self.config
-        steps = torch.arange(c.M, device=codes.device)
+        if not sequential:
+            with torch.inference_mode():
+                graphed = self._graphed_decode(codes, ctx_s)
+            if graphed is not None:
+                return graphed
         bs = self.rows_per_chunk(max(1, c.n_morph_steps))
         out = torch.empty(codes.shape[0], c.d, device=self.device)
         with torch.inference_mode():
@@ -452,7 +564,7 @@ class RQMoE(nn.Module):
                 chunk = codes[i0:i0 + bs]
                 ctx_chunk = None if ctx_s is None else ctx_s[i0:i0 + bs]
                 if sequential and c.n_morph_steps > 0:
-                    steps_out = self._decode_steps_sequential(chunk, self.codebooks[steps, chunk],
+                    steps_out = self._decode_steps_sequential(chunk, step_rows(self.codebooks, chunk),
                                                               self.ctx_cond(ctx_chunk))
                 else:
                     steps_out = self.decode_steps(chunk, ctx_chunk)
@@ -510,6 +622,22 @@ class RQMoE(nn.Module):
         return self.decode_steps(codes, ctx)
 
 
+def routed_gate(gate: torch.Tensor, k: int) -> torch.Tensor:
+    """The gate of top-k routing, for training: gate (..., N) softmax weights -> (..., N) with each row's
+    k largest renormalised to sum to 1 and the rest 0. The sum is held constant (detached), so the kept
+    weights still pass a gradient to the gate, also when k = 1 (their value is then exactly 1)."""
+    top_w, top_n = torch.topk(gate, k, dim=-1)
+    return torch.zeros_like(gate).scatter(-1, top_n, top_w / top_w.sum(-1, keepdim=True).detach())
+
+
+def step_rows(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """codebooks[m, codes[:, m]] for every step m: codebooks (M, K, w), codes (n, M) int64 -> (n, M, w).
+    One index_select over the flattened codebooks (faster than advanced indexing on the CPU)."""
+    M, K, w = codebooks.shape
+    flat = codes + torch.arange(M, device=codes.device) * K
+    return codebooks.reshape(M * K, w).index_select(0, flat.reshape(-1)).view(codes.shape[0], M, w)
+
+
 def advance_instruction(instr: Optional[torch.Tensor], word: torch.Tensor) -> torch.Tensor:
     """The instruction stream's update I_{m+1} = I_m + E_m[i_m] (I_m None: the stream has not started)."""
     return word if instr is None else instr + word
@@ -523,9 +651,7 @@ def instruction_stream(instr_codebooks: torch.Tensor, codes: torch.Tensor, ctx_c
     Returns (n, S, De): I_2 .. I_M, with I_1 first when ``include_first``
     (a context starts the stream, I_1 = A ctx, and conditions step 1 too).
     """
-    M = codes.shape[1]
-    steps = torch.arange(M - 1, device=codes.device)
-    cond = torch.cumsum(instr_codebooks[steps, codes[:, :-1]], dim=1)  # (n, M-1, De)
+    cond = torch.cumsum(step_rows(instr_codebooks, codes[:, :-1]), dim=1)  # (n, M-1, De)
     if include_first:
         cond = torch.cat([cond.new_zeros(cond.shape[0], 1, cond.shape[2]), cond], dim=1)
     if ctx_cond is not None:

@@ -122,15 +122,18 @@ def test_a_model_set_to_the_fused_kernel_still_runs_on_the_cpu():
 KERNEL_CHECK = """
 import torch
 from faiss_rqmoe import RQMoE, RQMoEConfig
-for layers, ctx in ((1, 0), (2, 32), (3, 0)):
-    model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=layers, hidden=48, ctx_dim=ctx))
+cases = ((1, 0, "dense", "instruction"), (2, 32, "dense", "instruction"), (3, 0, "dense", "instruction"),
+         (1, 0, "top1", "instruction"), (2, 32, "top1", "instruction"), (2, 0, "top1", "reconstruction"))
+for layers, ctx, routing, condition in cases:
+    model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=layers, hidden=48, ctx_dim=ctx, routing=routing,
+                              condition=condition))
     generator = torch.Generator().manual_seed(layers)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
-    codes = torch.randint(0, 32, (70, 4), generator=generator)
-    ctx_vectors = torch.randn(70, 32, generator=generator) if ctx else None
-    x = torch.randn(70, 32, generator=generator)
+            p.add_(torch.randn(p.shape, generator=generator) * (0.1 if routing == "dense" else 0.3))
+    codes = torch.randint(0, 32, (150, 4), generator=generator)
+    ctx_vectors = torch.randn(150, 32, generator=generator) if ctx else None
+    x = torch.randn(150, 32, generator=generator)
     reference = model.set_execution(kernel="torch").decode(codes, ctx=ctx_vectors)
     codes_ref = model.encode(x, 8, ctx=ctx_vectors)
     fused = model.set_execution(kernel="triton").decode(codes, ctx=ctx_vectors)
@@ -141,8 +144,9 @@ print("kernel ok")
 
 
 def test_fused_kernel_in_the_triton_interpreter():
-    """The fused kernel's arithmetic, on the CPU through Triton's interpreter (float32: the interpreter has no
-    bfloat16); skipped where Triton is not installed (CI)."""
+    """The fused kernels' arithmetic (dense experts, and top-1 routing with rows sorted by expert), on the CPU
+    through Triton's interpreter (float32: the interpreter has no bfloat16); skipped where Triton is not
+    installed (CI)."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -151,3 +155,29 @@ def test_fused_kernel_in_the_triton_interpreter():
     run = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, TRITON_INTERPRET="1"))
     assert run.returncode == 0 and "kernel ok" in run.stdout, run.stderr[-2000:]
+
+
+@cuda_only
+@pytest.mark.parametrize("routing, kernel, ctx_dim", [("dense", "torch", 0), ("dense", "triton", 32),
+                                                      ("top1", "triton", 0)])
+def test_graphed_decode_equals_eager_decode_and_follows_new_weights(routing, kernel, ctx_dim):
+    """Small CUDA decodes replay a recorded graph (padded to a power of two); they give what the eager
+    decode gives, for every batch size, and a change of the weights records the graph again."""
+    torch.manual_seed(0)
+    model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=32, routing=routing, ctx_dim=ctx_dim))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    model = model.cuda().set_execution(kernel=kernel)
+    for n in (5, 1000, 3000):
+        codes = torch.randint(0, 32, (n, 4), device="cuda")
+        ctx = torch.randn(n, 32, device="cuda") if ctx_dim else None
+        eager = model.set_execution(cuda_graphs=False).decode(codes, ctx)
+        graphed = model.set_execution(cuda_graphs=True).decode(codes, ctx)
+        torch.testing.assert_close(model.decode(codes, ctx), graphed)  # the replay, not the recording
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert len(model._graphs._graphs) == 1 and not model._graphs._failed
+    with torch.no_grad():
+        model.codebooks.mul_(1.5)
+    torch.testing.assert_close(model.decode(codes, ctx), model.set_execution(cuda_graphs=False).decode(codes, ctx),
+                               rtol=1e-5, atol=1e-5)

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="our configurations: RQ-MoE, QINCo-style, QINCo1-shape (QINCo-style with N=1)")
     speed.add_argument("--d", type=int, default=128, help="vector dimension (default 128)")
     speed.add_argument("--M", type=int, default=8, help="steps (bytes) a code (default 8)")
+    speed.add_argument("--interleaved-rounds", type=int, default=7,
+                       help="on a CPU, also decode the smallest batch with every method in turns, this many "
+                            "rounds, and keep the medians (ratios that hold on a shared machine); 0: off")
+    speed.add_argument("--hidden", type=int, default=256,
+                       help="hidden width H of every method's networks and the peers' (default 256)")
     speed.add_argument("--batches", type=int, nargs="+", default=[1024, 8192, 100_000], help="decode batch sizes")
     speed.add_argument("--kernels", nargs="+", default=["torch", "triton"], help="execution kernels on CUDA")
     speed.add_argument("--precisions", nargs="+", default=["float32", "tfloat32", "bfloat16"],

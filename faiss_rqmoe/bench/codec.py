@@ -71,7 +71,7 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
     """Train one of our learned codecs with the run's TrainConfig and measure it. Returns (row, extras)."""
     mode = Condition.parse(key)
     config = RQMoEConfig(ds.d, n_bytes, 8, condition=mode, n_experts=args.n_experts, n_layers=args.n_layers,
-                         hidden=args.hidden)
+                         hidden=args.hidden, routing=args.routing)
     torch.manual_seed(args.seed)
     model = RQMoE(config, mem_budget_bytes=args.mem_budget_gib << 30)
     train_config = train_config_from_args(args, device)
@@ -83,7 +83,8 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
     model.encode(ds.xb[:4096], candidates, beam)  # warm-up
     codes, encode_s = timed(lambda: model.encode(ds.xb, candidates, beam), device, warmup=False)
     recon = model.decode(codes)
-    row = {"method": mode.display_name, "bytes": float(config.code_size), "train_s": train_s,
+    name = mode.display_name + ("" if config.routing == "dense" else f" {config.routing}")
+    row = {"method": name, "bytes": float(config.code_size), "train_s": train_s,
            "encode_vps": len(ds.xb) / encode_s, "encode_candidates": candidates, "encode_beam": beam,
            "config": config.to_dict(), "train_config": train_config.to_dict(non_default_only=True),
            "epochs": len(history.epoch), "samples": history.samples[-1] if history.samples else 0,

@@ -72,6 +72,9 @@ def add_codec_options(parser: argparse.ArgumentParser, bytes_help: str = "code s
     group.add_argument("--n-experts", type=int, default=4, help="experts a step, N (default 4)")
     group.add_argument("--n-layers", type=int, default=2, help="residual blocks an expert, L (default 2)")
     group.add_argument("--hidden", type=int, default=256, help="hidden width of the experts, H (default 256)")
+    group.add_argument("--routing", default="dense",
+                       help="dense (every expert on every row, the paper's mixture) or top<k>, e.g. top1 (each row "
+                            "runs its k highest-gated experts)")
     group.add_argument("--encode-candidates", type=_optional_number(int), default=None,
                        help="candidates a step when encoding the database (default: none = exact)")
     group.add_argument("--encode-beam", type=int, default=1, help="beam when encoding the database (default 1)")

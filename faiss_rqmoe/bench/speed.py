@@ -3,19 +3,23 @@ strategy, on CPU and GPU, beside the public QINCo1 and RQ-MoE reference code whe
 
 Weights are random (speed does not depend on their values), moved off the
 identity so that every expert and the gate compute something. Rows:
-method, device, kernel, precision, batch, decode_vps (parallel),
+method, device, kernel, precision, batch, decode_vps (parallel; small CUDA
+batches replay a CUDA graph), decode_eager_vps (the same without graphs),
 decode_seq_vps, encode_vps {greedy16, beam4x16, exact} and train_sps.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
+from .. import graphs
 from ..config import RQMoEConfig
 from ..devices import resolve_device
 from ..encode import encode_scaled
@@ -29,6 +33,8 @@ METHODS = {  # name -> RQMoEConfig fields besides d, M, nbits
     "RQ-MoE": dict(condition="instruction", n_experts=4, n_layers=2, hidden=256),
     "QINCo-style": dict(condition="reconstruction", n_experts=4, n_layers=2, hidden=256),
     "QINCo1-shape": dict(condition="reconstruction", n_experts=1, n_layers=2, hidden=256),
+    "RQ-MoE top-1": dict(condition="instruction", n_experts=4, n_layers=2, hidden=256, routing="top1"),
+    "QINCo-style top-1": dict(condition="reconstruction", n_experts=4, n_layers=2, hidden=256, routing="top1"),
 }
 ENCODINGS = {"greedy16": (16, 1), "beam4x16": (16, 4), "exact": (None, 1)}
 
@@ -63,6 +69,10 @@ def measure_ours(name: str, config: RQMoEConfig, device: torch.device, batches: 
                "config": config.to_dict(), "macs_per_vector": config.macs_per_vector()}
         with torch.inference_mode():
             row["decode_vps"] = _vps(batch, lambda: model.decode(codes), device)
+            if device.type == "cuda" and graphs.bucket(batch):  # the same decode without CUDA graphs
+                model.set_execution(cuda_graphs=False)
+                row["decode_eager_vps"] = _vps(batch, lambda: model.decode(codes), device)
+                model.set_execution(cuda_graphs=True)
             if batch <= 8192:  # the sequential decoder is the reference, not a fast path
                 row["decode_seq_vps"] = _vps(batch, lambda: model.decode_sequential(codes), device)
         row["decode_tflops"] = row["decode_vps"] * 2 * config.macs_per_vector() / 1e12
@@ -116,22 +126,29 @@ def _load_peer(folder: Path, module: str):
             sys.modules["utils"] = saved
 
 
-def measure_peers(peers: Path, d: int, M: int, device: torch.device, batches: List[int], n_encode: int) -> List[dict]:
-    """The public QINCo1 (peers/qinco_v1/model_qinco.py) and RQ-MoE reference (peers/rqmoe_ref/model_rqmoe.py)
-    at the default widths (L=2, h=256; N=4), where those files are present."""
-    rows = []
+def peer_makers(peers: Path, d: int, M: int, hidden: int = 256) -> list:
+    """(name, make model, decode(model, codes), encode(model, x) or None) of the public QINCo1
+    (peers/qinco_v1/model_qinco.py) and RQ-MoE reference (peers/rqmoe_ref/model_rqmoe.py) at our methods'
+    widths (L=2, h=hidden; N=4), where those files are present."""
     makers = []
     if (peers / "qinco_v1" / "model_qinco.py").exists():
         qinco = _load_peer(peers / "qinco_v1", "model_qinco")
-        makers.append(("QINCo1 (public code)", lambda: qinco.QINCo(d, 256, 2, M, 256),
+        makers.append(("QINCo1 (public code)", lambda: qinco.QINCo(d, 256, 2, M, hidden),
                        lambda m, c: m.decode(c), lambda m, x: m.encode(x)))
     if (peers / "rqmoe_ref" / "model_rqmoe.py").exists():
         ref = _load_peer(peers / "rqmoe_ref", "model_rqmoe")
-        makers.append(("RQ-MoE reference (sequential)", lambda: ref.RQMoE(d, 256, M, 4, 2, 256, 0.0),
+        makers.append(("RQ-MoE reference (sequential)", lambda: ref.RQMoE(d, 256, M, 4, 2, hidden, 0.0),
                        lambda m, c: m.decode(c), lambda m, x: m.encode(x)))
-        makers.append(("RQ-MoE reference (parallel)", lambda: ref.RQMoE(d, 256, M, 4, 2, 256, 0.0),
+        makers.append(("RQ-MoE reference (parallel)", lambda: ref.RQMoE(d, 256, M, 4, 2, hidden, 0.0),
                        lambda m, c: m.decode_parallel(c), None))
-    for name, make, decode, encode in makers:
+    return makers
+
+
+def measure_peers(peers: Path, d: int, M: int, device: torch.device, batches: List[int], n_encode: int,
+                  hidden: int = 256) -> List[dict]:
+    """Decode (and exact encode) speed of the peers of ``peer_makers``: rows as ``measure_ours`` writes."""
+    rows = []
+    for name, make, decode, encode in peer_makers(peers, d, M, hidden):
         torch.manual_seed(0)
         model = make().to(device).eval()
         for batch in batches:
@@ -146,6 +163,31 @@ def measure_peers(peers: Path, d: int, M: int, device: torch.device, batches: Li
             with torch.inference_mode():
                 rows[-1]["encode_vps"] = {"exact": _vps(len(x), lambda: encode(model, x), device, min_seconds=0.5)}
     return rows
+
+
+def interleaved_decode(configs: Dict[str, RQMoEConfig], device: torch.device, batch: int, rounds: int = 7,
+                       peers: Optional[Path] = None) -> dict:
+    """Decode vectors/s of every method measured in turns, ``rounds`` times, and the median of each: on a
+    shared machine the ratios between methods hold where separate measurements drift. With peers, the public
+    QINCo1 code takes its turn too. Returns {"batch", "rounds", "decode_vps": {method: median}}."""
+    decoders = {name: random_model(config, device).decode for name, config in configs.items()}
+    first = next(iter(configs.values()))
+    for name, make, decode, _ in peer_makers(Path(peers), first.d, first.M, first.hidden) if peers else []:
+        if name.startswith("QINCo1"):
+            torch.manual_seed(0)
+            decoders[name] = functools.partial(decode, make().to(device).eval())
+    codes = torch.randint(0, first.K, (batch, first.M), device=device)
+    samples = {name: [] for name in decoders}
+    with torch.inference_mode():
+        for decode in decoders.values():
+            decode(codes)  # warm-up
+        for _ in range(rounds):
+            for name, decode in decoders.items():
+                _, seconds = timed(lambda: decode(codes), device, repeats=2, warmup=False)
+                samples[name].append(batch / seconds)
+    medians = {name: float(np.median(values)) for name, values in samples.items()}
+    logger.info("interleaved decode, batch %d: %s", batch, medians)
+    return {"batch": batch, "rounds": rounds, "decode_vps": medians}
 
 
 def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str) -> List[dict]:
@@ -183,8 +225,10 @@ def run_speed(args) -> dict:
         precisions = args.precisions if device.type == "cuda" else ["float32"]
         batches = args.batches if device.type == "cuda" else [b for b in args.batches if b <= args.cpu_max_batch]
         for name in args.methods:
-            config = RQMoEConfig(args.d, args.M, 8, **METHODS[name])
+            config = RQMoEConfig(args.d, args.M, 8, **{**METHODS[name], "hidden": args.hidden})
             for kernel in kernels:
+                if kernel == "triton" and config.top_k not in (None, 1):
+                    continue  # the fused kernels run dense experts or top-1 routing
                 for precision in precisions:
                     if (kernel, precision) in (("torch", "tfloat32"), ("triton", "float32")):
                         continue  # torch follows its own TF32 switch; exact float32 dots in Triton run without tensor cores
@@ -193,9 +237,15 @@ def run_speed(args) -> dict:
                         args.n_encode if device.type == "cuda" else args.cpu_n_encode,
                         args.train_steps if device.type == "cuda" else args.cpu_train_steps))
                     write_result(result, args.out)
+        if device.type == "cpu" and args.interleaved_rounds:
+            configs = {name: RQMoEConfig(args.d, args.M, 8, **{**METHODS[name], "hidden": args.hidden})
+                       for name in args.methods}
+            result["interleaved_cpu"] = interleaved_decode(configs, device, min(batches), args.interleaved_rounds,
+                                                           args.peers)
+            write_result(result, args.out)
         if args.peers:
             result["rows"].extend(measure_peers(Path(args.peers), args.d, args.M, device, batches,
-                                                args.n_encode if device.type == "cuda" else args.cpu_n_encode))
+                                                args.n_encode if device.type == "cuda" else args.cpu_n_encode, args.hidden))
             write_result(result, args.out)
     return result
 
@@ -218,4 +268,9 @@ def speed_table(result: dict) -> str:
         lines.append(f"| {method} | {device} | {kernel} | {precision} | " + " | ".join(cells) +
                      f" | {fmt(encode.get('greedy16'))} | {fmt(encode.get('beam4x16'))} | {fmt(encode.get('exact'))}"
                      f" | {fmt(last.get('train_sps'))} |")
+    interleaved = result.get("interleaved_cpu")
+    if interleaved:
+        vps = interleaved["decode_vps"]
+        lines.append(f"\nCPU decode at batch {interleaved['batch']}, methods in turns ({interleaved['rounds']} "
+                     "rounds, medians): " + ", ".join(f"{name} {value:,.0f}" for name, value in vps.items()))
     return "\n".join(lines)

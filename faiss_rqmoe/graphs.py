@@ -1,0 +1,96 @@
+"""CUDA graphs for small inference batches: record a fixed-shape computation once, then replay it.
+
+A decode of 1 024 codes on a GPU is bound by launching its ~20 kernels from
+Python, not by the GPU (docs/experiments.md, section 1). A CUDA graph
+replays all of them in one launch. Batches are padded up to a power of two
+(``bucket``), so a handful of graphs serve every size up to ``MAX_ROWS``;
+larger batches run as they are. A graph is recorded again when the weights
+it read have changed (their storage or version), and a computation that
+cannot be recorded (one that synchronises with the host, such as top-k
+routing on the torch path) runs eagerly from then on.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MIN_ROWS = 1024  # smaller batches are padded to this: on a GPU they cost the same
+MAX_ROWS = 8192  # above it launches no longer dominate: batches run eagerly
+
+
+def bucket(n: int) -> Optional[int]:
+    """The padded batch a graph is recorded for: the power of two >= max(n, MIN_ROWS), or None past MAX_ROWS."""
+    if n > MAX_ROWS:
+        return None
+    size = MIN_ROWS
+    while size < n:
+        size *= 2
+    return size
+
+
+def stamp(tensors: Sequence[torch.Tensor]) -> tuple:
+    """What identifies the values a graph reads: every tensor's storage and in-place version."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+class GraphCache:
+    """Recorded graphs of one computation ``fn(*inputs) -> tensor``, keyed by the caller (shape, options).
+
+    ``run`` copies the inputs into the graph's static buffers (padded rows
+    keep whatever they held: rows of a computation must not depend on each
+    other), replays it and returns the first n rows of the output, copied.
+    """
+
+    def __init__(self):
+        self._graphs: Dict[tuple, tuple] = {}
+        self._failed = set()
+
+    def __reduce__(self):  # copies and pickles of a model start with no graphs (they hold device state)
+        return (GraphCache, ())
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._failed.clear()
+
+    def run(self, key: tuple, weights_stamp: tuple, fn: Callable[..., torch.Tensor], inputs: Tuple[torch.Tensor, ...],
+            n: int, rows: int) -> Optional[torch.Tensor]:
+        """fn(*inputs) for inputs of n rows through the graph recorded for ``rows`` padded rows and ``key``;
+        None when this computation cannot be recorded (the caller then runs it eagerly)."""
+        if key in self._failed:
+            return None
+        entry = self._graphs.get(key)
+        if entry is None or entry[0] != weights_stamp:
+            entry = self._record(key, weights_stamp, fn, inputs, rows)
+            if entry is None:
+                return None
+        _, graph, static_inputs, static_out = entry
+        for buffer, value in zip(static_inputs, inputs):
+            buffer[:n].copy_(value)
+        graph.replay()
+        return static_out[:n].clone()
+
+    def _record(self, key, weights_stamp, fn, inputs, rows):
+        static_inputs = tuple(torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+                              for t in inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):  # warm-up: caches (fused weights, kernels) fill outside the graph
+                fn(*static_inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = fn(*static_inputs)
+        except RuntimeError as exc:  # e.g. a host synchronisation inside fn
+            torch.cuda.synchronize()
+            logger.info("running %s eagerly: it cannot be recorded as a CUDA graph (%s)", key,
+                        str(exc).splitlines()[0])
+            self._failed.add(key)
+            return None
+        entry = (weights_stamp, graph, static_inputs, static_out)
+        self._graphs[key] = entry
+        return entry
