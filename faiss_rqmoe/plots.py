@@ -181,11 +181,15 @@ def plot_speed(result: dict, path) -> Path:
         lines.setdefault(row["device"], {}).setdefault(label, []).append((int(row["batch"]), float(row["decode_vps"])))
     if not lines:
         raise ValueError("the result has no speed rows to plot")
-    fig, axes = _figure(len(lines))
+    fig, axes = _figure(len(lines))  # raises the install hint without matplotlib
+    import matplotlib
+
     for ax, (device, by_label) in zip(axes, sorted(lines.items())):
-        for label, points in sorted(by_label.items()):
+        colours = matplotlib.colormaps["tab20"].colors  # 10 default colours repeat on the larger tables
+        for i, (label, points) in enumerate(sorted(by_label.items())):
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^D"[i // 20 % 4],
+                    color=colours[i % 20], label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("batch (vectors decoded together)")
