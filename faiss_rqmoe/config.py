@@ -111,7 +111,7 @@ class RQMoEConfig:
             raise ValueError(f"RQMoEConfig.routing must be 'dense' or 'top<k>' with 1 <= k <= n_experts "
                              f"({self.n_experts}), got {self.routing!r}")
         object.__setattr__(self, "routing", "dense" if routing == "dense" or
-                           int(match.group(1)) == self.n_experts else routing)
+                           int(match.group(1)) == self.n_experts else f"top{int(match.group(1))}")
         if self.ctx_dim > 0 and self.cond_dim == 0:
             raise ValueError("RQMoEConfig: a context (ctx_dim > 0) needs a conditioning vector to enter: "
                              f"condition {self.condition!r} with instr_dim={self.instr_dim} has none")

@@ -7,11 +7,14 @@ replays all of them in one launch. Batches are padded up to a power of two
 larger batches run as they are. A graph is recorded again when the weights
 it read have changed (their storage or version), and a computation that
 cannot be recorded (one that synchronises with the host, such as top-k
-routing on the torch path) runs eagerly from then on.
+routing on the torch path) runs eagerly from then on. The graphs keep their
+memory (one pool a cache, as large as the largest batch's temporaries)
+while the model lives; ``clear`` frees them.
 """
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -42,49 +45,76 @@ class GraphCache:
 
     ``run`` copies the inputs into the graph's static buffers (padded rows
     keep whatever they held: rows of a computation must not depend on each
-    other), replays it and returns the first n rows of the output, copied.
+    other), replays it and copies the first n rows of the output into the
+    caller's tensor. One lock serialises recording and replays (threads
+    share the buffers), and an event orders each replay after the previous
+    one's copy-out whatever stream either ran on. All graphs of a cache share
+    one memory pool: only one runs at a time and its output is copied out at
+    once.
     """
 
     def __init__(self):
         self._graphs: Dict[tuple, tuple] = {}
         self._failed = set()
+        self._lock = threading.Lock()
+        self._pool = None
+        self._done: Optional[torch.cuda.Event] = None
 
     def __reduce__(self):  # copies and pickles of a model start with no graphs (they hold device state)
         return (GraphCache, ())
 
     def clear(self) -> None:
-        self._graphs.clear()
-        self._failed.clear()
+        with self._lock:
+            self._graphs.clear()
+            self._failed.clear()
 
     def run(self, key: tuple, weights_stamp: tuple, fn: Callable[..., torch.Tensor], inputs: Tuple[torch.Tensor, ...],
-            n: int, rows: int) -> Optional[torch.Tensor]:
-        """fn(*inputs) for inputs of n rows through the graph recorded for ``rows`` padded rows and ``key``;
-        None when this computation cannot be recorded (the caller then runs it eagerly)."""
-        if key in self._failed:
-            return None
-        entry = self._graphs.get(key)
-        if entry is None or entry[0] != weights_stamp:
-            entry = self._record(key, weights_stamp, fn, inputs, rows)
-            if entry is None:
+            out: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
+        """out[:] = fn(*inputs) for inputs of n = len(out) rows through the graph recorded for ``rows`` padded
+        rows and ``key``; returns out, or None when this computation cannot be recorded (the caller then runs
+        it eagerly). Every input and out are on one CUDA device."""
+        n = out.shape[0]
+        with self._lock, torch.cuda.device(out.device):
+            if key in self._failed:
                 return None
-        _, graph, static_inputs, static_out = entry
-        for buffer, value in zip(static_inputs, inputs):
-            buffer[:n].copy_(value)
-        graph.replay()
-        return static_out[:n].clone()
+            entry = self._graphs.get(key)
+            if entry is None or entry[0] != weights_stamp:
+                entry = self._record(key, weights_stamp, fn, inputs, rows)
+                if entry is None:
+                    return None
+            _, graph, static_inputs, static_out = entry
+            stream = torch.cuda.current_stream()
+            if self._done is not None:
+                stream.wait_event(self._done)
+            for buffer, value in zip(static_inputs, inputs):
+                buffer[:n].copy_(value)
+            graph.replay()
+            out.copy_(static_out[:n])
+            self._done = torch.cuda.Event()
+            self._done.record(stream)
+            return out
 
     def _record(self, key, weights_stamp, fn, inputs, rows):
         static_inputs = tuple(torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
                               for t in inputs)
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # warm-up and capture run here: a failed capture leaves no other stream
         side.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.stream(side):  # warm-up: caches (fused weights, kernels) fill outside the graph
-                fn(*static_inputs)
+            with torch.cuda.stream(side):
+                fn(*static_inputs)  # warm-up: caches (fused weights, kernels) fill outside the graph
+                torch.cuda.synchronize()  # nothing pending when the capture begins
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")  # other threads may use CUDA
+                try:
+                    static_out = fn(*static_inputs)
+                finally:
+                    graph.capture_end()
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = fn(*static_inputs)
+        except torch.cuda.OutOfMemoryError:
+            logger.info("running %s eagerly this time: no memory to record it as a CUDA graph", key)
+            return None
         except RuntimeError as exc:  # e.g. a host synchronisation inside fn
             torch.cuda.synchronize()
             logger.info("running %s eagerly: it cannot be recorded as a CUDA graph (%s)", key,

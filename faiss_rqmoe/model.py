@@ -43,9 +43,10 @@ class Execution:
     torch path follows torch.backends.cuda.matmul.allow_tf32); or
     "bfloat16" matmul inputs on CUDA, with float32 sums and a float32
     residual path. Inference only: training always runs in float32.
-    cuda_graphs: on CUDA, decode batches of up to ``graphs.MAX_ROWS`` codes by
-    replaying a recorded CUDA graph (the same kernels, one launch); False
-    runs them eagerly.
+    cuda_graphs: on CUDA, decode batches of up to ``graphs.MAX_ROWS`` codes
+    (and within the memory budget's chunk) by replaying a recorded CUDA
+    graph (the same operations, padded to a power of two: float rounding may
+    differ from the eager decode); False runs them eagerly.
     """
 
     kernel: str = "auto"
@@ -281,15 +282,15 @@ class RQMoE(nn.Module):
         kernel = self.execution.kernel
         if kernel == "torch" or torch.is_grad_enabled():
             return False
+        from . import kernels
+        if kernel == "triton" and not (z.is_cuda or kernels.interpreting()):
+            return False  # the fused kernel runs on CUDA: a model moved to the CPU keeps working
         if self.config.top_k not in (None, 1):
             if kernel == "triton":
                 raise ValueError(f"the fused kernel runs dense experts or top-1 routing; routing="
                                  f"{self.config.routing!r} runs on the torch path: use kernel='torch' or 'auto'")
             return False
-        from . import kernels
         if kernel == "triton":
-            if not (z.is_cuda or kernels.interpreting()):
-                return False  # the fused kernel runs on CUDA: a model moved to the CPU keeps working
             if not kernels.supports(self.config):
                 raise ValueError(f"the fused kernel needs d a power of two >= 16 and hidden a multiple of 16, "
                                  f"got d={self.config.d}, hidden={self.config.hidden}; use kernel='torch'")
@@ -399,7 +400,7 @@ class RQMoE(nn.Module):
         y_all = z.reshape(S_ * R, d).index_select(0, row)  # (S'·R·k, d), grouped by (step, expert)
         first = None if pre is None else pre.reshape(S_ * R * N, H).index_select(0, row * N + group[order] % N)
         # each assignment's Σ_l update, written slice by slice (autocast has no out= products: pieces there)
-        in_place = not torch.is_autocast_enabled(z.device.type)
+        in_place = not autocast_enabled(z.device.type)
         summed = y_all.new_empty(y_all.shape) if in_place else None
         pieces, begin = [], 0
         for g, count in enumerate(counts):
@@ -423,7 +424,7 @@ class RQMoE(nn.Module):
                 else:
                     pieces.append(torch.addmm(b2 if earlier is None else earlier + b2, hidden, w2))
         if not in_place:
-            summed = torch.cat(pieces)
+            summed = torch.cat(pieces) if pieces else y_all
         if k == 1:  # one expert a row, weight 1: a permutation back to the rows
             return summed.new_empty(S_ * R, d).index_copy_(0, row, summed).view(S_, R, d)
         chosen = summed * weights.reshape(-1)[order].unsqueeze(-1)
@@ -532,10 +533,11 @@ class RQMoE(nn.Module):
         """Raw reconstructions of a block of validated codes (n, M), normalised contexts or None -> (n, d)."""
         return torch.sum(self.decode_steps(codes, ctx_s), dim=1).mul_(self.scale)
 
-    def _graphed_decode(self, codes: torch.Tensor, ctx_s: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """decode through a recorded CUDA graph (graphs.py), or None where that does not apply: not on
-        CUDA, graphs off, a batch past graphs.MAX_ROWS or the memory budget's chunk, or a computation that
-        synchronises with the host (top-k routing on the torch path)."""
+    def _graphed_decode(self, codes: torch.Tensor, ctx_s: Optional[torch.Tensor],
+                        out: torch.Tensor) -> Optional[torch.Tensor]:
+        """decode into out (n, d) through a recorded CUDA graph (graphs.py); None where that does not
+        apply: not on CUDA, graphs off, a batch past graphs.MAX_ROWS or the memory budget's chunk, or a
+        computation that synchronises with the host (top-k routing on the torch path)."""
         c = self.config
         rows = bucket(codes.shape[0])
         if not (codes.is_cuda and self.execution.cuda_graphs and rows) or c.n_morph_steps == 0 \
@@ -545,20 +547,21 @@ class RQMoE(nn.Module):
             return None
         inputs = (codes,) if ctx_s is None else (codes, ctx_s)
         weights = stamp(list(self.parameters()) + list(self.buffers()))
-        return self._graphs.run(("decode", rows, ctx_s is not None, self.execution), weights, self._decode_block,
-                                inputs, codes.shape[0], rows)
+        # what else changes the recorded arithmetic: the device, the TF32 switch, an enclosing autocast
+        key = ("decode", rows, ctx_s is not None, self.execution, codes.device,
+               torch.backends.cuda.matmul.allow_tf32, autocast_enabled("cuda"))
+        return self._graphs.run(key, weights, self._decode_block, inputs, out, rows)
 
     def _decode_chunked(self, codes, ctx, sequential: bool) -> torch.Tensor:
         codes = self.check_codes(codes)
         ctx_s = self.check_ctx(ctx, codes.shape[0])
         c = self.config
+        out = torch.empty(codes.shape[0], c.d, device=self.device)  # a normal tensor, made outside inference mode
         if not sequential:
             with torch.inference_mode():
-                graphed = self._graphed_decode(codes, ctx_s)
-            if graphed is not None:
-                return graphed
+                if self._graphed_decode(codes, ctx_s, out) is not None:
+                    return out
         bs = self.rows_per_chunk(max(1, c.n_morph_steps))
-        out = torch.empty(codes.shape[0], c.d, device=self.device)
         with torch.inference_mode():
             for i0 in range(0, codes.shape[0], bs):
                 chunk = codes[i0:i0 + bs]
@@ -620,6 +623,14 @@ class RQMoE(nn.Module):
         """The training forward, ``decode_steps``: codes (n, M) int64, normalised ctx (n, ctx_dim) or None
         -> per-step scaled codewords (n, M, d), differentiable (their sum is the reconstruction)."""
         return self.decode_steps(codes, ctx)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type (torch < 2.4 has no device argument)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def routed_gate(gate: torch.Tensor, k: int) -> torch.Tensor:

@@ -179,5 +179,28 @@ def test_graphed_decode_equals_eager_decode_and_follows_new_weights(routing, ker
     assert len(model._graphs._graphs) == 1 and not model._graphs._failed
     with torch.no_grad():
         model.codebooks.mul_(1.5)
-    torch.testing.assert_close(model.decode(codes, ctx), model.set_execution(cuda_graphs=False).decode(codes, ctx),
+        model.expert_w1.mul_(1.5)
+    graphed = model.decode(codes, ctx)
+    torch.testing.assert_close(graphed, model.set_execution(cuda_graphs=False).decode(codes, ctx),
                                rtol=1e-5, atol=1e-5)
+    graphed -= 1  # a normal tensor, as the eager decode returns
+
+
+@cuda_only
+def test_graphed_decodes_from_several_threads_get_their_own_results():
+    """Threads share one model's graphs and buffers: every decode must still return its own codes' vectors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=32)).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    batches = [torch.randint(0, 32, (700 + 37 * i, 4), device="cuda") for i in range(8)]
+    expected = [model.set_execution(cuda_graphs=False).decode(codes) for codes in batches]
+    model.set_execution(cuda_graphs=True)
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            results = list(pool.map(model.decode, batches))
+            for got, want in zip(results, expected):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

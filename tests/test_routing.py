@@ -167,3 +167,35 @@ def test_graph_buckets_and_model_copies():
     assert not copy.deepcopy(model)._graphs._failed
     with pytest.raises(ValueError, match="cuda_graphs"):
         model.set_execution(cuda_graphs="yes")
+
+
+def test_top2_set_to_the_fused_kernel_still_decodes_on_the_cpu():
+    """kernel='triton' is for CUDA data; on the CPU a top-2 codec takes the torch path, as dense ones do."""
+    from faiss_rqmoe import kernels
+
+    if kernels.interpreting():
+        pytest.skip("the Triton interpreter runs kernels on CPU data")
+    model = routed_model("top2")
+    codes = torch.randint(0, 32, (40, 4), generator=torch.Generator().manual_seed(7))
+    expected = model.decode(codes)
+    torch.testing.assert_close(model.set_execution(kernel="triton").decode(codes), expected)
+
+
+def test_routed_morph_under_autocast_stays_close_to_float32():
+    """Under autocast (bfloat16 products, as the CUDA bfloat16 path runs them) the routed experts give
+    the float32 result to bfloat16 precision; k = 1 and k = 2 take different scatter steps. The gate's
+    biases make its choices clear, so that bfloat16 rounding cannot flip a row to another expert."""
+    for routing in ("top1", "top2"):
+        model = routed_model(routing)
+        with torch.no_grad():
+            model.gate_b2.copy_(torch.tensor([0.0, 4.0, 8.0, 12.0]))
+        z = torch.randn(3, 60, 16, generator=torch.Generator().manual_seed(8))
+        with torch.inference_mode():
+            reference = model._morph(0, 3, z)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                approx = z + model._morph_delta(0, 3, z).float()
+        assert float((approx - reference).norm() / reference.norm()) < 0.02, routing
+
+
+def test_routing_is_stored_canonically():
+    assert RQMoEConfig(16, 4, n_experts=4, routing="top01").routing == "top1"

@@ -237,7 +237,7 @@ def run_speed(args) -> dict:
                         args.n_encode if device.type == "cuda" else args.cpu_n_encode,
                         args.train_steps if device.type == "cuda" else args.cpu_train_steps))
                     write_result(result, args.out)
-        if device.type == "cpu" and args.interleaved_rounds:
+        if device.type == "cpu" and args.interleaved_rounds and batches:
             configs = {name: RQMoEConfig(args.d, args.M, 8, **{**METHODS[name], "hidden": args.hidden})
                        for name in args.methods}
             result["interleaved_cpu"] = interleaved_decode(configs, device, min(batches), args.interleaved_rounds,
