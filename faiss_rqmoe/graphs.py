@@ -36,7 +36,8 @@ def bucket(n: int) -> Optional[int]:
 
 
 def stamp(tensors: Sequence[torch.Tensor]) -> tuple:
-    """What identifies the values a graph reads: every tensor's storage and in-place version."""
+    """What identifies some tensors' values, for the caches keyed on them (graphs, fused weights): every
+    tensor's storage and in-place version."""
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 

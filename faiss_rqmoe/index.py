@@ -400,12 +400,12 @@ class IndexRQMoE:
         validation residuals better with the index's encoding settings."""
         config = self.train_config
         if self.auto_architecture:
-            fields = {**self.config.to_dict(), **auto_architecture(self.device, len(residuals))}
+            size = auto_architecture(self.device, len(residuals))
+            fields = {**self.config.to_dict(), **size}
             if self.config.top_k is not None and self.config.top_k >= fields["n_experts"]:
                 fields["routing"] = "dense"  # top-k of k or fewer experts runs them all
             self.config = RQMoEConfig(**fields)
-            logger.info("model size for %d training vectors on %s: %s", len(residuals), self.device,
-                        auto_architecture(self.device, len(residuals)))
+            logger.info("model size for %d training vectors on %s: %s", len(residuals), self.device, size)
         with torch.random.fork_rng(devices=[]):  # the networks' start follows the seed, not the caller's RNG
             torch.manual_seed(config.seed)
             self.model = RQMoE(self.config, mem_budget_bytes=self.model.mem_budget_bytes,

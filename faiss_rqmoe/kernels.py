@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from .graphs import stamp
+
 try:
     import triton
     import triton.language as tl
@@ -143,9 +145,9 @@ def _prepared_weights(model, dtype: torch.dtype):
     """The weights in the kernel's layout and dtype, cached while the parameters do not change."""
     params = (model.expert_w1, model.expert_b1, model.expert_w2, model.expert_b2, model.gate_w1, model.gate_b1,
               model.gate_w2, model.gate_b2)
-    stamp = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
+    key = (dtype,) + stamp(params)
     cached = model._fused_cache.get("triton")
-    if cached is not None and cached[0] == stamp:
+    if cached is not None and cached[0] == key:
         return cached[1]
     c = model.config
     S, N, H = c.n_morph_steps, c.n_experts, c.hidden
@@ -158,7 +160,7 @@ def _prepared_weights(model, dtype: torch.dtype):
                    model.expert_w2.to(dtype).contiguous(), model.expert_b2.float().reshape(-1).contiguous(),
                    model.gate_w1.to(dtype).contiguous(), model.gate_b1.float().contiguous(),
                    g2.to(dtype).contiguous(), gb2.float().contiguous())
-    model._fused_cache["triton"] = (stamp, weights)
+    model._fused_cache["triton"] = (key, weights)
     return weights
 
 
@@ -180,18 +182,18 @@ def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
     if R == 0:
         return out
     weights = _prepared_weights(model, dtype)
+    chunk = next(size for size in (CONFIG["HC"], 64, 32, 16) if c.hidden % size == 0)  # hidden units a tile
     if c.top_k == 1:
-        return _routed_morph(model, s0, s1, z, out, weights, precision)
+        return _routed_morph(model, s0, s1, z, out, weights, precision, chunk)
     grid = (triton.cdiv(R, CONFIG["BLOCK_R"]), S_)
-    chunk = next(size for size in (CONFIG["HC"], 64, 32, 16) if c.hidden % size == 0)
     _morph_kernel[grid](z, out, R, s0, c.n_morph_steps, *weights, D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD,
                         L=c.n_layers, BLOCK_R=CONFIG["BLOCK_R"], HC=chunk,
                         PRECISION=precision, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
     return out
 
 
-
-def _routed_morph(model, s0: int, s1: int, z: torch.Tensor, out: torch.Tensor, weights, precision: str):
+def _routed_morph(model, s0: int, s1: int, z: torch.Tensor, out: torch.Tensor, weights, precision: str,
+                  chunk: int):
     """morph() under top-1 routing: the gate's choice for every row (torch, float32), the rows sorted
     by (step, expert), then one launch whose programs each run one expert on BLOCK_R rows of its group."""
     c = model.config
@@ -204,7 +206,6 @@ def _routed_morph(model, s0: int, s1: int, z: torch.Tensor, out: torch.Tensor, w
     ends = torch.cumsum((counts + block_r - 1) // block_r, 0)  # cumulative blocks a group
     starts = torch.cumsum(counts, 0) - counts
     grid = (triton.cdiv(S_ * R, block_r) + G,)  # an upper bound on the blocks: no host sync (CUDA graphs)
-    chunk = next(size for size in (CONFIG["HC"], 64, 32, 16) if c.hidden % size == 0)
     _routed_kernel[grid](z, out, order, ends.to(torch.int32), counts.to(torch.int32), starts.to(torch.int32), G, s0,
                          c.n_morph_steps, *weights[:4], D=c.d, H=c.hidden, N=N, L=c.n_layers,
                          GP=triton.next_power_of_2(G), BLOCK_R=block_r, HC=chunk, PRECISION=precision,

@@ -266,16 +266,15 @@ class RQMoE(nn.Module):
         S_, N, H = s1 - s0, c.n_experts, c.hidden
         grad = torch.is_grad_enabled()
         key = ("first", s0, s1)
-        stamp = tuple((p.data_ptr(), p._version) for p in (self.expert_w1, self.expert_b1, self.gate_w1,
-                                                           self.gate_b1))
-        if not grad and key in self._fused_cache and self._fused_cache[key][0] == stamp:
+        weights = stamp((self.expert_w1, self.expert_b1, self.gate_w1, self.gate_b1))
+        if not grad and key in self._fused_cache and self._fused_cache[key][0] == weights:
             return self._fused_cache[key][1]
         experts_w = self.expert_w1[0, s0:s1].permute(0, 2, 1, 3).reshape(S_, c.d, N * H)
         experts_b = self.expert_b1[0, s0:s1].permute(0, 2, 1, 3).reshape(S_, 1, N * H)
         fused = (torch.cat([experts_w, self.gate_w1[s0:s1]], dim=2),
                  torch.cat([experts_b, self.gate_b1[s0:s1, None, :]], dim=2))
         if not grad:
-            self._fused_cache[key] = (stamp, fused)
+            self._fused_cache[key] = (weights, fused)
         return fused
 
     def _use_triton(self, z: torch.Tensor) -> bool:
@@ -443,15 +442,15 @@ class RQMoE(nn.Module):
         conditioning row's share: encoding gathers them instead of multiplying every candidate."""
         params = (self.codebooks, self.proj_code, self.proj_bias, self.expert_w1, self.expert_b1, self.gate_w1,
                   self.gate_b1)
-        stamp = tuple((p.data_ptr(), p._version) for p in params)
+        weights = stamp(params)
         key = ("codewords", s)
-        if key in self._fused_cache and self._fused_cache[key][0] == stamp:
+        if key in self._fused_cache and self._fused_cache[key][0] == weights:
             return self._fused_cache[key][1]
         m = s + self.config.first_morphed
         w_in, b_in = self._first_layer(s, s + 1)
         z_c = torch.addmm(self.proj_bias[s], self.codebooks[m], self.proj_code[s])  # (K, d)
         tables = (z_c, torch.addmm(b_in[0, 0], z_c, w_in[0]))
-        self._fused_cache[key] = (stamp, tables)
+        self._fused_cache[key] = (weights, tables)
         return tables
 
     def morph_candidates(self, m: int, candidates: Optional[torch.Tensor], cond: Optional[torch.Tensor],

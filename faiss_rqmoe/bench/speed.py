@@ -220,12 +220,13 @@ def run_speed(args) -> dict:
         result["tile_sweep"] = [row for precision in args.precisions if precision != "float32"
                                 for row in sweep_kernel_tiles(devices[0], args.batches, precision)]
         write_result(result, args.out)
+    configs = {name: RQMoEConfig(args.d, args.M, 8, **{**METHODS[name], "hidden": args.hidden})
+               for name in args.methods}
     for device in devices:
         kernels = args.kernels if device.type == "cuda" else ["torch"]
         precisions = args.precisions if device.type == "cuda" else ["float32"]
         batches = args.batches if device.type == "cuda" else [b for b in args.batches if b <= args.cpu_max_batch]
-        for name in args.methods:
-            config = RQMoEConfig(args.d, args.M, 8, **{**METHODS[name], "hidden": args.hidden})
+        for name, config in configs.items():
             for kernel in kernels:
                 if kernel == "triton" and config.top_k not in (None, 1):
                     continue  # the fused kernels run dense experts or top-1 routing
@@ -238,8 +239,6 @@ def run_speed(args) -> dict:
                         args.train_steps if device.type == "cuda" else args.cpu_train_steps))
                     write_result(result, args.out)
         if device.type == "cpu" and args.interleaved_rounds and batches:
-            configs = {name: RQMoEConfig(args.d, args.M, 8, **{**METHODS[name], "hidden": args.hidden})
-                       for name in args.methods}
             result["interleaved_cpu"] = interleaved_decode(configs, device, min(batches), args.interleaved_rounds,
                                                            args.peers)
             write_result(result, args.out)
