@@ -68,6 +68,7 @@ class GraphCache:
         with self._lock:
             self._graphs.clear()
             self._failed.clear()
+            self._pool = None  # a pool whose graphs are all gone cannot take a new capture
 
     def run(self, key: tuple, weights_stamp: tuple, fn: Callable[..., torch.Tensor], inputs: Tuple[torch.Tensor, ...],
             out: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
@@ -98,20 +99,17 @@ class GraphCache:
     def _record(self, key, weights_stamp, fn, inputs, rows):
         static_inputs = tuple(torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
                               for t in inputs)
-        side = torch.cuda.Stream()  # warm-up and capture run here: a failed capture leaves no other stream
+        side = torch.cuda.Stream()  # warm-up and capture run here, never on the caller's stream
         side.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(side):
                 fn(*static_inputs)  # warm-up: caches (fused weights, kernels) fill outside the graph
-                torch.cuda.synchronize()  # nothing pending when the capture begins
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")  # other threads may use CUDA
-                try:
-                    static_out = fn(*static_inputs)
-                finally:
-                    graph.capture_end()
+            graph = torch.cuda.CUDAGraph()
+            # into the pool of a graph still held: capturing into a pool whose graphs were all freed fails
+            # inside capture_begin and leaves torch's RNG in capture mode; thread_local: other threads may
+            # use CUDA meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                static_out = fn(*static_inputs)
             torch.cuda.current_stream().wait_stream(side)
         except torch.cuda.OutOfMemoryError:
             logger.info("running %s eagerly this time: no memory to record it as a CUDA graph", key)
@@ -122,6 +120,8 @@ class GraphCache:
                         str(exc).splitlines()[0])
             self._failed.add(key)
             return None
+        if self._pool is None:
+            self._pool = graph.pool()
         entry = (weights_stamp, graph, static_inputs, static_out)
         self._graphs[key] = entry
         return entry
