@@ -77,13 +77,18 @@ def as_vectors_on(x, d: int, device: torch.device, name: str = "x", allow_empty:
 
 
 def as_codes(codes, M: int, K: int, device: torch.device, name: str = "codes") -> torch.Tensor:
-    """Codes as an (n, M) int64 tensor on ``device``, every value in [0, K); n >= 1."""
+    """Codes as an (n, M) int64 tensor on ``device``, every value in [0, K); n >= 1.
+
+    Codes as bytes (uint8, as indexes store them) with K >= 256 need no range check: on a GPU the call
+    then never waits for the device, which keeps small decodes from serialising host and device."""
     if isinstance(codes, torch.Tensor):
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got dtype {codes.dtype}")
+        as_bytes = codes.dtype == torch.uint8
     elif isinstance(codes, np.ndarray):
         if codes.dtype == np.bool_ or not np.issubdtype(codes.dtype, np.integer):
             raise TypeError(f"{name} must be an integer array, got dtype {codes.dtype}")
+        as_bytes = codes.dtype == np.uint8
         codes = torch.from_numpy(codes.astype(np.int64))
     else:
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(codes).__name__}")
@@ -92,6 +97,8 @@ def as_codes(codes, M: int, K: int, device: torch.device, name: str = "codes") -
     if codes.shape[0] == 0:
         raise ValueError(f"{name} is empty: expected at least one code")
     codes = codes.to(device=device, dtype=torch.int64)
+    if as_bytes and K >= 256:  # every byte is a valid code: no range check, so nothing waits on the device
+        return codes
     low, high = (int(v) for v in torch.aminmax(codes))
     if low < 0 or high >= K:
         raise ValueError(f"{name} must lie in [0, K={K}), got values in [{low}, {high}]")

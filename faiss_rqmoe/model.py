@@ -143,14 +143,19 @@ class RQMoE(nn.Module):
         self._graphs.clear()
         return self
 
-    def _morph_bytes_per_row(self) -> int:
-        """Float32 temporaries one morphed codeword needs on the torch path (peak estimate)."""
+    def _morph_bytes_per_row(self, fused: bool = False) -> int:
+        """Float32 temporaries one morphed codeword needs (peak estimate): on the torch path every expert's
+        hidden units; in the fused kernel only the rows in and out (and, under top-1, the torch gate's hidden
+        units)."""
         c = self.config
+        if fused:
+            return 4 * (4 * c.d + c.cond_dim + 16 + (c.hidden if c.top_k == 1 else 0))
         return 4 * (3 * c.d + c.cond_dim + (3 * c.n_experts + 1) * c.hidden + 2 * c.n_experts * c.d + 16)
 
     def rows_per_chunk(self, rows_per_item: int) -> int:
-        """How many items fit the memory budget when each needs rows_per_item morphed rows."""
-        per_item = max(1, rows_per_item) * self._morph_bytes_per_row()
+        """How many items fit the memory budget when each needs rows_per_item morphed rows (more where the
+        fused kernel runs: it keeps the hidden units in registers)."""
+        per_item = max(1, rows_per_item) * self._morph_bytes_per_row(self._use_triton(self.device))
         return max(1, self.mem_budget_bytes // per_item)
 
     def check_vectors(self, x, name: str = "x", width: Optional[int] = None) -> torch.Tensor:
@@ -277,12 +282,15 @@ class RQMoE(nn.Module):
             self._fused_cache[key] = (weights, fused)
         return fused
 
-    def _use_triton(self, z: torch.Tensor) -> bool:
+    def _use_triton(self, device: torch.device) -> bool:
+        """Whether inference on tensors of ``device`` runs the fused kernel (Execution.kernel, grad mode,
+        device, architecture)."""
         kernel = self.execution.kernel
         if kernel == "torch" or torch.is_grad_enabled():
             return False
         from . import kernels
-        if kernel == "triton" and not (z.is_cuda or kernels.interpreting()):
+        is_cuda = device.type == "cuda"
+        if kernel == "triton" and not (is_cuda or kernels.interpreting()):
             return False  # the fused kernel runs on CUDA: a model moved to the CPU keeps working
         if self.config.top_k not in (None, 1):
             if kernel == "triton":
@@ -295,11 +303,11 @@ class RQMoE(nn.Module):
                                  f"got d={self.config.d}, hidden={self.config.hidden}; use kernel='torch'")
             return True
         # exact float32 dots in Triton run without tensor cores, slower than cuBLAS: auto keeps them in torch
-        return z.is_cuda and self.execution.dtype != "float32" and kernels.available() and kernels.supports(self.config)
+        return is_cuda and self.execution.dtype != "float32" and kernels.available() and kernels.supports(self.config)
 
     def _morph(self, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
         """Mixture of experts applied to z: (S', B, d) for morphed steps s0..s1-1 -> (S', B, d)."""
-        if self._use_triton(z):
+        if self._use_triton(z.device):
             from . import kernels
             return kernels.morph(self, s0, s1, z)
         if self.execution.dtype == "bfloat16" and not torch.is_grad_enabled() and z.is_cuda:
@@ -477,7 +485,7 @@ class RQMoE(nn.Module):
             pre = pre + (z_r @ w_in[0]).unsqueeze(1)
         A = z.shape[1]
         z = z.expand(u, A, c.d).reshape(1, u * A, c.d)
-        if self._use_triton(z):
+        if self._use_triton(z.device):
             from . import kernels
             return kernels.morph(self, s, s + 1, z.contiguous())[0].reshape(u, A, c.d)
         # the relu makes a new tensor: pre may still be the cached table itself
@@ -542,7 +550,7 @@ class RQMoE(nn.Module):
         if not (codes.is_cuda and self.execution.cuda_graphs and rows) or c.n_morph_steps == 0 \
                 or rows > self.rows_per_chunk(c.n_morph_steps):
             return None
-        if c.top_k is not None and not (c.top_k == 1 and self._use_triton(codes)):
+        if c.top_k is not None and not (c.top_k == 1 and self._use_triton(codes.device)):
             return None
         inputs = (codes,) if ctx_s is None else (codes, ctx_s)
         weights = stamp(list(self.parameters()) + list(self.buffers()))
@@ -560,8 +568,8 @@ class RQMoE(nn.Module):
             with torch.inference_mode():
                 if self._graphed_decode(codes, ctx_s, out) is not None:
                     return out
-        bs = self.rows_per_chunk(max(1, c.n_morph_steps))
         with torch.inference_mode():
+            bs = self.rows_per_chunk(max(1, c.n_morph_steps))
             for i0 in range(0, codes.shape[0], bs):
                 chunk = codes[i0:i0 + bs]
                 ctx_chunk = None if ctx_s is None else ctx_s[i0:i0 + bs]

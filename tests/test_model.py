@@ -196,6 +196,8 @@ def test_encode_rejects_bad_vectors(bad, error, message):
 @pytest.mark.parametrize("bad, error, message", [
     (np.full((3, 2), 4), ValueError, r"\[0, K=4\)"),
     (np.full((3, 2), -1), ValueError, r"\[0, K=4\)"),
+    (np.full((3, 2), 4, np.uint8), ValueError, r"\[0, K=4\)"),  # bytes skip the check only when K >= 256
+    (torch.full((3, 2), 200, dtype=torch.uint8), ValueError, r"\[0, K=4\)"),
     (np.zeros((3, 3), np.int64), ValueError, "shape"),
     (np.zeros((3, 2), np.float32), TypeError, "integer"),
     (np.zeros((0, 2), np.int64), ValueError, "empty"),
@@ -206,6 +208,21 @@ def test_decode_rejects_bad_codes(bad, error, message):
         model.decode(bad)
     with pytest.raises(error, match=message):
         model.decode_sequential(bad)
+
+
+def test_decode_of_byte_codes_equals_int64():
+    """Codes as bytes (uint8, as indexes store them) skip the range check at K = 256: every value is a code,
+    and the decode is the int64 one."""
+    model = RQMoE(RQMoEConfig(8, 3, 8, n_experts=2, n_layers=1, hidden=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    codes = np.random.default_rng(0).integers(0, 256, (50, 3))
+    codes[0] = 255
+    expected = model.decode(codes)
+    for as_bytes in (codes.astype(np.uint8), torch.from_numpy(codes.astype(np.uint8))):
+        torch.testing.assert_close(model.decode(as_bytes), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model.decode_sequential(as_bytes), model.decode_sequential(codes), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -238,3 +255,17 @@ def test_gpu_encode_decode_match_cpu():
     torch.testing.assert_close(gpu.decode(codes).cpu(), model.decode(codes), rtol=1e-4, atol=1e-4)
     beam_cpu = model.encode(x, 8, beam_size=4)
     assert (gpu.encode(x, 8, beam_size=4).cpu() == beam_cpu).float().mean() > 0.98
+
+
+def test_fused_kernel_chunks_are_larger_and_encode_the_same(monkeypatch):
+    """Where the fused kernel runs, a morphed row needs only its rows in and out, so encoding takes larger
+    chunks of the memory budget; the codes do not depend on the chunking (the torch path, forced to chunks of
+    the same size, gives the same codes)."""
+    model = RQMoE(RQMoEConfig(16, 3, 4, n_experts=2, n_layers=1, hidden=32), mem_budget_bytes=1 << 20)
+    torch_rows = model.rows_per_chunk(8)
+    assert model._morph_bytes_per_row(fused=True) < model._morph_bytes_per_row() / 2
+    monkeypatch.setattr(RQMoE, "_use_triton", lambda self, device: False)
+    x = torch.randn(3 * torch_rows + 5, 16)
+    whole = model.encode(x, n_candidates=8)
+    monkeypatch.setattr(RQMoE, "rows_per_chunk", lambda self, rows: 7)
+    torch.testing.assert_close(model.encode(x, n_candidates=8), whole, rtol=0, atol=0)
