@@ -93,3 +93,20 @@ def test_faiss_rqmoe_train_takes_the_metric_of_the_data_set(tmp_path):
     train_cli.main(common + ["--metric", "l2", "--out", str(tmp_path / "l2.rqmoe")])
     assert read_index(tmp_path / "ip.rqmoe").metric_type == faiss.METRIC_INNER_PRODUCT
     assert read_index(tmp_path / "l2.rqmoe").metric_type == faiss.METRIC_L2
+
+
+def test_training_candidates_and_database_candidates_are_separate_flags():
+    """--train-candidates sets training's encoding, --encode-candidates the database's: one must not
+    overwrite the other, in either order."""
+    import torch
+
+    from faiss_rqmoe.bench.cli import build_parser
+    from faiss_rqmoe.bench.options import train_config_from_args
+
+    for order in (["--train-candidates", "32", "--encode-candidates", "16"],
+                  ["--encode-candidates", "16", "--train-candidates", "32"]):
+        args = build_parser().parse_args(["codec", *order, "--instr-dim", "64"])
+        assert args.encode_candidates == 16 and args.instr_dim == 64
+        assert train_config_from_args(args, torch.device("cpu")).encode_candidates == 32
+    args = build_parser().parse_args(["search", "--encode-candidates", "8"])
+    assert args.encode_candidates == 8 and train_config_from_args(args, torch.device("cpu")).encode_candidates == "auto"

@@ -71,7 +71,8 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
     """Train one of our learned codecs with the run's TrainConfig and measure it. Returns (row, extras)."""
     mode = Condition.parse(key)
     config = RQMoEConfig(ds.d, n_bytes, 8, condition=mode, n_experts=args.n_experts, n_layers=args.n_layers,
-                         hidden=args.hidden, routing=args.routing)
+                         hidden=args.hidden, routing=args.routing,
+                         instr_dim=args.instr_dim if mode is Condition.INSTRUCTION else None)
     torch.manual_seed(args.seed)
     model = RQMoE(config, mem_budget_bytes=args.mem_budget_gib << 30)
     train_config = train_config_from_args(args, device)

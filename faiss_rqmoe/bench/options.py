@@ -35,23 +35,25 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         if field.name in _NOT_FLAGS:
             continue
-        flag = "--" + _FLAG_NAMES.get(field.name, field.name).replace("_", "-")
+        dest = _FLAG_NAMES.get(field.name, field.name)  # its own attribute: --encode-candidates is the database's
+        flag = "--" + dest.replace("_", "-")
         kind = hints[field.name]
         helptext = TRAIN_OPTION_HELP[field.name] + f" (default: {field.default})"
         if kind is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default,
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=field.default,
                                help=helptext)
         elif kind in (int, float, str):
-            group.add_argument(flag, dest=field.name, type=kind, default=field.default, help=helptext)
+            group.add_argument(flag, dest=dest, type=kind, default=field.default, help=helptext)
         else:  # Optional / Union with "auto"
             number = int if int in typing.get_args(kind) else float if float in typing.get_args(kind) else str
-            group.add_argument(flag, dest=field.name, type=_optional_number(number) if number is not str else str,
+            group.add_argument(flag, dest=dest, type=_optional_number(number) if number is not str else str,
                                default=field.default, help=helptext)
 
 
 def train_config_from_args(args, device: torch.device) -> TrainConfig:
     """The run's TrainConfig: every field from its flag, the device from --device, progress from --quiet."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_FLAGS}
+    values = {f.name: getattr(args, _FLAG_NAMES.get(f.name, f.name)) for f in dataclasses.fields(TrainConfig)
+              if f.name not in _NOT_FLAGS}
     return TrainConfig(**values, device=str(device), progress=not args.quiet)
 
 
@@ -72,6 +74,8 @@ def add_codec_options(parser: argparse.ArgumentParser, bytes_help: str = "code s
     group.add_argument("--n-experts", type=int, default=4, help="experts a step, N (default 4)")
     group.add_argument("--n-layers", type=int, default=2, help="residual blocks an expert, L (default 2)")
     group.add_argument("--hidden", type=int, default=256, help="hidden width of the experts, H (default 256)")
+    group.add_argument("--instr-dim", type=int, default=None,
+                       help="width De of the instruction codewords (default: d, the paper's guideline De = D)")
     group.add_argument("--routing", default="dense",
                        help="dense (every expert on every row, the paper's mixture) or top<k>, e.g. top1 (each row "
                             "runs its k highest-gated experts)")

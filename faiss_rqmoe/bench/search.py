@@ -65,6 +65,8 @@ def _description(args, n_bytes: int) -> str:
     if args.description:
         return args.description
     description = f"IVF{args.nlist},RQMoE{n_bytes}x8_N{args.n_experts}L{args.n_layers}H{args.hidden}"
+    if args.instr_dim is not None:
+        description += f"E{args.instr_dim}"
     if args.routing != "dense":
         description += f"_{args.routing}"
     if args.codec != "moe":

@@ -69,6 +69,9 @@ def measure_ours(name: str, config: RQMoEConfig, device: torch.device, batches: 
                "config": config.to_dict(), "macs_per_vector": config.macs_per_vector()}
         with torch.inference_mode():
             row["decode_vps"] = _vps(batch, lambda: model.decode(codes), device)
+            if device.type == "cuda" and K == 256:  # codes as an index stores them: no range check, no host wait
+                as_bytes = codes.to(torch.uint8)
+                row["decode_bytes_vps"] = _vps(batch, lambda: model.decode(as_bytes), device)
             if device.type == "cuda" and graphs.bucket(batch):  # the same decode without CUDA graphs
                 model.set_execution(cuda_graphs=False)
                 row["decode_eager_vps"] = _vps(batch, lambda: model.decode(codes), device)
@@ -85,15 +88,19 @@ def measure_ours(name: str, config: RQMoEConfig, device: torch.device, batches: 
             n = n_encode if candidates is not None else max(1, n_encode // 4)
             encode[label] = _vps(n, lambda: encode_scaled(model, x[:n], candidates, beam), device, min_seconds=0.5)
     rows[-1]["encode_vps"] = encode
-    if train_steps:
-        rows[-1]["train_sps"] = measure_training(config, device, train_steps)
+    if train_steps:  # the batch's encoding runs on the row's kernel and precision, its backward in float32
+        rows[-1]["train_sps"] = measure_training(config, device, train_steps, kernel=kernel, precision=precision)
+        if device.type == "cuda":
+            rows[-1]["train_sps_bs4096"] = measure_training(config, device, max(1, train_steps // 4), batch=4096,
+                                                            kernel=kernel, precision=precision)
     return rows
 
 
-def measure_training(config: RQMoEConfig, device: torch.device, steps: int, batch: int = 1024) -> float:
+def measure_training(config: RQMoEConfig, device: torch.device, steps: int, batch: int = 1024,
+                     kernel: str = "auto", precision: str = "float32") -> float:
     """Training samples a second: ``train_step`` with TrainConfig's defaults (greedy encoding with the
-    device's default candidate count, then forward and backward)."""
-    model = random_model(config, device).train()
+    device's default candidate count, under the model's kernel and precision, then forward and backward)."""
+    model = random_model(config, device).set_execution(kernel=kernel, dtype=precision).train()
     train_config = TrainConfig(device=str(device))
     optimizer = make_optimizer(model, train_config)
     candidates = train_config.resolved_encode_candidates(device)
@@ -267,6 +274,11 @@ def speed_table(result: dict) -> str:
         lines.append(f"| {method} | {device} | {kernel} | {precision} | " + " | ".join(cells) +
                      f" | {fmt(encode.get('greedy16'))} | {fmt(encode.get('beam4x16'))} | {fmt(encode.get('exact'))}"
                      f" | {fmt(last.get('train_sps'))} |")
+    as_bytes = [(method, kernel, precision, b, r["decode_bytes_vps"]) for (method, _, kernel, precision), by_batch
+                in keys.items() for b, r in sorted(by_batch.items()) if "decode_bytes_vps" in r]
+    if as_bytes:
+        lines.append("\nDecode of codes given as bytes (uint8: no range check, so no wait on the device): " +
+                     ", ".join(f"{m} {k} {p} bs {b}: {v:,.0f}" for m, k, p, b, v in as_bytes))
     interleaved = result.get("interleaved_cpu")
     if interleaved:
         vps = interleaved["decode_vps"]
