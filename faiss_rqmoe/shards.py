@@ -14,11 +14,9 @@ index files or objects in threads and merges their results as
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import multiprocessing
 import os
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 

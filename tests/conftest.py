@@ -29,7 +29,7 @@ def assert_same_neighbours(D, I, xq, reconstructions, D_ref, metric="l2", rtol=1
     returned id really lies at its reported distance (reconstructions: (ntotal, d), row = id)."""
     np.testing.assert_allclose(D, D_ref, rtol=rtol, atol=atol)
     found = I >= 0
-    assert (found == (I_ref_valid := np.isfinite(D_ref))).all()
+    assert (found == np.isfinite(D_ref)).all()
     q_rows = np.nonzero(found)[0]
     x = reconstructions[I[found]]
     q = xq[q_rows]

@@ -11,7 +11,7 @@ import pytest
 
 import faiss_rqmoe
 from faiss_rqmoe import storage
-from faiss_rqmoe.storage import FileFormatError, load_arrays, save_arrays
+from faiss_rqmoe.storage import load_arrays, save_arrays
 
 MARKER = "/tmp/faiss_rqmoe_fuzz_pwned"
 

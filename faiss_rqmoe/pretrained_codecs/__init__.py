@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List
 
 import numpy as np
 import torch
