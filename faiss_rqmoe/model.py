@@ -145,17 +145,19 @@ class RQMoE(nn.Module):
 
     def _morph_bytes_per_row(self, fused: bool = False) -> int:
         """Float32 temporaries one morphed codeword needs (peak estimate): on the torch path every expert's
-        hidden units; in the fused kernel only the rows in and out (and, under top-1, the torch gate's hidden
-        units)."""
+        hidden units; where the fused kernel runs, the rows around it (gathered and projected codewords, the
+        instruction stream, the kernel's rows in and out, the scores) and, under top-1, the torch gate's
+        hidden units and routing indices."""
         c = self.config
         if fused:
-            return 4 * (4 * c.d + c.cond_dim + 16 + (c.hidden if c.top_k == 1 else 0))
+            return 4 * (6 * c.d + 4 * c.cond_dim + 32 + (c.hidden + c.n_experts if c.top_k == 1 else 0))
         return 4 * (3 * c.d + c.cond_dim + (3 * c.n_experts + 1) * c.hidden + 2 * c.n_experts * c.d + 16)
 
     def rows_per_chunk(self, rows_per_item: int) -> int:
         """How many items fit the memory budget when each needs rows_per_item morphed rows (more where the
         fused kernel runs: it keeps the hidden units in registers)."""
-        per_item = max(1, rows_per_item) * self._morph_bytes_per_row(self._use_triton(self.device))
+        fused = self.config.n_morph_steps > 0 and self._use_triton(self.device)
+        per_item = max(1, rows_per_item) * self._morph_bytes_per_row(fused)
         return max(1, self.mem_budget_bytes // per_item)
 
     def check_vectors(self, x, name: str = "x", width: Optional[int] = None) -> torch.Tensor:
@@ -477,17 +479,18 @@ class RQMoE(nn.Module):
         z_c, pre_c = self._codeword_tables(s)
         u = n_rows if n_rows is not None else (candidates.shape[0] if candidates is not None else cond.shape[0])
         z = z_c.unsqueeze(0) if candidates is None else z_c[candidates]  # (1 or u, A, d)
-        pre = pre_c.unsqueeze(0) if candidates is None else pre_c[candidates]
-        if cond is not None and cond.shape[-1] > 0:
-            z_r = cond @ self.proj_cond[s]  # (u, d)
-            w_in, _ = self._first_layer(s, s + 1)
+        z_r = cond @ self.proj_cond[s] if cond is not None and cond.shape[-1] > 0 else None  # (u, d)
+        if z_r is not None:
             z = z + z_r.unsqueeze(1)
-            pre = pre + (z_r @ w_in[0]).unsqueeze(1)
         A = z.shape[1]
         z = z.expand(u, A, c.d).reshape(1, u * A, c.d)
-        if self._use_triton(z.device):
+        if self._use_triton(z.device):  # the kernel computes the first layer itself: no (u, A, (N+1)H) table
             from . import kernels
             return kernels.morph(self, s, s + 1, z.contiguous())[0].reshape(u, A, c.d)
+        pre = pre_c.unsqueeze(0) if candidates is None else pre_c[candidates]
+        if z_r is not None:
+            w_in, _ = self._first_layer(s, s + 1)
+            pre = pre + (z_r @ w_in[0]).unsqueeze(1)
         # the relu makes a new tensor: pre may still be the cached table itself
         pre = torch.relu(pre.expand(u, A, pre.shape[-1]).reshape(1, u * A, -1))
         return (z + self._morph_delta(s, s + 1, z, pre=pre))[0].reshape(u, A, c.d)

@@ -267,7 +267,6 @@ def balance_loss(gate_usage: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-@torch.no_grad()  # the training loop calls it with grad on: no autograd graph, and the fused kernel may run
 def reconstruction_mse(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int] = None,
                        batch_size: int = 8192, ctx: Optional[torch.Tensor] = None, beam_size: int = 1) -> float:
     """Mean squared reconstruction error of scaled vectors xs (n, d), in raw units.

@@ -219,3 +219,27 @@ def test_graphed_decode_of_byte_codes_equals_int64():
     expected = model.set_execution(cuda_graphs=False).decode(codes)
     got = model.set_execution(cuda_graphs=True).decode(codes.to(torch.uint8))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@cuda_only
+@pytest.mark.skipif(not kernels.available(), reason="needs Triton")
+def test_fused_encode_stays_within_the_memory_budget():
+    """Where the fused kernel runs, encoding takes larger chunks (no hidden units outside the kernel): the
+    temporaries of an encode must still stay within the memory budget (twice it, for the allocator's
+    rounding and the per-chunk tensors the estimate leaves out)."""
+    budget = 64 << 20
+    torch.manual_seed(0)
+    model = RQMoE(RQMoEConfig(128, 8, 8, n_experts=4, n_layers=2, hidden=256), mem_budget_bytes=budget)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model = model.cuda().set_execution(kernel="triton", dtype="bfloat16")
+    x = torch.randn(20000, 128, device="cuda") * 0.1
+    expected = model.encode(x, n_candidates=32)  # warm-up: the kernel compiles, the caches fill
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated()
+    codes = model.encode(x, n_candidates=32)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - held <= 2 * budget + codes.numel() * 8
+    assert torch.equal(codes, expected)

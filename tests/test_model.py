@@ -258,14 +258,47 @@ def test_gpu_encode_decode_match_cpu():
 
 
 def test_fused_kernel_chunks_are_larger_and_encode_the_same(monkeypatch):
-    """Where the fused kernel runs, a morphed row needs only its rows in and out, so encoding takes larger
-    chunks of the memory budget; the codes do not depend on the chunking (the torch path, forced to chunks of
-    the same size, gives the same codes)."""
-    model = RQMoE(RQMoEConfig(16, 3, 4, n_experts=2, n_layers=1, hidden=32), mem_budget_bytes=1 << 20)
+    """Where the fused kernel runs, a morphed row needs no hidden units outside the kernel, so encoding takes
+    larger chunks of the memory budget; the codes do not depend on the chunking (forced chunks of 7 give the
+    same codes)."""
+    model = RQMoE(RQMoEConfig(16, 3, 4, n_experts=2, n_layers=1, hidden=64), mem_budget_bytes=1 << 20)
     torch_rows = model.rows_per_chunk(8)
-    assert model._morph_bytes_per_row(fused=True) < model._morph_bytes_per_row() / 2
+    monkeypatch.setattr(RQMoE, "_use_triton", lambda self, device: True)
+    assert model.rows_per_chunk(8) >= 2 * torch_rows
     monkeypatch.setattr(RQMoE, "_use_triton", lambda self, device: False)
     x = torch.randn(3 * torch_rows + 5, 16)
     whole = model.encode(x, n_candidates=8)
     monkeypatch.setattr(RQMoE, "rows_per_chunk", lambda self, rows: 7)
     torch.testing.assert_close(model.encode(x, n_candidates=8), whole, rtol=0, atol=0)
+
+
+def test_a_codec_without_networks_ignores_the_kernel_choice(monkeypatch):
+    """kernel='triton' on a shape the kernel cannot run raises only where a network would run it: plain RQ
+    (no morphed steps) encodes and decodes whatever the kernel setting."""
+    from faiss_rqmoe import kernels
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)  # as if the kernel could run here
+    x = np.random.default_rng(0).random((40, 96), dtype=np.float32)
+    plain = RQMoE(RQMoEConfig(96, 3, 4, condition="none")).set_execution(kernel="triton")
+    assert plain.decode(plain.encode(x, n_candidates=8)).shape == (40, 96)
+    networks = RQMoE(RQMoEConfig(96, 3, 4, n_experts=2, hidden=24)).set_execution(kernel="triton")
+    with pytest.raises(ValueError, match="power of two"):
+        networks.encode(x, n_candidates=8)
+
+
+def test_byte_codes_skip_the_range_check(monkeypatch):
+    """uint8 codes at K = 256 are valid by their type: no range check runs (on a GPU it would wait for the
+    device); int64 codes and bytes at K < 256 are checked."""
+    model = RQMoE(RQMoEConfig(8, 2, 8, n_experts=1, n_layers=1, hidden=4))
+    small = RQMoE(RQMoEConfig(8, 2, 4, n_experts=1, n_layers=1, hidden=4))
+    codes = np.full((3, 2), 255)
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("range check ran")
+
+    monkeypatch.setattr(torch, "aminmax", no_check)
+    model.decode(codes.astype(np.uint8))
+    model.decode(torch.from_numpy(codes.astype(np.uint8)))
+    for checked in (lambda: model.decode(codes), lambda: small.decode(codes.astype(np.uint8) % 16)):
+        with pytest.raises(AssertionError, match="range check ran"):
+            checked()

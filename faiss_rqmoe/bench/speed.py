@@ -264,8 +264,8 @@ def speed_table(result: dict) -> str:
     for r in rows:
         keys.setdefault((r["method"], r["device"], r.get("kernel", ""), r.get("precision", "")), {})[r["batch"]] = r
     lines = ["| method | device | kernel | precision | " + " | ".join(f"decode bs {b}" for b in batches)
-             + " | encode greedy16 | beam4x16 | exact | train samples/s |",
-             "|---|---|---|---|" + "---:|" * (len(batches) + 4)]
+             + " | encode greedy16 | beam4x16 | exact | train samples/s | at batch 4 096 |",
+             "|---|---|---|---|" + "---:|" * (len(batches) + 5)]
     fmt = lambda v: f"{v:,.0f}" if isinstance(v, (int, float)) else ""  # noqa: E731
     for (method, device, kernel, precision), by_batch in keys.items():
         last = by_batch[max(by_batch)]
@@ -273,7 +273,7 @@ def speed_table(result: dict) -> str:
         cells = [fmt(by_batch[b]["decode_vps"]) if b in by_batch else "" for b in batches]
         lines.append(f"| {method} | {device} | {kernel} | {precision} | " + " | ".join(cells) +
                      f" | {fmt(encode.get('greedy16'))} | {fmt(encode.get('beam4x16'))} | {fmt(encode.get('exact'))}"
-                     f" | {fmt(last.get('train_sps'))} |")
+                     f" | {fmt(last.get('train_sps'))} | {fmt(last.get('train_sps_bs4096'))} |")
     as_bytes = [(method, kernel, precision, b, r["decode_bytes_vps"]) for (method, _, kernel, precision), by_batch
                 in keys.items() for b, r in sorted(by_batch.items()) if "decode_bytes_vps" in r]
     if as_bytes:
