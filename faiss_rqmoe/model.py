@@ -567,11 +567,9 @@ class RQMoE(nn.Module):
         ctx_s = self.check_ctx(ctx, codes.shape[0])
         c = self.config
         out = torch.empty(codes.shape[0], c.d, device=self.device)  # a normal tensor, made outside inference mode
-        if not sequential:
-            with torch.inference_mode():
-                if self._graphed_decode(codes, ctx_s, out) is not None:
-                    return out
         with torch.inference_mode():
+            if not sequential and self._graphed_decode(codes, ctx_s, out) is not None:
+                return out
             bs = self.rows_per_chunk(max(1, c.n_morph_steps))
             for i0 in range(0, codes.shape[0], bs):
                 chunk = codes[i0:i0 + bs]

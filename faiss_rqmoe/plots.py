@@ -184,8 +184,8 @@ def plot_speed(result: dict, path) -> Path:
     fig, axes = _figure(len(lines))  # raises the install hint without matplotlib
     import matplotlib
 
+    colours = matplotlib.colormaps["tab20"].colors  # 10 default colours repeat on the larger tables
     for ax, (device, by_label) in zip(axes, sorted(lines.items())):
-        colours = matplotlib.colormaps["tab20"].colors  # 10 default colours repeat on the larger tables
         for i, (label, points) in enumerate(sorted(by_label.items())):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^D"[i // 20 % 4],

@@ -10,6 +10,8 @@ from faiss_rqmoe import RQMoE, RQMoEConfig, kernels
 
 from conftest import clustered
 
+from test_model import perturb
+
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TRAIN = dict(max_epochs=1, batch_size=256, progress=False, keep_rq_if_better=False)
 
@@ -85,10 +87,7 @@ def test_selector_on_the_gpu_path(pair, sift):
 def test_fused_kernel_equals_the_torch_path(condition, ctx):
     cfg = RQMoEConfig(128, 8, 8, n_experts=4, n_layers=2, hidden=256, condition=condition, ctx_dim=ctx)
     torch.manual_seed(0)
-    model = RQMoE(cfg).cuda()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    model = perturb(RQMoE(cfg), scale=0.02).cuda()
     codes = torch.randint(0, 256, (3000, 8), device="cuda")
     ctx_vectors = torch.randn(3000, 128, device="cuda") if ctx else None
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -164,11 +163,8 @@ def test_graphed_decode_equals_eager_decode_and_follows_new_weights(routing, ker
     """Small CUDA decodes replay a recorded graph (padded to a power of two); they give what the eager
     decode gives, for every batch size, and a change of the weights records the graph again."""
     torch.manual_seed(0)
-    model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=32, routing=routing, ctx_dim=ctx_dim))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    model = model.cuda().set_execution(kernel=kernel)
+    model = perturb(RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=32, routing=routing,
+                                      ctx_dim=ctx_dim)), scale=0.2).cuda().set_execution(kernel=kernel)
     for n in (5, 1000, 3000):
         codes = torch.randint(0, 32, (n, 4), device="cuda")
         ctx = torch.randn(n, 32, device="cuda") if ctx_dim else None
@@ -192,10 +188,7 @@ def test_graphed_decodes_from_several_threads_get_their_own_results():
     from concurrent.futures import ThreadPoolExecutor
 
     torch.manual_seed(0)
-    model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=32)).cuda()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    model = perturb(RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=32)), scale=0.2).cuda()
     batches = [torch.randint(0, 32, (700 + 37 * i, 4), device="cuda") for i in range(8)]
     expected = [model.set_execution(cuda_graphs=False).decode(codes) for codes in batches]
     model.set_execution(cuda_graphs=True)
@@ -211,10 +204,7 @@ def test_graphed_decode_of_byte_codes_equals_int64():
     """Byte codes (uint8 at K = 256) skip the range check and so the host wait; the graphed decode of them is
     the eager decode of the same codes as int64."""
     torch.manual_seed(0)
-    model = RQMoE(RQMoEConfig(32, 4, 8, n_experts=2, n_layers=2, hidden=32)).cuda()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    model = perturb(RQMoE(RQMoEConfig(32, 4, 8, n_experts=2, n_layers=2, hidden=32)), scale=0.2).cuda()
     codes = torch.randint(0, 256, (1500, 4), device="cuda")
     expected = model.set_execution(cuda_graphs=False).decode(codes)
     got = model.set_execution(cuda_graphs=True).decode(codes.to(torch.uint8))
@@ -229,11 +219,8 @@ def test_fused_encode_stays_within_the_memory_budget():
     rounding and the per-chunk tensors the estimate leaves out)."""
     budget = 64 << 20
     torch.manual_seed(0)
-    model = RQMoE(RQMoEConfig(128, 8, 8, n_experts=4, n_layers=2, hidden=256), mem_budget_bytes=budget)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model = model.cuda().set_execution(kernel="triton", dtype="bfloat16")
+    model = perturb(RQMoE(RQMoEConfig(128, 8, 8, n_experts=4, n_layers=2, hidden=256), mem_budget_bytes=budget),
+                    scale=0.02).cuda().set_execution(kernel="triton", dtype="bfloat16")
     x = torch.randn(20000, 128, device="cuda") * 0.1
     expected = model.encode(x, n_candidates=32)  # warm-up: the kernel compiles, the caches fill
     torch.cuda.synchronize()

@@ -213,10 +213,7 @@ def test_decode_rejects_bad_codes(bad, error, message):
 def test_decode_of_byte_codes_equals_int64():
     """Codes as bytes (uint8, as indexes store them) skip the range check at K = 256: every value is a code,
     and the decode is the int64 one."""
-    model = RQMoE(RQMoEConfig(8, 3, 8, n_experts=2, n_layers=1, hidden=8))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    model = perturb(RQMoE(RQMoEConfig(8, 3, 8, n_experts=2, n_layers=1, hidden=8)), scale=0.1)
     codes = np.random.default_rng(0).integers(0, 256, (50, 3))
     codes[0] = 255
     expected = model.decode(codes)
