@@ -179,6 +179,17 @@ def build_data(args) -> int:
         return _fail(f"{exc}\nbuilding the {args.name} set needs: {needs}")
     print(f"{args.name}: {data.shape[0]} vectors of {data.shape[1]} dimensions, {data.dtype}"
           + (f", built in {info['build_s']:.0f} s" if info and "build_s" in info else ""))
+    if args.export is None:
+        return 0
+    sizes = {"n_train": args.n_train, "n_val": args.n_val, "n_db": args.n_db, "n_query": args.n_query}
+    try:
+        ds = datasets.load_dataset(args.name, **{key: n for key, n in sizes.items() if n is not None})
+        path = datasets.export_split(ds, args.export, float16=args.float16)
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(f"{args.name}: split of {len(ds.xt)} train / {len(ds.xval)} validation / {len(ds.xb)} database / "
+          f"{len(ds.xq)} queries written to {path} ({path.stat().st_size / 1e6:.1f} MB); "
+          f"read it with --dataset {path}")
     return 0
 
 
@@ -212,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "~/.cache/faiss_rqmoe); the benchmark's --dataset NAME then loads it. "
                                    "Already built: prints its size.")
     p.add_argument("name", choices=sorted(DATA_SETS), help="which set")
+    p.add_argument("--export", default=None, metavar="FILE.npz",
+                   help="also write a split of it to one .npz file (e.g. to carry it to another machine), "
+                        "which --dataset FILE.npz reads")
+    for part in ("train", "val", "db", "query"):
+        p.add_argument(f"--n-{part}", type=int, default=None,
+                       help=f"with --export: {part} vectors (default: the split's)")
+    p.add_argument("--float16", action="store_true",
+                   help="with --export: store a float set as float16 (half the size, 11 significant bits; "
+                        "the ground truth is recomputed on the rounded rows)")
     for name, helptext in (("bench", "the benchmark (faiss-rqmoe bench --help)"),
                            ("train", "train an index's codec and save it (faiss-rqmoe train --help)"),
                            ("pretrained", "list or export pretrained codecs (faiss-rqmoe pretrained --help)")):

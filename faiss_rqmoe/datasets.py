@@ -388,12 +388,14 @@ def _head(n: Optional[int], available: int, what: str) -> int:
 
 def export_split(ds: Dataset, path, n_train: Optional[int] = None, n_val: Optional[int] = None,
                  n_db: Optional[int] = None, n_query: Optional[int] = None, k_gt: int = 100,
-                 name: Optional[str] = None) -> Path:
+                 name: Optional[str] = None, float16: bool = False) -> Path:
     """Write a (reduced) split to one compressed .npz (np.savez_compressed, no pickle) for load_exported.
 
     Keeps the first n_* rows of each part of ds (None: all). Rows are stored as uint8 when every value
-    is an integer in 0..255 (SIFT), else as float32; the ground truth is stored as (n_query, k_gt) int32,
-    recomputed with faiss when the database is cut. Returns the path written.
+    is an integer in 0..255 (SIFT), else as float32, or as float16 with ``float16=True`` (half the
+    bytes, for moving a float set between machines: every value is rounded to 11 significant bits, and
+    the ground truth is recomputed on the rounded rows). The ground truth is stored as (n_query, k_gt)
+    int32, recomputed with faiss when the database is cut. Returns the path written.
     """
     path = Path(path)
     if path.suffix != ".npz":
@@ -408,10 +410,12 @@ def export_split(ds: Dataset, path, n_train: Optional[int] = None, n_val: Option
         raise ValueError(f"n_db={n_db} does not fit the int32 ground truth")
     parts = {"xt": ds.xt[:n_train], "xval": ds.xval[:n_val], "xb": ds.xb[:n_db], "xq": ds.xq[:n_query]}
     as_bytes = all(np.array_equal(a, np.clip(np.rint(a), 0, 255)) for a in parts.values())
-    dtype = np.uint8 if as_bytes else np.float32
+    dtype = np.uint8 if as_bytes else np.float16 if float16 else np.float32
     parts = {key: np.ascontiguousarray(a, dtype=dtype) for key, a in parts.items()}
     k_gt = min(k_gt, n_db)
-    if n_db == len(ds.xb) and ds.gt.shape[1] >= k_gt:
+    if dtype == np.float16:  # the neighbours of the rows as stored
+        gt = ground_truth(parts["xb"].astype(np.float32), parts["xq"].astype(np.float32), k_gt)
+    elif n_db == len(ds.xb) and ds.gt.shape[1] >= k_gt:
         gt = ds.gt[:n_query, :k_gt]
     else:
         gt = ground_truth(parts["xb"], parts["xq"], k_gt)

@@ -174,6 +174,24 @@ def test_export_keeps_full_ground_truth_and_float_data(tmp_path, cache):
     np.testing.assert_array_equal(datasets.load_exported(path).xt, shifted.xt[:10])
 
 
+def test_export_float16_halves_float_rows_and_recomputes_ground_truth(tmp_path, cache):
+    ds = toy_dataset()
+    rng = np.random.default_rng(5)
+    floats = datasets.Dataset("f", ds.xt / 255, ds.xval / 255, ds.xb / 255 + rng.normal(0, 1e-3, ds.xb.shape),
+                              ds.xq / 255, ds.gt)
+    path = datasets.export_split(floats, tmp_path / "half.npz", n_db=800, k_gt=10, float16=True)
+    with np.load(path, allow_pickle=False) as npz:
+        assert npz["xb"].dtype == np.float16 and npz["xt"].dtype == np.float16
+    back = datasets.load_exported(path)
+    assert back.xb.dtype == np.float32
+    np.testing.assert_array_equal(back.xb, floats.xb[:800].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(back.gt, datasets.ground_truth(back.xb, back.xq, 10))
+    # byte rows stay bytes: float16 applies to float sets only
+    path = datasets.export_split(ds, tmp_path / "bytes.npz", n_train=10, float16=True)
+    with np.load(path, allow_pickle=False) as npz:
+        assert npz["xt"].dtype == np.uint8
+
+
 def test_export_errors(tmp_path, cache):
     ds = toy_dataset()
     with pytest.raises(ValueError, match="must end in .npz"):

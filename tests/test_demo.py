@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,6 +107,19 @@ def test_bench_through_the_main_command_line_equals_the_module(tmp_path):
     row = speed["rows"][0]
     assert row["method"] == "QINCo1-shape" and row["batch"] == 256 and row["decode_vps"] > 0
     assert set(row["encode_vps"]) == {"greedy16", "beam4x16", "exact"} and row["train_sps"] > 0
+
+
+def test_data_exports_a_split_that_loads_back(sift, tmp_path, capsys):
+    sizes = {"n_train": 1000, "n_val": 100, "n_db": 2000, "n_query": 20}
+    flags = [arg for key, n in sizes.items() for arg in (f"--{key.replace('_', '-')}", str(n))]
+    path = tmp_path / "default_small.npz"
+    assert cli.main(["data", "default", "--export", str(path), *flags]) == 0
+    assert f"written to {path}" in capsys.readouterr().out
+    back, ds = datasets.load_dataset(str(path)), datasets.load_dataset("default", **sizes)
+    for key in ("xt", "xval", "xb", "xq", "gt"):
+        np.testing.assert_array_equal(getattr(back, key), getattr(ds, key))
+    assert cli.main(["data", "default", "--export", str(tmp_path / "x.npy")]) == 2
+    assert "must end in .npz" in capsys.readouterr().err
 
 
 def test_data_builds_into_the_cache_and_reports_the_set(sift, capsys, monkeypatch):
