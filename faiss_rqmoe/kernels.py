@@ -49,32 +49,29 @@ def supports(config) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _expert_delta(z, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D: tl.constexpr, H: tl.constexpr,
-                      N: tl.constexpr, L: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr,
-                      PRECISION: tl.constexpr):
-        # expert n of step s on a tile of rows z (BLOCK_R, D): Σ_l (relu(y_l W1 + b1) W2 + b2), with
-        # y_0 = z and y_{l+1} = y_l + that layer's update; matmul inputs in the weights' dtype, float32 sums
+    def _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D: tl.constexpr,
+                    H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr,
+                    PRECISION: tl.constexpr):
+        # expert n of step s on a tile of rows z (BLOCK_R, D), read at offsets: y_L with y_0 = z and
+        # y_{l+1} = y_l + relu(y_l W1 + b1) W2 + b2. Each layer's products read a copy of y_l in the
+        # weights' dtype, so the second products add straight into y: the live tiles are y (float32),
+        # that copy and one chunk of hidden units. Matmul inputs in the weights' dtype, float32 sums.
         dcols = tl.arange(0, D)
         hcols = tl.arange(0, HC)
         wtype = w1_ptr.dtype.element_ty
-        delta = tl.zeros((BLOCK_R, D), dtype=tl.float32)
-        y = z
+        y = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0)
         for layer in tl.static_range(L):
             block = (layer * S_total + s) * N + n
             yw = y.to(wtype)
-            update = tl.zeros((BLOCK_R, D), dtype=tl.float32)
             for h0 in range(0, H, HC):
                 w1 = tl.load(w1_ptr + block * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
                 hidden = tl.dot(yw, w1, input_precision=PRECISION) + \
                     tl.load(b1_ptr + block * H + h0 + hcols)[None, :]
                 hidden = tl.maximum(hidden, 0.0).to(wtype)
                 w2 = tl.load(w2_ptr + block * H * D + (h0 + hcols)[:, None] * D + dcols[None, :])
-                update += tl.dot(hidden, w2, input_precision=PRECISION)
-            update += tl.load(b2_ptr + block * D + dcols)[None, :]
-            delta += update
-            if layer < L - 1:
-                y = y + update
-        return delta
+                y = tl.dot(hidden, w2, acc=y, input_precision=PRECISION)
+            y += tl.load(b2_ptr + block * D + dcols)[None, :]
+        return y
 
     @triton.jit
     def _morph_kernel(z_ptr, out_ptr, R, s0, S_total,
@@ -90,9 +87,8 @@ if triton is not None:
         hcols = tl.arange(0, HC)
         ncols = tl.arange(0, NP)
         offsets = (s_local * R + rows)[:, None] * D + dcols[None, :]
-        z = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0)
         wtype = w1_ptr.dtype.element_ty
-        zw = z.to(wtype)
+        zw = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0).to(wtype)
         # the gate: softmax(relu(z G1 + g1) G2 + g2), padded experts have a -1e30 bias
         logits = tl.zeros((BLOCK_R, NP), dtype=tl.float32)
         for h0 in range(0, H, HC):
@@ -105,13 +101,14 @@ if triton is not None:
         logits = logits - tl.max(logits, axis=1)[:, None]
         weights = tl.exp(logits)
         gate = weights / tl.sum(weights, axis=1)[:, None]
-        # the experts: delta = Σ_n a_n Σ_l (relu(y_l W1 + b1) W2 + b2), y_{l+1} = y_l + that layer's update
-        delta = tl.zeros((BLOCK_R, D), dtype=tl.float32)
+        # the experts: z + Σ_n a_n (y_L^n - z) = Σ_n a_n y_L^n, the gate's shares summing to 1
+        morphed = tl.zeros((BLOCK_R, D), dtype=tl.float32)
         for n in tl.static_range(N):
             share = tl.sum(tl.where(ncols[None, :] == n, gate, 0.0), axis=1)
-            delta += share[:, None] * _expert_delta(z, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D=D, H=H, N=N,
-                                                    L=L, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
-        tl.store(out_ptr + offsets, z + delta, mask=row_ok[:, None])
+            morphed += share[:, None] * _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr,
+                                                    b2_ptr, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC,
+                                                    PRECISION=PRECISION)
+        tl.store(out_ptr + offsets, morphed, mask=row_ok[:, None])
 
 
     @triton.jit
@@ -135,10 +132,9 @@ if triton is not None:
             s = s0 + s_local
             dcols = tl.arange(0, D)
             offsets = rows[:, None] * D + dcols[None, :]
-            z = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0)
-            delta = _expert_delta(z, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D=D, H=H, N=N, L=L,
-                                  BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
-            tl.store(out_ptr + offsets, z + delta, mask=row_ok[:, None])
+            out = _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D=D, H=H, N=N,
+                              L=L, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
+            tl.store(out_ptr + offsets, out, mask=row_ok[:, None])
 
 
 def _prepared_weights(model, dtype: torch.dtype):

@@ -197,6 +197,10 @@ def interleaved_decode(configs: Dict[str, RQMoEConfig], device: torch.device, ba
     return {"batch": batch, "rounds": rounds, "decode_vps": medians}
 
 
+# (rows a program, hidden units a chunk, warps, pipeline stages) that --sweep tries
+TILE_SWEEP = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3))
+
+
 def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str) -> List[dict]:
     """Decode vectors/s of the fused kernel for several tile sizes (rows a program, hidden chunk, warps)."""
     from .. import kernels
@@ -205,7 +209,7 @@ def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str)
     model = random_model(config, device).set_execution(kernel="triton", dtype=precision)
     saved, rows = dict(kernels.CONFIG), []
     try:
-        for block_r, chunk, warps, stages in ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3)):
+        for block_r, chunk, warps, stages in TILE_SWEEP:
             kernels.CONFIG.update(BLOCK_R=block_r, HC=chunk, num_warps=warps, num_stages=stages)
             for batch in batches:
                 codes = torch.randint(0, config.K, (batch, config.M), device=device)
