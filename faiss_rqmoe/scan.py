@@ -57,10 +57,15 @@ class Segment:
         """Whether codes hold positions in the flattened table (m * K + i_m) rather than sub-codes."""
         return self.codes.dtype == torch.int64
 
+    @property
+    def sub_code_dtype(self) -> torch.dtype:
+        """The dtype ``sub_codes`` returns: as stored on a GPU (uint8 for 8-bit codes, which a decode takes
+        without a range check), int64 on the CPU."""
+        return torch.int64 if self.offset else self.codes.dtype
+
     def sub_codes(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The sub-codes i_m (int64) of some rows (all without ``rows``)."""
+        """The sub-codes i_m of some rows (all without ``rows``), as ``sub_code_dtype``."""
         codes = self.codes if rows is None else self.codes[rows]
-        codes = codes.long()
         if self.offset:
             codes = codes - torch.arange(codes.shape[-1], device=codes.device) * self.K
         return codes
@@ -189,7 +194,8 @@ def selector_mask(sel: faiss.IDSelector, ids: np.ndarray) -> np.ndarray:
 class Shortlist:
     """The best candidates a query by the lookup-table distance: all (nq, k), k columns sorted.
 
-    valid: False where a query had fewer than k candidates (ids -1 there); codes (nq, k, M) int64.
+    valid: False where a query had fewer than k candidates (ids -1 there); codes (nq, k, M) sub-codes,
+    int64 on the CPU, as the mirror stores them on a GPU (uint8 for 8-bit codes).
     """
 
     distances: torch.Tensor
@@ -213,7 +219,7 @@ def _segment_candidates(seg: Segment, luts: torch.Tensor, probes: torch.Tensor, 
     width = int(n_cand.max()) if B else 0
     if width == 0:
         empty = torch.empty(B, 0, device=device)
-        return empty, empty.long(), empty.long(), torch.empty(B, 0, M, dtype=torch.int64, device=device)
+        return empty, empty.long(), empty.long(), torch.empty(B, 0, M, dtype=seg.sub_code_dtype, device=device)
     j = torch.arange(width, device=device).expand(B, width)
     probe_of = torch.searchsorted(ends_cum, j.contiguous(), right=True).clamp_(max=P - 1)  # (B, C)
     valid = j < n_cand.unsqueeze(1)
@@ -325,7 +331,8 @@ def scan(mirror: CodeMirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: 
     out_d = torch.full((nq, k), worst, device=device)
     out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
     out_l = torch.zeros((nq, k), dtype=torch.int64, device=device)
-    out_c = torch.zeros((nq, k, M), dtype=torch.int64, device=device)
+    sub_dtype = mirror.segments[0].sub_code_dtype if mirror.segments else torch.int64
+    out_c = torch.zeros((nq, k, M), dtype=sub_dtype, device=device)
     for i0 in range(0, nq, chunk):
         sl = slice(i0, i0 + chunk)
         luts = (xq[sl] @ flat_books.T).reshape(-1, M, K)

@@ -99,6 +99,33 @@ def test_scan_with_a_selector_keeps_only_selected_ids(strategy):
     np.testing.assert_allclose(short.distances.numpy(), D_ref, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("strategy", ["by_list", "gather"])
+def test_a_byte_mirror_gives_the_same_shortlist_with_byte_codes(monkeypatch, strategy):
+    """A GPU mirror stores 8-bit sub-codes as uint8 (code_dtype): its shortlist carries them as uint8, which a
+    decode takes without a range check, and is otherwise the int64 mirror's. Run on the CPU by giving it
+    the GPU's dtype."""
+    centroids, books, codes, lists, ids = setup(n=1500)
+    terms = scan.vector_terms(torch.from_numpy(books), torch.from_numpy(centroids), torch.from_numpy(codes),
+                              torch.from_numpy(lists)).numpy()
+    xq = np.random.default_rng(4).standard_normal((20, 8)).astype(np.float32) * 3
+    coarse_all = ((xq[:, None] - centroids[None]) ** 2).sum(-1)
+    probes = np.argsort(coarse_all, axis=1)[:, :3]
+    coarse = np.take_along_axis(coarse_all, probes, 1).astype(np.float32)
+    shortlists = []
+    for dtype in (None, torch.uint8):
+        if dtype is not None:
+            monkeypatch.setattr(scan, "code_dtype", lambda nbits, device: dtype)
+        mirror = scan.CodeMirror(len(centroids), books.shape[0], 4, torch.device("cpu"))
+        mirror.add(codes[:700], lists[:700], ids[:700], terms[:700])
+        mirror.add(codes[700:], lists[700:], ids[700:], terms[700:])
+        shortlists.append(scan.scan(mirror, torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes),
+                                    torch.from_numpy(coarse), 25, False, strategy=strategy))
+    wide, narrow = shortlists
+    assert wide.codes.dtype == torch.int64 and narrow.codes.dtype == torch.uint8
+    assert torch.equal(narrow.ids, wide.ids) and torch.equal(narrow.codes.long(), wide.codes)
+    torch.testing.assert_close(narrow.distances, wide.distances)
+
+
 def test_both_strategies_give_the_same_shortlist_and_small_budgets_chunk_the_queries(monkeypatch):
     """The list-by-list scan (CPU) and the all-candidates gather (GPU) give the same shortlist, also with a
     tiny budget (one query a chunk) and a list's queries taken in small blocks; distances within float rounding (the tables' matrix product and the
