@@ -164,10 +164,18 @@ def build_data(args) -> int:
     """faiss-rqmoe data NAME: build the data set NAME into the cache (or find it there) and describe it."""
     import logging
 
+    import numpy as np
+
     from . import datasets, textset
 
     logging.getLogger("faiss_rqmoe").setLevel(logging.INFO)
 
+    sizes = {"n_train": args.n_train, "n_val": args.n_val, "n_db": args.n_db, "n_query": args.n_query}
+    if args.export is None and (args.float16 or any(n is not None for n in sizes.values())):
+        return _fail("--n-train, --n-val, --n-db, --n-query and --float16 describe an export: "
+                     "add --export FILE.npz")
+    if args.export is not None and not args.export.endswith(".npz"):
+        return _fail(f"--export {args.export}: the file name must end in .npz")
     what, needs = DATA_SETS[args.name]
     build, cache_name = {"default": (datasets.default_descriptors, datasets.DEFAULT_NAME),
                          "wallpaper": (datasets.wallpaper_descriptors, datasets.WALLPAPER_NAME),
@@ -181,14 +189,17 @@ def build_data(args) -> int:
           + (f", built in {info['build_s']:.0f} s" if info and "build_s" in info else ""))
     if args.export is None:
         return 0
-    sizes = {"n_train": args.n_train, "n_val": args.n_val, "n_db": args.n_db, "n_query": args.n_query}
     try:
         ds = datasets.load_dataset(args.name, **{key: n for key, n in sizes.items() if n is not None})
         path = datasets.export_split(ds, args.export, float16=args.float16)
+        with np.load(path, allow_pickle=False) as npz:
+            stored = npz["xt"].dtype
     except ValueError as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"--export {args.export}: {exc}")
     print(f"{args.name}: split of {len(ds.xt)} train / {len(ds.xval)} validation / {len(ds.xb)} database / "
-          f"{len(ds.xq)} queries written to {path} ({path.stat().st_size / 1e6:.1f} MB); "
+          f"{len(ds.xq)} queries written to {path} as {stored} ({path.stat().st_size / 1e6:.1f} MB); "
           f"read it with --dataset {path}")
     return 0
 

@@ -394,7 +394,8 @@ def export_split(ds: Dataset, path, n_train: Optional[int] = None, n_val: Option
     Keeps the first n_* rows of each part of ds (None: all). Rows are stored as uint8 when every value
     is an integer in 0..255 (SIFT), else as float32, or as float16 with ``float16=True`` (half the
     bytes, for moving a float set between machines: every value is rounded to 11 significant bits, and
-    the ground truth is recomputed on the rounded rows). The ground truth is stored as (n_query, k_gt)
+    the (L2, as for the named sets) ground truth is recomputed on the rounded rows; values past
+    float16's range raise ValueError). The ground truth is stored as (n_query, k_gt)
     int32, recomputed with faiss when the database is cut. Returns the path written.
     """
     path = Path(path)
@@ -411,6 +412,11 @@ def export_split(ds: Dataset, path, n_train: Optional[int] = None, n_val: Option
     parts = {"xt": ds.xt[:n_train], "xval": ds.xval[:n_val], "xb": ds.xb[:n_db], "xq": ds.xq[:n_query]}
     as_bytes = all(np.array_equal(a, np.clip(np.rint(a), 0, 255)) for a in parts.values())
     dtype = np.uint8 if as_bytes else np.float16 if float16 else np.float32
+    if dtype == np.float16:
+        largest, limit = max(float(np.abs(a).max(initial=0)) for a in parts.values()), float(np.finfo(np.float16).max)
+        if not largest <= limit:
+            raise ValueError(f"float16=True: the rows reach {largest:.4g}, past float16's largest value "
+                             f"{limit:.0f}; export them as float32 (float16=False)")
     parts = {key: np.ascontiguousarray(a, dtype=dtype) for key, a in parts.items()}
     k_gt = min(k_gt, n_db)
     if dtype == np.float16:  # the neighbours of the rows as stored
@@ -426,8 +432,12 @@ def export_split(ds: Dataset, path, n_train: Optional[int] = None, n_val: Option
                        "n_query": len(ds.xq)}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), gt=gt.astype(np.int32), **parts)
-    os.replace(tmp, path)
+    try:
+        np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), gt=gt.astype(np.int32), **parts)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

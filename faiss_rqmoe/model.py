@@ -555,11 +555,14 @@ class RQMoE(nn.Module):
             return None
         if c.top_k is not None and not (c.top_k == 1 and self._use_triton(codes.device)):
             return None
+        from . import kernels
+
         inputs = (codes,) if ctx_s is None else (codes, ctx_s)
         weights = stamp(list(self.parameters()) + list(self.buffers()))
-        # what else changes the recorded arithmetic: the device, the TF32 switch, an enclosing autocast
+        # what else changes the recorded arithmetic: the device, the TF32 switch, an enclosing autocast,
+        # the fused kernel's tile sizes (a recorded graph keeps the launches it was recorded with)
         key = ("decode", rows, ctx_s is not None, self.execution, codes.device,
-               torch.backends.cuda.matmul.allow_tf32, autocast_enabled("cuda"))
+               torch.backends.cuda.matmul.allow_tf32, autocast_enabled("cuda"), tuple(sorted(kernels.CONFIG.items())))
         return self._graphs.run(key, weights, self._decode_block, inputs, out, rows)
 
     def _decode_chunked(self, codes, ctx, sequential: bool) -> torch.Tensor:

@@ -179,13 +179,20 @@ def test_export_float16_halves_float_rows_and_recomputes_ground_truth(tmp_path, 
     rng = np.random.default_rng(5)
     floats = datasets.Dataset("f", ds.xt / 255, ds.xval / 255, ds.xb / 255 + rng.normal(0, 1e-3, ds.xb.shape),
                               ds.xq / 255, ds.gt)
-    path = datasets.export_split(floats, tmp_path / "half.npz", n_db=800, k_gt=10, float16=True)
+    # the whole database: the split's own ground truth (of the float32 rows) would otherwise be kept
+    path = datasets.export_split(floats, tmp_path / "half.npz", k_gt=10, float16=True)
     with np.load(path, allow_pickle=False) as npz:
         assert npz["xb"].dtype == np.float16 and npz["xt"].dtype == np.float16
     back = datasets.load_exported(path)
     assert back.xb.dtype == np.float32
-    np.testing.assert_array_equal(back.xb, floats.xb[:800].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(back.xb, floats.xb.astype(np.float16).astype(np.float32))
     np.testing.assert_array_equal(back.gt, datasets.ground_truth(back.xb, back.xq, 10))
+    assert not np.array_equal(back.gt, datasets.ground_truth(floats.xb, floats.xq, 10))  # rounding moved some
+    # values past float16's range are refused, not stored as inf
+    huge = datasets.Dataset("h", floats.xt * 1e5, floats.xval, floats.xb, floats.xq, floats.gt)
+    with pytest.raises(ValueError, match="past float16's largest value"):
+        datasets.export_split(huge, tmp_path / "huge.npz", float16=True)
+    assert not list(tmp_path.glob("huge*"))
     # byte rows stay bytes: float16 applies to float sets only
     path = datasets.export_split(ds, tmp_path / "bytes.npz", n_train=10, float16=True)
     with np.load(path, allow_pickle=False) as npz:

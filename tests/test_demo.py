@@ -113,13 +113,18 @@ def test_data_exports_a_split_that_loads_back(sift, tmp_path, capsys):
     sizes = {"n_train": 1000, "n_val": 100, "n_db": 2000, "n_query": 20}
     flags = [arg for key, n in sizes.items() for arg in (f"--{key.replace('_', '-')}", str(n))]
     path = tmp_path / "default_small.npz"
-    assert cli.main(["data", "default", "--export", str(path), *flags]) == 0
-    assert f"written to {path}" in capsys.readouterr().out
+    assert cli.main(["data", "default", "--export", str(path), *flags, "--float16"]) == 0
+    assert f"written to {path} as uint8" in capsys.readouterr().out  # SIFT bytes stay bytes
     back, ds = datasets.load_dataset(str(path)), datasets.load_dataset("default", **sizes)
     for key in ("xt", "xval", "xb", "xq", "gt"):
         np.testing.assert_array_equal(getattr(back, key), getattr(ds, key))
     assert cli.main(["data", "default", "--export", str(tmp_path / "x.npy")]) == 2
     assert "must end in .npz" in capsys.readouterr().err
+    assert cli.main(["data", "default", "--n-train", "1000"]) == 2  # sizes without --export would be ignored
+    assert "add --export FILE.npz" in capsys.readouterr().err
+    (tmp_path / "folder.npz").mkdir()
+    assert cli.main(["data", "default", "--export", str(tmp_path / "folder.npz"), *flags]) == 2
+    assert "folder.npz" in capsys.readouterr().err and not list(tmp_path.glob("*.tmp.npz"))
 
 
 def test_data_builds_into_the_cache_and_reports_the_set(sift, capsys, monkeypatch):
