@@ -61,6 +61,23 @@ def test_flat_variant_scans_everything(sift):
     assert index.sa_code_size() == 4 + 1  # 4 bytes of codes + 1 norm byte, no list number
 
 
+def test_search_through_a_byte_mirror_gives_the_same_results(ivf_l2, sift, monkeypatch):
+    """On a GPU the code mirror keeps sub-codes as bytes and the shortlist hands them to the decode as they
+    are; the same layout on the CPU (code_dtype patched) gives the same neighbours and distances."""
+    from faiss_rqmoe import scan
+
+    params = {"nprobe": 4, "nshort": 40}
+    D, I = ivf_l2.search(sift.xq[:40], 10, params)
+    with monkeypatch.context() as patch:
+        patch.setattr(scan, "code_dtype", lambda nbits, device: torch.uint8)
+        ivf_l2.to("cpu")  # rebuilds the mirror
+        Db, Ib = ivf_l2.search(sift.xq[:40], 10, params)
+        assert ivf_l2._code_mirror().segments[0].codes.dtype == torch.uint8
+    ivf_l2.to("cpu")
+    np.testing.assert_array_equal(Ib, I)
+    np.testing.assert_allclose(Db, D, rtol=1e-5, atol=1e-3)
+
+
 def test_recall_grows_with_nprobe_and_nshort(ivf_l2, sift):
     xq, gt = sift.xq, sift.gt
     # ground truth restricted to the 3000 stored vectors
