@@ -162,6 +162,7 @@ DATA_SETS = {  # name: (what it is, the extra or packages its build needs)
 
 def build_data(args) -> int:
     """faiss-rqmoe data NAME: build the data set NAME into the cache (or find it there) and describe it."""
+    import json
     import logging
 
     import numpy as np
@@ -192,8 +193,8 @@ def build_data(args) -> int:
     try:
         ds = datasets.load_dataset(args.name, **{key: n for key, n in sizes.items() if n is not None})
         path = datasets.export_split(ds, args.export, float16=args.float16)
-        with np.load(path, allow_pickle=False) as npz:
-            stored = npz["xt"].dtype
+        with np.load(path, allow_pickle=False) as npz:  # the small meta member only, not the rows
+            stored = json.loads(str(npz["meta"]))["dtype"]
     except ValueError as exc:
         return _fail(str(exc))
     except OSError as exc:

@@ -419,9 +419,8 @@ def export_split(ds: Dataset, path, n_train: Optional[int] = None, n_val: Option
                              f"{limit:.0f}; export them as float32 (float16=False)")
     parts = {key: np.ascontiguousarray(a, dtype=dtype) for key, a in parts.items()}
     k_gt = min(k_gt, n_db)
-    if dtype == np.float16:  # the neighbours of the rows as stored
-        gt = ground_truth(parts["xb"].astype(np.float32), parts["xq"].astype(np.float32), k_gt)
-    elif n_db == len(ds.xb) and ds.gt.shape[1] >= k_gt:
+    # the split's own ground truth holds for the rows as stored unless the database is cut or rounded
+    if dtype != np.float16 and n_db == len(ds.xb) and ds.gt.shape[1] >= k_gt:
         gt = ds.gt[:n_query, :k_gt]
     else:
         gt = ground_truth(parts["xb"], parts["xq"], k_gt)
