@@ -23,10 +23,13 @@ try:
 except ImportError:  # CI and CPU-only installs: the torch path is used
     triton = None
 
-# Tile sizes (rows a program, hidden units a chunk, warps, pipeline stages): the fastest at batch 100 000 of
-# `bench speed --sweep` on an H200 in bfloat16 (notebooks/results/speed_h200.json, tile_sweep), and within
-# 1.4 % of the fastest for the rewritten kernel (speed_h200_kernel_v2.json)
-CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 2}
+# Launch settings of the dense kernel: rows a program, hidden units a chunk, warps, pipeline stages, and
+# split: one program a (row block, step, expert), the gate-weighted expert outputs summed outside the kernel,
+# instead of one a (row block, step) looping over the experts. By `bench speed --sweep` on an H200 in
+# bfloat16 (notebooks/results/speed_h200_small_sweep.json): the split launch decodes 1.3x faster at batch
+# 1 024, 1.1x at 100 000, and encodes 1.1-1.2x faster; the unsplit one holds an accumulator beside every
+# expert's state and gives a small batch a quarter of the programs
+CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 3, "split": True}
 N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at least
 
 
@@ -78,7 +81,9 @@ if triton is not None:
     def _morph_kernel(z_ptr, out_ptr, R, s0, S_total,
                       w1_ptr, b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
                       D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
-                      BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+        # SPLIT: one program a (row block, step, expert), each storing its gate-weighted expert output
+        # into out[n] (N, S', R, D) for a sum over n outside; else one program a (row block, step)
         pid = tl.program_id(0)
         s_local = tl.program_id(1)
         s = s0 + s_local
@@ -103,13 +108,21 @@ if triton is not None:
         weights = tl.exp(logits)
         gate = weights / tl.sum(weights, axis=1)[:, None]
         # the experts: z + Σ_n a_n (y_L^n - z) = Σ_n a_n y_L^n, the gate's shares summing to 1
-        morphed = tl.zeros((BLOCK_R, D), dtype=tl.float32)
-        for n in tl.static_range(N):
+        if SPLIT:
+            n = tl.program_id(2)
             share = tl.sum(tl.where(ncols[None, :] == n, gate, 0.0), axis=1)
-            morphed += share[:, None] * _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr,
-                                                    b2_ptr, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC,
-                                                    PRECISION=PRECISION)
-        tl.store(out_ptr + offsets, morphed, mask=row_ok[:, None])
+            part = share[:, None] * _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr,
+                                                b2_ptr, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC,
+                                                PRECISION=PRECISION)
+            tl.store(out_ptr + n * tl.num_programs(1) * R * D + offsets, part, mask=row_ok[:, None])
+        else:
+            morphed = tl.zeros((BLOCK_R, D), dtype=tl.float32)
+            for n in tl.static_range(N):
+                share = tl.sum(tl.where(ncols[None, :] == n, gate, 0.0), axis=1)
+                morphed += share[:, None] * _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr,
+                                                        w2_ptr, b2_ptr, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC,
+                                                        PRECISION=PRECISION)
+            tl.store(out_ptr + offsets, morphed, mask=row_ok[:, None])
 
 
     @triton.jit
@@ -179,14 +192,32 @@ def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
     if R == 0:
         return out
     weights = _prepared_weights(model, dtype)
-    chunk = next(size for size in (CONFIG["HC"], 64, 32, 16) if c.hidden % size == 0)  # hidden units a tile
     if c.top_k == 1:
-        return _routed_morph(model, s0, s1, z, out, weights, precision, chunk)
-    grid = (triton.cdiv(R, CONFIG["BLOCK_R"]), S_)
-    _morph_kernel[grid](z, out, R, s0, c.n_morph_steps, *weights, D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD,
-                        L=c.n_layers, BLOCK_R=CONFIG["BLOCK_R"], HC=chunk,
-                        PRECISION=precision, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
-    return out
+        return _routed_morph(model, s0, s1, z, out, weights, precision, _hidden_chunk(c.hidden))
+    chunk = _hidden_chunk(c.hidden)
+    blocks = triton.cdiv(R, CONFIG["BLOCK_R"])
+    split = CONFIG["split"] and c.n_experts > 1
+    target = z.new_empty(c.n_experts, S_, R, c.d) if split else out
+    grid = (blocks, S_, c.n_experts) if split else (blocks, S_)
+    _morph_kernel[grid](z, target, R, s0, c.n_morph_steps, *weights, D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD,
+                        L=c.n_layers, BLOCK_R=CONFIG["BLOCK_R"], HC=chunk, PRECISION=precision, SPLIT=split,
+                        num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    return torch.sum(target, dim=0, out=out) if split else out
+
+
+def _hidden_chunk(hidden: int) -> int:
+    """Hidden units a tile: CONFIG's chunk, or the largest of 64, 32, 16 that divides hidden."""
+    return next(size for size in (CONFIG["HC"], 64, 32, 16) if hidden % size == 0)
+
+
+def launch_key() -> tuple:
+    """The launch settings, for the key of a recorded CUDA graph (which keeps the launches it was recorded with)."""
+    return tuple(sorted(CONFIG.items()))
+
+
+def split_scratch_bytes_per_row(config) -> int:
+    """Bytes of the split launch's per-expert outputs for one morphed row (0 where it does not split)."""
+    return 4 * config.n_experts * config.d if CONFIG["split"] and config.n_experts > 1 and config.top_k is None else 0
 
 
 def _routed_morph(model, s0: int, s1: int, z: torch.Tensor, out: torch.Tensor, weights, precision: str,

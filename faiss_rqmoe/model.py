@@ -146,11 +146,13 @@ class RQMoE(nn.Module):
     def _morph_bytes_per_row(self, fused: bool = False) -> int:
         """Float32 temporaries one morphed codeword needs (peak estimate): on the torch path every expert's
         hidden units; where the fused kernel runs, the rows around it (gathered and projected codewords, the
-        instruction stream, the kernel's rows in and out, the scores) and, under top-1, the torch gate's
-        hidden units and routing indices."""
+        instruction stream, the kernel's rows in and out, the scores), the split launch's per-expert
+        outputs and, under top-1, the torch gate's hidden units and routing indices."""
         c = self.config
         if fused:
-            return 4 * (6 * c.d + 4 * c.cond_dim + 32 + (c.hidden + c.n_experts if c.top_k == 1 else 0))
+            from .kernels import split_scratch_bytes_per_row
+            return 4 * (6 * c.d + 4 * c.cond_dim + 32 + (c.hidden + c.n_experts if c.top_k == 1 else 0)) + \
+                split_scratch_bytes_per_row(c)
         return 4 * (3 * c.d + c.cond_dim + (3 * c.n_experts + 1) * c.hidden + 2 * c.n_experts * c.d + 16)
 
     def rows_per_chunk(self, rows_per_item: int) -> int:
@@ -562,7 +564,7 @@ class RQMoE(nn.Module):
         # what else changes the recorded arithmetic: the device, the TF32 switch, an enclosing autocast,
         # the fused kernel's tile sizes (a recorded graph keeps the launches it was recorded with)
         key = ("decode", rows, ctx_s is not None, self.execution, codes.device,
-               torch.backends.cuda.matmul.allow_tf32, autocast_enabled("cuda"), tuple(sorted(kernels.CONFIG.items())))
+               torch.backends.cuda.matmul.allow_tf32, autocast_enabled("cuda"), kernels.launch_key())
         return self._graphs.run(key, weights, self._decode_block, inputs, out, rows)
 
     def _decode_chunked(self, codes, ctx, sequential: bool) -> torch.Tensor:

@@ -100,6 +100,13 @@ def test_fused_kernel_equals_the_torch_path(condition, ctx):
         fused = model.decode(codes, ctx=ctx_vectors)
         error = float((fused - reference).norm() / reference.norm())
         assert error < tolerance, (dtype, error)
+    saved = dict(kernels.CONFIG)
+    try:  # the launch that loops over the experts in one program, beside the default split one
+        kernels.CONFIG.update(split=not saved["split"])
+        other = model.set_execution(kernel="triton", dtype="bfloat16").decode(codes, ctx=ctx_vectors)
+        assert float((other - reference).norm() / reference.norm()) < 2e-2
+    finally:
+        kernels.CONFIG.update(saved)
     model.set_execution(kernel="triton", dtype="float32")
     assert (model.encode(x, 16, ctx=ctx_x) == codes_ref).all(1).float().mean() > 0.99
 
@@ -120,10 +127,15 @@ def test_a_model_set_to_the_fused_kernel_still_runs_on_the_cpu():
 
 KERNEL_CHECK = """
 import torch
-from faiss_rqmoe import RQMoE, RQMoEConfig
-cases = ((1, 0, "dense", "instruction"), (2, 32, "dense", "instruction"), (3, 0, "dense", "instruction"),
-         (1, 0, "top1", "instruction"), (2, 32, "top1", "instruction"), (2, 0, "top1", "reconstruction"))
-for layers, ctx, routing, condition in cases:
+from faiss_rqmoe import RQMoE, RQMoEConfig, kernels
+# dense experts in the split launch (one program per expert, outputs summed outside the kernel) and not
+cases = ((1, 0, "dense", "instruction", True), (2, 32, "dense", "instruction", True),
+         (3, 0, "dense", "instruction", True), (1, 0, "dense", "instruction", False),
+         (2, 32, "dense", "instruction", False),
+         (1, 0, "top1", "instruction", True), (2, 32, "top1", "instruction", True),
+         (2, 0, "top1", "reconstruction", True))
+for layers, ctx, routing, condition, split in cases:
+    kernels.CONFIG.update(split=split)
     model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=layers, hidden=48, ctx_dim=ctx, routing=routing,
                               condition=condition))
     generator = torch.Generator().manual_seed(layers)

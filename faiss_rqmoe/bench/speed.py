@@ -197,26 +197,28 @@ def interleaved_decode(configs: Dict[str, RQMoEConfig], device: torch.device, ba
     return {"batch": batch, "rounds": rounds, "decode_vps": medians}
 
 
-# (rows a program, hidden units a chunk, warps, pipeline stages) that --sweep tries
-TILE_SWEEP = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3))
+# (rows a program, hidden units a chunk, warps, pipeline stages, one program per expert) that --sweep tries
+TILE_SWEEP = ((64, 64, 4, 2, True), (64, 64, 4, 2, False), (64, 64, 8, 2, True), (32, 64, 4, 2, True),
+              (64, 64, 4, 3, True), (128, 64, 8, 2, True))
 
 
 def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str) -> List[dict]:
-    """Decode vectors/s of the fused kernel for several tile sizes (rows a program, hidden chunk, warps)."""
+    """Decode vectors/s of the fused kernel for several launch settings (kernels.CONFIG: rows a program,
+    hidden chunk, warps, stages, split), on byte codes (no range check: the kernel's time, not a host wait)."""
     from .. import kernels
 
     config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
     model = random_model(config, device).set_execution(kernel="triton", dtype=precision)
     saved, rows = dict(kernels.CONFIG), []
     try:
-        for block_r, chunk, warps, stages in TILE_SWEEP:
-            kernels.CONFIG.update(BLOCK_R=block_r, HC=chunk, num_warps=warps, num_stages=stages)
+        for block_r, chunk, warps, stages, split in TILE_SWEEP:
+            kernels.CONFIG.update(BLOCK_R=block_r, HC=chunk, num_warps=warps, num_stages=stages, split=split)
             for batch in batches:
-                codes = torch.randint(0, config.K, (batch, config.M), device=device)
+                codes = torch.randint(0, config.K, (batch, config.M), device=device).to(torch.uint8)
                 with torch.inference_mode():
                     vps = _vps(batch, lambda: model.decode(codes), device)
                 rows.append({"tiles": dict(kernels.CONFIG), "precision": precision, "batch": batch,
-                             "decode_vps": vps})
+                             "decode_bytes_vps": vps})
                 logger.info("%s", rows[-1])
     finally:
         kernels.CONFIG.update(saved)
