@@ -42,7 +42,9 @@ class Execution:
     dtype: "float32"; "tfloat32" (the fused kernel's matmuls in TF32; the
     torch path follows torch.backends.cuda.matmul.allow_tf32); or
     "bfloat16" matmul inputs on CUDA, with float32 sums and a float32
-    residual path. Inference only: training always runs in float32.
+    residual path. Inference only: training's forward and backward run in
+    float32; its no-grad encoding of each batch follows
+    ``TrainConfig.encode_precision`` (bfloat16 on CUDA by default).
     cuda_graphs: on CUDA, decode batches of up to ``graphs.MAX_ROWS`` codes
     (and within the memory budget's chunk) by replaying a recorded CUDA
     graph (the same operations, padded to a power of two: float rounding may

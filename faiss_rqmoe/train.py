@@ -23,7 +23,7 @@ from . import distributed
 from .arrays import as_vectors
 from .devices import resolve_device
 from .encode import encode_scaled
-from .model import RQMoE
+from .model import DTYPES, Execution, RQMoE
 from .progress import folded_faiss_warnings, matmul_rate, timed_stage
 from .storage import FileFormatError, arrays_to_state, load_arrays, save_arrays, state_to_arrays
 
@@ -39,6 +39,7 @@ AUTO = "auto"
 # What "auto" means where a default depends on the device: (cpu, cuda)
 AUTO_TIME_BUDGET_S = (30.0, 300.0)
 AUTO_ENCODE_CANDIDATES = (16, 32)
+ENCODE_PRECISIONS = (AUTO, "model") + DTYPES
 
 
 def _as_optional(value, kind, name: str, minimum=None, allow_auto: bool = False):
@@ -76,7 +77,11 @@ class TrainConfig:
     ``dropout`` on the experts' hidden units, ``balance_loss`` weight of the
     gate load-balancing loss (Σ_n mean(a_n)² a step). Encoding while
     training: ``encode_candidates`` (None: exact; "auto": 16 on a CPU, 32 on
-    a GPU). Start: faiss RQ trained on at most ``rq_train_max`` vectors with
+    a GPU) and ``encode_precision``, the matmul inputs of that encoding on
+    CUDA ("auto": bfloat16, which learns as much a sample as float32 and
+    runs the steps about twice as fast, docs/experiments.md; "model": the
+    model's own ``Execution``; or a dtype); validation and the trained
+    codec keep the model's execution. Start: faiss RQ trained on at most ``rq_train_max`` vectors with
     beam ``rq_beam`` and ``rq_train_type`` progressive_dim (faiss's default)
     | kmeans; "auto" for both is faiss's default (progressive_dim, beam 5)
     below 50 000 training vectors and kmeans with beam 1 from there, which
@@ -102,6 +107,7 @@ class TrainConfig:
     dropout: float = 0.0
     balance_loss: float = 0.0
     encode_candidates: Union[int, str, None] = AUTO
+    encode_precision: str = AUTO
     rq_train_max: int = 100_000
     rq_beam: Union[int, str] = AUTO
     rq_train_type: str = AUTO
@@ -135,7 +141,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dropout and warmup_fraction must be < 1, got {self.dropout}, "
                              f"{self.warmup_fraction}")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("optimizer", OPTIMIZERS),
-                              ("rq_train_type", RQ_TRAIN_TYPES + (AUTO,))):
+                              ("rq_train_type", RQ_TRAIN_TYPES + (AUTO,)), ("encode_precision", ENCODE_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.device is not None:
@@ -182,6 +188,15 @@ class TrainConfig:
             return AUTO_TIME_BUDGET_S[device.type == "cuda"]
         return self.time_budget_s
 
+    def resolved_encode_execution(self, execution: Execution, device: torch.device) -> Execution:
+        """The execution training encodes its batches with, for a model whose own is ``execution``: the
+        model's on a CPU or with encode_precision "model", else its kernel choice with the requested matmul
+        inputs ("auto": bfloat16)."""
+        if device.type != "cuda" or self.encode_precision == "model":
+            return execution
+        dtype = "bfloat16" if self.encode_precision == AUTO else self.encode_precision
+        return dataclasses.replace(execution, dtype=dtype)
+
     def resolved_encode_candidates(self, device: torch.device) -> Optional[int]:
         """Training's candidate count on ``device`` ("auto" resolved; None: exact)."""
         if self.encode_candidates == AUTO:
@@ -207,6 +222,8 @@ TRAIN_OPTION_HELP = {
     "balance_loss": "weight of the gate load-balancing loss (sum over experts of the mean gate weight squared)",
     "encode_candidates": "candidates a step when training encodes its batches ('auto': 16 on a CPU, 32 on a "
                          "GPU; 'none': exact)",
+    "encode_precision": "matmul inputs when training encodes its batches on CUDA ('auto': bfloat16; 'model': the "
+                        "model's execution; or float32, tfloat32, bfloat16)",
     "rq_train_max": "training vectors for the faiss RQ start",
     "rq_beam": "beam of the faiss RQ start's training ('auto': 5 below 50 000 training vectors, faiss's "
                "default, else 1, which measured better there)",
@@ -410,6 +427,12 @@ def make_optimizer(model: RQMoE, config: TrainConfig):
     return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def _set_execution(model: RQMoE, execution: Execution) -> None:
+    """Switch the model to ``execution`` (its caches follow) unless it already runs it."""
+    if model.execution != execution:
+        model.set_execution(kernel=execution.kernel, dtype=execution.dtype, cuda_graphs=execution.cuda_graphs)
+
+
 def _set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -547,9 +570,12 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
     else:
         bar = tqdm(total=config.max_epochs * n_batches, initial=state["epoch"] * n_batches, disable=not show,
                    desc=f"train {model.config.mode.display_name}", unit="batch")
+    own_execution = model.execution
+    batch_execution = config.resolved_encode_execution(own_execution, device)
     model.train()
     try:
         while state["epoch"] < config.max_epochs and not out_of_time and not history.stop_reason:
+            _set_execution(model, batch_execution)
             _set_lr(optimizer, state["lr"])
             order = torch.randperm(n_train, generator=generator)[:per_epoch].to(device)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync a batch
@@ -571,6 +597,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
                     out_of_time = True
                     break
             model.eval()
+            _set_execution(model, own_execution)
             val_mse = distributed.from_rank0(reconstruction_mse(model, xval_scaled, candidates,
                                                                 ctx=ctx_val_norm))
             model.train()
@@ -603,6 +630,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
         bar.total = bar.n  # stopped by the budget or early: the bar ends full
     finally:
         bar.close()
+        _set_execution(model, own_execution)
     if not history.stop_reason:
         history.stop_reason = "time budget" if out_of_time else "max_epochs"
     model.load_state_dict(best_state)

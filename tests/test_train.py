@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from faiss_rqmoe import RQMoE, RQMoEConfig, train_rqmoe
-from faiss_rqmoe.train import normalized_residual_loss
+from faiss_rqmoe.model import Execution
+from faiss_rqmoe.train import TrainConfig, normalized_residual_loss
 
 from conftest import clustered
 
@@ -95,6 +96,31 @@ def test_training_on_gpu_returns_model_to_its_device():
     history = train_rqmoe(model, x, max_epochs=2, device="cuda", progress=False)
     assert model.device.type == "cpu"
     assert history.best_val_mse <= history.init_val_mse
+
+
+def test_training_encodes_its_batches_in_bfloat16_on_cuda_only():
+    own, cuda = Execution(kernel="triton", dtype="float32"), torch.device("cuda")
+    assert TrainConfig().resolved_encode_execution(own, cuda) == Execution(kernel="triton", dtype="bfloat16")
+    assert TrainConfig().resolved_encode_execution(own, torch.device("cpu")) == own
+    assert TrainConfig(encode_precision="model").resolved_encode_execution(own, cuda) == own
+    assert TrainConfig(encode_precision="tfloat32").resolved_encode_execution(own, cuda).dtype == "tfloat32"
+    with pytest.raises(ValueError, match="encode_precision must be one of"):
+        TrainConfig(encode_precision="float16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_gpu_encodes_batches_in_bfloat16_and_validates_in_the_models_precision(monkeypatch):
+    from faiss_rqmoe import train
+
+    seen, encode = [], train.encode_scaled
+    monkeypatch.setattr(train, "encode_scaled",
+                        lambda model, *args, **kw: seen.append((model.training, model.execution.dtype)) or
+                        encode(model, *args, **kw))
+    model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
+    train_rqmoe(model, clustered(2000, d=16), max_epochs=2, device="cuda", progress=False)
+    assert {dtype for training, dtype in seen if training} == {"bfloat16"}
+    assert {dtype for training, dtype in seen if not training} <= {"float32"}
+    assert model.execution.dtype == "float32"
 
 
 def test_plateau_counts_trained_epochs_only():

@@ -74,12 +74,14 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
                          hidden=args.hidden, routing=args.routing,
                          instr_dim=args.instr_dim if mode is Condition.INSTRUCTION else None)
     torch.manual_seed(args.seed)
-    model = RQMoE(config, mem_budget_bytes=args.mem_budget_gib << 30)
+    # the execution is set before training: training encodes every batch with it (no grad)
+    model = RQMoE(config, mem_budget_bytes=args.mem_budget_gib << 30).set_execution(kernel=args.kernel,
+                                                                                    dtype=args.precision)
     train_config = train_config_from_args(args, device)
     start = time.perf_counter()
     history = train_rqmoe(model, ds.xt, ds.xval, train_config)
     train_s = time.perf_counter() - start
-    model.to(device).set_execution(kernel=args.kernel, dtype=args.precision)
+    model.to(device)
     candidates, beam = args.encode_candidates, args.encode_beam
     model.encode(ds.xb[:4096], candidates, beam)  # warm-up
     codes, encode_s = timed(lambda: model.encode(ds.xb, candidates, beam), device, warmup=False)

@@ -84,9 +84,11 @@ def add_codec_options(parser: argparse.ArgumentParser, bytes_help: str = "code s
     group.add_argument("--encode-beam", type=int, default=1, help="beam when encoding the database (default 1)")
     group.add_argument("--mem-budget-gib", type=int, default=1, help="GiB of temporaries for encode/decode")
     group.add_argument("--kernel", choices=KERNELS, default="auto",
-                       help="execution of the networks at inference: auto (Triton on CUDA), torch or triton")
+                       help="execution of the networks at inference, training's encoding of each batch "
+                            "included: auto (Triton on CUDA), torch or triton")
     group.add_argument("--precision", choices=DTYPES, default="float32",
-                       help="matmul inputs at inference on CUDA: float32, tfloat32 or bfloat16")
+                       help="matmul inputs at inference on CUDA (training's batch encoding included): float32, "
+                            "tfloat32 or bfloat16")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
