@@ -36,7 +36,7 @@ _ROUTING = re.compile(r"top\d+")
 _PRE_TRANSFORM = re.compile(r"(OPQ|PCAR?W?|RR|ITQ|L2norm)\d*(_\d+)?")
 
 INDEX_OPTIONS = ("nprobe", "nshort", "encode_candidates", "encode_beam", "device")
-TRAIN_ALIASES = {"train_encode_candidates": "encode_candidates", "train_encode_precision": "encode_precision"}
+TRAIN_ALIASES = {"train_encode_candidates": "encode_candidates"}
 
 
 def _bad(description: str, token: str, why: str) -> ValueError:

@@ -1,10 +1,12 @@
-"""One fused Triton kernel for the morphing networks' inference on CUDA.
+"""Fused Triton kernels for the morphing networks' inference on CUDA.
 
 ``morph`` computes exactly what ``RQMoE._morph`` computes (gate, every
-expert's residual blocks, the gate-weighted sum) for a block of rows of one
-step per program, keeping every hidden activation in registers: the only
-memory traffic is the rows in, the rows out and the (cached) weights. The
-torch path materialises the (rows, N·H) activations of every layer instead.
+expert's residual blocks, the gate-weighted sum). A program takes a block of
+rows of one step and one expert, computes the gate and its expert's share,
+keeps every hidden activation in registers and stores the gate-weighted
+expert output; one sum over the experts follows. The memory traffic is the
+rows in, the experts' partial outputs and the (cached) weights. The torch
+path materialises the (rows, N·H) activations of every layer instead.
 Matmul inputs are bfloat16, TF32 or float32 (``Execution.dtype``); sums are
 float32. Without CUDA the module imports, and ``available()`` says False.
 """
@@ -26,9 +28,10 @@ except ImportError:  # CI and CPU-only installs: the torch path is used
 # Launch settings of the dense kernel: rows a program, hidden units a chunk, warps, pipeline stages, and
 # split: one program a (row block, step, expert), the gate-weighted expert outputs summed outside the kernel,
 # instead of one a (row block, step) looping over the experts. By `bench speed --sweep` on an H200 in
-# bfloat16 (notebooks/results/speed_h200_small_sweep.json): the split launch decodes 1.3x faster at batch
-# 1 024, 1.1x at 100 000, and encodes 1.1-1.2x faster; the unsplit one holds an accumulator beside every
-# expert's state and gives a small batch a quarter of the programs
+# bfloat16 (notebooks/results/speed_h200_split.json, tile_sweep): with 3 stages it decodes 1.44x faster than
+# the unsplit 2-stage launch at batch 1 024 and 1.19x at 100 000 (the split alone: 1.36x and 1.13x); the
+# unsplit one holds an accumulator beside every expert's state and gives a small batch a quarter of the
+# programs. The stages setting also applies to the top-1 kernel
 CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 3, "split": True}
 N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at least
 
@@ -180,8 +183,9 @@ _DTYPES = {"float32": (torch.float32, "ieee"), "tfloat32": (torch.float32, "tf32
 
 def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
     """The morphed codewords of steps s0..s1-1: z (S', R, d) float32 -> (S', R, d) float32, as
-    ``RQMoE._morph`` computes them, in one fused kernel launch (dense experts) or, under top-1 routing,
-    the gate in torch and one launch for the experts."""
+    ``RQMoE._morph`` computes them: for dense experts one fused kernel launch (then a sum over the experts'
+    partial outputs, where it splits them over programs); under top-1 routing, the gate in torch and one
+    launch for the experts."""
     if triton is None:
         raise RuntimeError("the fused kernel needs Triton (pip install triton) and a CUDA device")
     c = model.config
@@ -196,7 +200,8 @@ def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
         return _routed_morph(model, s0, s1, z, out, weights, precision, _hidden_chunk(c.hidden))
     chunk = _hidden_chunk(c.hidden)
     blocks = triton.cdiv(R, CONFIG["BLOCK_R"])
-    split = CONFIG["split"] and c.n_experts > 1
+    # the partial outputs are addressed with int32 offsets: a launch past 2**31 of them runs unsplit
+    split = CONFIG["split"] and c.n_experts > 1 and c.n_experts * z.numel() < 2 ** 31
     target = z.new_empty(c.n_experts, S_, R, c.d) if split else out
     grid = (blocks, S_, c.n_experts) if split else (blocks, S_)
     _morph_kernel[grid](z, target, R, s0, c.n_morph_steps, *weights, D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD,
@@ -216,7 +221,7 @@ def launch_key() -> tuple:
 
 
 def split_scratch_bytes_per_row(config) -> int:
-    """Bytes of the split launch's per-expert outputs for one morphed row (0 where it does not split)."""
+    """Bytes of the split launch's per-expert outputs for one morphed row (0 where it never splits)."""
     return 4 * config.n_experts * config.d if CONFIG["split"] and config.n_experts > 1 and config.top_k is None else 0
 
 

@@ -78,10 +78,11 @@ class TrainConfig:
     gate load-balancing loss (Σ_n mean(a_n)² a step). Encoding while
     training: ``encode_candidates`` (None: exact; "auto": 16 on a CPU, 32 on
     a GPU) and ``encode_precision``, the matmul inputs of that encoding on
-    CUDA ("auto": bfloat16, which learns as much a sample as float32 and
-    runs the steps about twice as fast, docs/experiments.md; "model": the
-    model's own ``Execution``; or a dtype); validation and the trained
-    codec keep the model's execution. Start: faiss RQ trained on at most ``rq_train_max`` vectors with
+    CUDA ("auto": bfloat16 unless the model's kernel is "torch"; it learned
+    as much a sample as float32 and ran the loop 1.3-2× as fast,
+    docs/experiments.md, section 1e; "model": the model's own
+    ``Execution``; or a dtype); validation and the trained codec keep the
+    model's execution. Start: faiss RQ trained on at most ``rq_train_max`` vectors with
     beam ``rq_beam`` and ``rq_train_type`` progressive_dim (faiss's default)
     | kmeans; "auto" for both is faiss's default (progressive_dim, beam 5)
     below 50 000 training vectors and kmeans with beam 1 from there, which
@@ -190,9 +191,11 @@ class TrainConfig:
 
     def resolved_encode_execution(self, execution: Execution, device: torch.device) -> Execution:
         """The execution training encodes its batches with, for a model whose own is ``execution``: the
-        model's on a CPU or with encode_precision "model", else its kernel choice with the requested matmul
-        inputs ("auto": bfloat16)."""
-        if device.type != "cuda" or self.encode_precision == "model":
+        model's on a CPU, with encode_precision "model", or with "auto" for a model set to the torch path
+        (bfloat16 there was not measured); else its kernel choice with the requested matmul inputs ("auto":
+        bfloat16)."""
+        if device.type != "cuda" or self.encode_precision == "model" or \
+                (self.encode_precision == AUTO and execution.kernel == "torch"):
             return execution
         dtype = "bfloat16" if self.encode_precision == AUTO else self.encode_precision
         return dataclasses.replace(execution, dtype=dtype)
@@ -222,8 +225,8 @@ TRAIN_OPTION_HELP = {
     "balance_loss": "weight of the gate load-balancing loss (sum over experts of the mean gate weight squared)",
     "encode_candidates": "candidates a step when training encodes its batches ('auto': 16 on a CPU, 32 on a "
                          "GPU; 'none': exact)",
-    "encode_precision": "matmul inputs when training encodes its batches on CUDA ('auto': bfloat16; 'model': the "
-                        "model's execution; or float32, tfloat32, bfloat16)",
+    "encode_precision": "matmul inputs when training encodes its batches on CUDA ('auto': bfloat16 unless the "
+                        "kernel is torch; 'model': the model's execution; or float32, tfloat32, bfloat16)",
     "rq_train_max": "training vectors for the faiss RQ start",
     "rq_beam": "beam of the faiss RQ start's training ('auto': 5 below 50 000 training vectors, faiss's "
                "default, else 1, which measured better there)",

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from faiss_rqmoe import bench
 from faiss_rqmoe.bench.report import merge_codec_results
@@ -110,3 +111,14 @@ def test_training_candidates_and_database_candidates_are_separate_flags():
         assert train_config_from_args(args, torch.device("cpu")).encode_candidates == 32
     args = build_parser().parse_args(["search", "--encode-candidates", "8"])
     assert args.encode_candidates == 8 and train_config_from_args(args, torch.device("cpu")).encode_candidates == "auto"
+
+
+def test_a_results_files_command_re_runs_as_it_is_even_with_spaces_in_a_name():
+    """meta.command is the argument list quoted for a shell: a method name with a space stays one argument."""
+    import shlex
+
+    from faiss_rqmoe.bench.meta import run_meta
+
+    argv = ["speed", "--methods", "RQ-MoE", "RQ-MoE top-1", "--out", "a b.json"]
+    command = run_meta(argv, torch.device("cpu"))["command"]
+    assert shlex.split(command) == ["python", "-m", "faiss_rqmoe.bench"] + argv

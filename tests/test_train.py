@@ -104,6 +104,8 @@ def test_training_encodes_its_batches_in_bfloat16_on_cuda_only():
     assert TrainConfig().resolved_encode_execution(own, torch.device("cpu")) == own
     assert TrainConfig(encode_precision="model").resolved_encode_execution(own, cuda) == own
     assert TrainConfig(encode_precision="tfloat32").resolved_encode_execution(own, cuda).dtype == "tfloat32"
+    torch_path = Execution(kernel="torch")
+    assert TrainConfig().resolved_encode_execution(torch_path, cuda) == torch_path  # unmeasured: left alone
     with pytest.raises(ValueError, match="encode_precision must be one of"):
         TrainConfig(encode_precision="float16")
 

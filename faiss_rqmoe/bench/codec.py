@@ -74,7 +74,8 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
                          hidden=args.hidden, routing=args.routing,
                          instr_dim=args.instr_dim if mode is Condition.INSTRUCTION else None)
     torch.manual_seed(args.seed)
-    # the execution is set before training: training encodes every batch with it (no grad)
+    # the execution is set before training: training encodes its batches with its kernel choice (and its
+    # precision under --encode-precision model)
     model = RQMoE(config, mem_budget_bytes=args.mem_budget_gib << 30).set_execution(kernel=args.kernel,
                                                                                     dtype=args.precision)
     train_config = train_config_from_args(args, device)

@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -42,7 +43,7 @@ def device_name(device: torch.device) -> str:
 def run_meta(argv: Sequence[str], device: torch.device) -> dict:
     """Who/what/where/when of a run: the command that re-runs it, date, device, threads, versions."""
     return {
-        "command": "python -m faiss_rqmoe.bench " + " ".join(argv),
+        "command": "python -m faiss_rqmoe.bench " + shlex.join(argv),  # quoted: it re-runs as it is
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
         "torch_threads": torch.get_num_threads(),

@@ -98,8 +98,9 @@ def measure_ours(name: str, config: RQMoEConfig, device: torch.device, batches: 
 
 def measure_training(config: RQMoEConfig, device: torch.device, steps: int, batch: int = 1024,
                      kernel: str = "auto", precision: str = "float32") -> float:
-    """Training samples a second: ``train_step`` with TrainConfig's defaults (greedy encoding with the
-    device's default candidate count, under the model's kernel and precision, then forward and backward)."""
+    """Training samples a second: ``train_step`` (greedy encoding with the device's default candidate
+    count, under the row's kernel and precision rather than TrainConfig.encode_precision, then forward and
+    backward in float32)."""
     model = random_model(config, device).set_execution(kernel=kernel, dtype=precision).train()
     train_config = TrainConfig(device=str(device))
     optimizer = make_optimizer(model, train_config)
