@@ -40,6 +40,9 @@ AUTO = "auto"
 AUTO_TIME_BUDGET_S = (30.0, 300.0)
 AUTO_ENCODE_CANDIDATES = (16, 32)
 ENCODE_PRECISIONS = (AUTO, "model") + DTYPES
+# the TrainConfig fields that take one of a few words (checked in TrainConfig, and the choices of their flags)
+TRAIN_OPTION_CHOICES = {"lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS,
+                        "rq_train_type": RQ_TRAIN_TYPES + (AUTO,), "encode_precision": ENCODE_PRECISIONS}
 
 
 def _as_optional(value, kind, name: str, minimum=None, allow_auto: bool = False):
@@ -141,8 +144,7 @@ class TrainConfig:
         if self.dropout >= 1 or self.warmup_fraction >= 1:
             raise ValueError(f"TrainConfig.dropout and warmup_fraction must be < 1, got {self.dropout}, "
                              f"{self.warmup_fraction}")
-        for name, allowed in (("lr_schedule", LR_SCHEDULES), ("optimizer", OPTIMIZERS),
-                              ("rq_train_type", RQ_TRAIN_TYPES + (AUTO,)), ("encode_precision", ENCODE_PRECISIONS)):
+        for name, allowed in TRAIN_OPTION_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.device is not None:

@@ -122,3 +122,18 @@ def test_a_results_files_command_re_runs_as_it_is_even_with_spaces_in_a_name():
     argv = ["speed", "--methods", "RQ-MoE", "RQ-MoE top-1", "--out", "a b.json"]
     command = run_meta(argv, torch.device("cpu"))["command"]
     assert shlex.split(command) == ["python", "-m", "faiss_rqmoe.bench"] + argv
+
+
+def test_a_training_flag_of_a_few_words_refuses_any_other_before_anything_runs(capsys):
+    """--encode-precision, --lr-schedule, --optimizer and --rq-train-type list their words: a typo is
+    argparse's error naming them, and a valid word reaches TrainConfig."""
+    from faiss_rqmoe.bench.cli import build_parser
+    from faiss_rqmoe.bench.options import train_config_from_args
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["codec", "--encode-precision", "fp16"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'fp16'" in err and "bfloat16" in err
+    args = build_parser().parse_args(["codec", "--encode-precision", "model", "--lr-schedule", "cosine"])
+    config = train_config_from_args(args, torch.device("cpu"))
+    assert (config.encode_precision, config.lr_schedule) == ("model", "cosine")

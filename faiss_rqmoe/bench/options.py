@@ -9,7 +9,7 @@ import typing
 import torch
 
 from ..model import DTYPES, KERNELS
-from ..train import AUTO, TRAIN_OPTION_HELP, TrainConfig
+from ..train import AUTO, TRAIN_OPTION_CHOICES, TRAIN_OPTION_HELP, TrainConfig
 
 # TrainConfig fields whose flag has another name here, or that the benchmark sets itself
 _FLAG_NAMES = {"encode_candidates": "train_candidates"}
@@ -42,8 +42,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=field.default,
                                help=helptext)
-        elif kind in (int, float, str):
-            group.add_argument(flag, dest=dest, type=kind, default=field.default, help=helptext)
+        elif kind in (int, float, str):  # a word from a short list gets argparse's choices (and its error)
+            group.add_argument(flag, dest=dest, type=kind, default=field.default, help=helptext,
+                               choices=TRAIN_OPTION_CHOICES.get(field.name))
         else:  # Optional / Union with "auto"
             number = int if int in typing.get_args(kind) else float if float in typing.get_args(kind) else str
             group.add_argument(flag, dest=dest, type=_optional_number(number) if number is not str else str,
