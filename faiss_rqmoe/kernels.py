@@ -201,7 +201,7 @@ def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
     chunk = _hidden_chunk(c.hidden)
     blocks = triton.cdiv(R, CONFIG["BLOCK_R"])
     # the partial outputs are addressed with int32 offsets: a launch past 2**31 of them runs unsplit
-    split = CONFIG["split"] and c.n_experts > 1 and c.n_experts * z.numel() < 2 ** 31
+    split = splits_experts(c) and c.n_experts * z.numel() < 2 ** 31
     target = z.new_empty(c.n_experts, S_, R, c.d) if split else out
     grid = (blocks, S_, c.n_experts) if split else (blocks, S_)
     _morph_kernel[grid](z, target, R, s0, c.n_morph_steps, *weights, D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD,
@@ -220,9 +220,15 @@ def launch_key() -> tuple:
     return tuple(sorted(CONFIG.items()))
 
 
+def splits_experts(config) -> bool:
+    """Whether the dense kernel gives every expert its own programs for this architecture (CONFIG["split"],
+    dense experts, more than one)."""
+    return CONFIG["split"] and config.n_experts > 1 and config.top_k is None
+
+
 def split_scratch_bytes_per_row(config) -> int:
     """Bytes of the split launch's per-expert outputs for one morphed row (0 where it never splits)."""
-    return 4 * config.n_experts * config.d if CONFIG["split"] and config.n_experts > 1 and config.top_k is None else 0
+    return 4 * config.n_experts * config.d if splits_experts(config) else 0
 
 
 def _routed_morph(model, s0: int, s1: int, z: torch.Tensor, out: torch.Tensor, weights, precision: str,

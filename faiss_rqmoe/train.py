@@ -435,7 +435,7 @@ def make_optimizer(model: RQMoE, config: TrainConfig):
 def _set_execution(model: RQMoE, execution: Execution) -> None:
     """Switch the model to ``execution`` (its caches follow) unless it already runs it."""
     if model.execution != execution:
-        model.set_execution(kernel=execution.kernel, dtype=execution.dtype, cuda_graphs=execution.cuda_graphs)
+        model.set_execution(**dataclasses.asdict(execution))
 
 
 def _set_lr(optimizer, lr: float) -> None:
