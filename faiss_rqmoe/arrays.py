@@ -79,8 +79,9 @@ def as_vectors_on(x, d: int, device: torch.device, name: str = "x", allow_empty:
 def as_codes(codes, M: int, K: int, device: torch.device, name: str = "codes") -> torch.Tensor:
     """Codes as an (n, M) int64 tensor on ``device``, every value in [0, K); n >= 1.
 
-    Codes as bytes (uint8, as indexes store them) with K >= 256 need no range check: on a GPU the call
-    then never waits for the device, which keeps small decodes from serialising host and device."""
+    Codes as bytes (uint8, as indexes store them) with K >= 256 need no range check. Other codes are
+    checked where they lie, before the copy: only codes already on a GPU make the call wait for the
+    device (a small decode then serialises host and device)."""
     if isinstance(codes, torch.Tensor):
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got dtype {codes.dtype}")
@@ -96,13 +97,14 @@ def as_codes(codes, M: int, K: int, device: torch.device, name: str = "codes") -
         raise ValueError(f"{name} must have shape (n, M={M}), got {tuple(codes.shape)}")
     if codes.shape[0] == 0:
         raise ValueError(f"{name} is empty: expected at least one code")
-    codes = codes.to(device=device, dtype=torch.int64)
-    if as_bytes and K >= 256:  # every byte is a valid code: no range check, so nothing waits on the device
-        return codes
-    low, high = (int(v) for v in torch.aminmax(codes))
-    if low < 0 or high >= K:
-        raise ValueError(f"{name} must lie in [0, K={K}), got values in [{low}, {high}]")
-    return codes
+    # every byte is a valid code when K >= 256: no range check. Other codes are checked where they are,
+    # before they move: codes from the host need no round trip to the device for their check
+    codes = codes.to(dtype=torch.int64)
+    if not (as_bytes and K >= 256):
+        low, high = (int(v) for v in torch.aminmax(codes))
+        if low < 0 or high >= K:
+            raise ValueError(f"{name} must lie in [0, K={K}), got values in [{low}, {high}]")
+    return codes.to(device=device)
 
 
 def as_id_list(ids, what: str = "ids") -> np.ndarray:

@@ -41,6 +41,14 @@ def stamp(tensors: Sequence[torch.Tensor]) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
+class WeightsCache(dict):
+    """A dict of values derived from a model's weights, keyed by their stamp(). Copies and pickles of the
+    model start empty (the values are rebuilt on use; some are views of the original's parameters)."""
+
+    def __reduce__(self):
+        return (WeightsCache, ())
+
+
 class GraphCache:
     """Recorded graphs of one computation ``fn(*inputs) -> tensor``, keyed by the caller (shape, options).
 

@@ -159,7 +159,7 @@ def _prepared_weights(model, dtype: torch.dtype):
     params = (model.expert_w1, model.expert_b1, model.expert_w2, model.expert_b2, model.gate_w1, model.gate_b1,
               model.gate_w2, model.gate_b2)
     key = (dtype,) + stamp(params)
-    cached = model._fused_cache.get("triton")
+    cached = model._fused_cache.get("triton") if model._cache_weights else None
     if cached is not None and cached[0] == key:
         return cached[1]
     c = model.config
@@ -173,7 +173,8 @@ def _prepared_weights(model, dtype: torch.dtype):
                    model.expert_w2.to(dtype).contiguous(), model.expert_b2.float().reshape(-1).contiguous(),
                    model.gate_w1.to(dtype).contiguous(), model.gate_b1.float().contiguous(),
                    g2.to(dtype).contiguous(), gb2.float().contiguous())
-    model._fused_cache["triton"] = (key, weights)
+    if model._cache_weights:
+        model._fused_cache["triton"] = (key, weights)
     return weights
 
 

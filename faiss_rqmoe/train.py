@@ -25,6 +25,7 @@ from .devices import resolve_device
 from .encode import encode_scaled
 from .model import DTYPES, Execution, RQMoE
 from .progress import folded_faiss_warnings, matmul_rate, timed_stage
+from .train_graph import GraphedTrainStep, graphable
 from .storage import FileFormatError, arrays_to_state, load_arrays, save_arrays, state_to_arrays
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,10 @@ class TrainConfig:
     tables are fitted on, and ``keep_rq_if_better``: keep the faiss RQ start
     when it encodes the validation vectors better than the learned codec.
     ``checkpoint_path``: written after every epoch and
-    resumed from. ``device``: None picks cuda when available.
+    resumed from. ``device``: None picks cuda when available. ``cuda_graphs``:
+    on one GPU, record a whole training step (encoding, forward, backward,
+    Adam) as a CUDA graph and replay it for every full batch (train_graph.py);
+    the arithmetic is the eager step's.
     """
 
     max_epochs: int = 1000
@@ -121,6 +125,7 @@ class TrainConfig:
     device: Optional[str] = None
     progress: bool = True
     checkpoint_path: Optional[str] = None
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -154,7 +159,7 @@ class TrainConfig:
             if not isinstance(self.checkpoint_path, (str, os.PathLike)):
                 raise ValueError(f"TrainConfig.checkpoint_path must be a path, got {self.checkpoint_path!r}")
             set_("checkpoint_path", os.fspath(self.checkpoint_path))
-        for name in ("progress", "keep_rq_if_better"):
+        for name in ("progress", "keep_rq_if_better", "cuda_graphs"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
@@ -240,6 +245,7 @@ TRAIN_OPTION_HELP = {
     "device": "cpu | cuda | cuda:N (default: cuda if available)",
     "progress": "show progress bars",
     "checkpoint_path": "write a checkpoint after every epoch, and resume from it",
+    "cuda_graphs": "on one GPU, replay each full training step from a recorded CUDA graph",
 }
 
 
@@ -377,9 +383,25 @@ def _save_checkpoint(path: Path, model: RQMoE, optimizer, best_state: dict, gene
         for key, value in param_state.items():
             arrays[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().numpy()
     arrays["rng"] = generator.get_state().numpy()
+    groups = [{**group, "lr": float(group["lr"])} for group in opt_state["param_groups"]]  # a tensor when capturable
     meta = {"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(), "history": history.to_dict(),
-            "state": state, "param_groups": opt_state["param_groups"]}
+            "state": state, "param_groups": groups}
     save_arrays(path, arrays, meta)
+
+
+def _load_optimizer_state(optimizer, opt_state: dict) -> None:
+    """optimizer.load_state_dict, keeping this run's own choice of capturable (and its lr tensors, which a
+    recorded step reads), whichever the checkpoint's run made."""
+    own = [(group["lr"], group.get("capturable", False)) for group in optimizer.param_groups]
+    optimizer.load_state_dict(opt_state)
+    for group, (lr, capturable) in zip(optimizer.param_groups, own):
+        group["capturable"] = capturable
+        if isinstance(lr, torch.Tensor):
+            group["lr"] = lr.fill_(float(group["lr"]))
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:  # capturable Adam keeps its step count beside the parameter, else on the host
+                state["step"] = state["step"].to(device=param.device if capturable else "cpu", dtype=torch.float32)
 
 
 def _load_checkpoint(path: Path, model: RQMoE, optimizer, generator: torch.Generator):
@@ -400,7 +422,7 @@ def _load_checkpoint(path: Path, model: RQMoE, optimizer, generator: torch.Gener
             _, index, key = name.split(".", 2)
             tensor = torch.from_numpy(value)
             opt_state["state"].setdefault(int(index), {})[key] = tensor if key == "step" else tensor.to(model.device)
-    optimizer.load_state_dict(opt_state)
+    _load_optimizer_state(optimizer, opt_state)
     generator.set_state(torch.from_numpy(arrays["rng"]))
     return best_state, TrainHistory.from_dict(meta["history"]), meta["state"]
 
@@ -419,17 +441,25 @@ def train_step(model: RQMoE, forward, optimizer, xs: torch.Tensor, ctx: Optional
     optimizer.zero_grad(set_to_none=True)
     (loss * world).backward()  # DDP averages over processes: * world keeps the sum over the batch
     optimizer.step()
+    if model.gate_usage is not None:  # kept for reading, not for autograd: holding the graph would keep its
+        model.gate_usage = model.gate_usage.detach()  # nodes alive into the next (perhaps recorded) step
     return loss.detach()
 
 
-def make_optimizer(model: RQMoE, config: TrainConfig):
+def make_optimizer(model: RQMoE, config: TrainConfig, capturable: bool = False):
+    """Adam or AdamW over the model's parameters (the instruction codewords in their own group when their
+    lr is scaled). capturable: state and learning rate on the model's (CUDA) device, as a training step
+    recorded into a CUDA graph needs; set_lr then fills the lr tensors in place."""
     instr = [model.instr_codebooks] if model.instr_codebooks is not None and config.instr_lr_scale != 1 else []
     rest = [p for p in model.parameters() if all(p is not q for q in instr)]
     groups = [{"params": rest, "lr_scale": 1.0}]
     if instr:
         groups.append({"params": instr, "lr_scale": config.instr_lr_scale})
+    if capturable:
+        for group in groups:
+            group["lr"] = torch.tensor(config.lr * group["lr_scale"], device=model.device)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return cls(groups, lr=config.lr, weight_decay=config.weight_decay, capturable=capturable)
 
 
 def _set_execution(model: RQMoE, execution: Execution) -> None:
@@ -440,7 +470,11 @@ def _set_execution(model: RQMoE, execution: Execution) -> None:
 
 def _set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):  # capturable: a recorded step reads this tensor
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
 
 
 class _Schedule:
@@ -542,7 +576,8 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
     xval_scaled = torch.from_numpy(xval).to(device) / scale
     ctx_norm = None if ctx is None else model.normalize_ctx(torch.from_numpy(ctx).to(device))
     ctx_val_norm = None if ctx_val is None else model.normalize_ctx(torch.from_numpy(ctx_val).to(device))
-    optimizer = make_optimizer(model, config)
+    graph_steps = config.cuda_graphs and graphable(model, device, candidates, world)
+    optimizer = make_optimizer(model, config, capturable=graph_steps)
     forward = distributed.wrap(model, device)
     generator = torch.Generator().manual_seed(config.seed)
     checkpoint_path = Path(config.checkpoint_path) if config.checkpoint_path is not None else None
@@ -577,6 +612,9 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
                    desc=f"train {model.config.mode.display_name}", unit="batch")
     own_execution = model.execution
     batch_execution = config.resolved_encode_execution(own_execution, device)
+    eager_step = lambda xs, ctx_rows: train_step(model, forward, optimizer, xs, ctx_rows, candidates,  # noqa: E731
+                                                 config.balance_loss, world)
+    graphed = GraphedTrainStep(model, optimizer, eager_step, batch) if graph_steps else None
     model.train()
     try:
         while state["epoch"] < config.max_epochs and not out_of_time and not history.stop_reason:
@@ -588,9 +626,9 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
                 if config.lr_schedule == "cosine":
                     _set_lr(optimizer, schedule.lr(state["lr"], state["epoch"] + i0 / per_epoch))
                 rows = distributed.my_share(order[i0:i0 + batch])
-                ctx_batch = None if ctx_norm is None else ctx_norm[rows]
-                loss_sum += train_step(model, forward, optimizer, xt_scaled[rows], ctx_batch, candidates,
-                                       config.balance_loss, world)
+                xs, ctx_batch = xt_scaled[rows], None if ctx_norm is None else ctx_norm[rows]
+                loss = None if graphed is None else graphed(xs, ctx_batch)
+                loss_sum += eager_step(xs, ctx_batch) if loss is None else loss
                 state["samples"] += min(batch, per_epoch - i0)
                 spent = time.perf_counter() - start  # one reading for the bar and the stop: a stop shows a full bar
                 if budget_s:
@@ -611,7 +649,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
             history.epoch.append(state["epoch"])
             history.train_loss.append(distributed.mean_over_ranks(float(loss_sum)) * world / per_epoch)
             history.val_mse.append(val_mse)
-            history.lr.append(optimizer.param_groups[0]["lr"])
+            history.lr.append(float(optimizer.param_groups[0]["lr"]))
             history.time_s.append(elapsed)
             history.samples.append(state["samples"])
             bar.set_postfix_str(f"epoch {state['epoch']}, val MSE {val_mse:.4g}, lr {history.lr[-1]:.0e}")
@@ -638,6 +676,9 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
         _set_execution(model, own_execution)
     if not history.stop_reason:
         history.stop_reason = "time budget" if out_of_time else "max_epochs"
+    if graphed is not None:
+        logger.info("%d training steps replayed from a CUDA graph%s", graphed.replays,
+                    " (it could not be recorded: eager steps)" if graphed.failed else "")
     model.load_state_dict(best_state)
     model.to(home_device)
     model.eval()

@@ -198,6 +198,8 @@ def test_encode_rejects_bad_vectors(bad, error, message):
     (np.full((3, 2), -1), ValueError, r"\[0, K=4\)"),
     (np.full((3, 2), 4, np.uint8), ValueError, r"\[0, K=4\)"),  # bytes skip the check only when K >= 256
     (torch.full((3, 2), 200, dtype=torch.uint8), ValueError, r"\[0, K=4\)"),
+    (torch.full((3, 2), 4, dtype=torch.int32), ValueError, r"\[0, K=4\)"),  # checked before the int64 cast
+    (np.full((3, 2), 2**63 + 5, np.uint64), ValueError, r"\[0, K=4\)"),  # wraps negative in int64: still caught
     (np.zeros((3, 3), np.int64), ValueError, "shape"),
     (np.zeros((3, 2), np.float32), TypeError, "integer"),
     (np.zeros((0, 2), np.int64), ValueError, "empty"),
@@ -208,6 +210,25 @@ def test_decode_rejects_bad_codes(bad, error, message):
         model.decode(bad)
     with pytest.raises(error, match=message):
         model.decode_sequential(bad)
+
+
+@pytest.mark.parametrize("config", [RQMoEConfig(8, 3, 4, n_experts=2, n_layers=1, hidden=8),
+                                    RQMoEConfig(8, 3, 4, condition="reconstruction", ctx_dim=5, n_experts=2,
+                                                n_layers=1, hidden=8)])
+def test_weights_stamp_is_every_parameter_and_buffer_and_follows_changes(config):
+    """The graphed decode's cheap stamp reads the model's own dicts: it must equal the stamp of
+    parameters() + buffers() (same tensors, same order), and move when any of them changes in place."""
+    from faiss_rqmoe.graphs import stamp
+    model = RQMoE(config)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert model._weights_stamp() == stamp(tensors)
+    with torch.no_grad():
+        for tensor in tensors:
+            before = model._weights_stamp()
+            tensor.add_(0) if tensor.dtype != torch.bool else tensor.logical_or_(tensor)
+            assert model._weights_stamp() != before
+    model.extra = torch.nn.Linear(2, 2)  # a submodule: the stamp must cover its weights too
+    assert model._weights_stamp() == stamp(list(model.parameters()) + list(model.buffers()))
 
 
 def test_decode_of_byte_codes_equals_int64():

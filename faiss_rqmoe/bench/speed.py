@@ -5,7 +5,9 @@ Weights are random (speed does not depend on their values), moved off the
 identity so that every expert and the gate compute something. Rows:
 method, device, kernel, precision, batch, decode_vps (parallel; small CUDA
 batches replay a CUDA graph), decode_eager_vps (the same without graphs),
-decode_seq_vps, encode_vps {greedy16, beam4x16, exact} and train_sps.
+decode_seq_vps, encode_vps {greedy16, beam4x16, exact} and train_sps (on
+CUDA also at batch 4 096, and both replayed from CUDA graphs:
+train_sps_graphed, train_sps_bs4096_graphed).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from ..devices import resolve_device
 from ..encode import encode_scaled
 from ..model import RQMoE
 from ..train import TrainConfig, make_optimizer, train_step
+from ..train_graph import WARMUP_STEPS, GraphedTrainStep, graphable
 from .meta import run_meta, sync, timed, write_result
 
 logger = logging.getLogger("faiss_rqmoe.bench")
@@ -93,26 +96,37 @@ def measure_ours(name: str, config: RQMoEConfig, device: torch.device, batches: 
         if device.type == "cuda":
             rows[-1]["train_sps_bs4096"] = measure_training(config, device, max(1, train_steps // 4), batch=4096,
                                                             kernel=kernel, precision=precision)
+            for batch, key in ((1024, "train_sps_graphed"), (4096, "train_sps_bs4096_graphed")):
+                rows[-1][key] = measure_training(config, device, 4 * train_steps, batch=batch, kernel=kernel,
+                                                 precision=precision, graphed=True)
     return rows
 
 
 def measure_training(config: RQMoEConfig, device: torch.device, steps: int, batch: int = 1024,
-                     kernel: str = "auto", precision: str = "float32") -> float:
+                     kernel: str = "auto", precision: str = "float32", graphed: bool = False) -> float:
     """Training samples a second: ``train_step`` (greedy encoding with the device's default candidate
     count, under the row's kernel and precision rather than TrainConfig.encode_precision, then forward and
-    backward in float32)."""
+    backward in float32); graphed: each step replayed from a recorded CUDA graph, as the training loop
+    runs full batches on one GPU (train_graph.py; eager where it cannot record)."""
     model = random_model(config, device).set_execution(kernel=kernel, dtype=precision).train()
     train_config = TrainConfig(device=str(device))
-    optimizer = make_optimizer(model, train_config)
     candidates = train_config.resolved_encode_candidates(device)
+    capturable = graphed and graphable(model, device, candidates, 1)
+    optimizer = make_optimizer(model, train_config, capturable=capturable)
+    eager = lambda xs: train_step(model, model, optimizer, xs, None, candidates)  # noqa: E731
+    step = eager
+    if capturable:
+        runner = GraphedTrainStep(model, optimizer, lambda xs, ctx: eager(xs), batch)
+        step = lambda xs: runner(xs, None) if not runner.failed else eager(xs)  # noqa: E731
     xs = torch.randn(batch * 4, config.d, device=device) * 0.1
-    train_step(model, model, optimizer, xs[:batch], None, candidates)
+    for _ in range(WARMUP_STEPS + 1 if capturable else 1):  # compiles, and the recording
+        step(xs[:batch])
     sync(device)
     import time
     start = time.perf_counter()
-    for step in range(steps):
-        rows = slice((step % 4) * batch, (step % 4 + 1) * batch)
-        train_step(model, model, optimizer, xs[rows], None, candidates)
+    for i in range(steps):
+        rows = slice((i % 4) * batch, (i % 4 + 1) * batch)
+        step(xs[rows])
     sync(device)
     return steps * batch / (time.perf_counter() - start)
 
@@ -271,8 +285,8 @@ def speed_table(result: dict) -> str:
     for r in rows:
         keys.setdefault((r["method"], r["device"], r.get("kernel", ""), r.get("precision", "")), {})[r["batch"]] = r
     lines = ["| method | device | kernel | precision | " + " | ".join(f"decode bs {b}" for b in batches)
-             + " | encode greedy16 | beam4x16 | exact | train samples/s | at batch 4 096 |",
-             "|---|---|---|---|" + "---:|" * (len(batches) + 5)]
+             + " | encode greedy16 | beam4x16 | exact | train samples/s | at batch 4 096 | graphed | graphed, 4 096 |",
+             "|---|---|---|---|" + "---:|" * (len(batches) + 7)]
     fmt = lambda v: f"{v:,.0f}" if isinstance(v, (int, float)) else ""  # noqa: E731
     for (method, device, kernel, precision), by_batch in keys.items():
         last = by_batch[max(by_batch)]
@@ -280,7 +294,8 @@ def speed_table(result: dict) -> str:
         cells = [fmt(by_batch[b]["decode_vps"]) if b in by_batch else "" for b in batches]
         lines.append(f"| {method} | {device} | {kernel} | {precision} | " + " | ".join(cells) +
                      f" | {fmt(encode.get('greedy16'))} | {fmt(encode.get('beam4x16'))} | {fmt(encode.get('exact'))}"
-                     f" | {fmt(last.get('train_sps'))} | {fmt(last.get('train_sps_bs4096'))} |")
+                     f" | {fmt(last.get('train_sps'))} | {fmt(last.get('train_sps_bs4096'))}"
+                     f" | {fmt(last.get('train_sps_graphed'))} | {fmt(last.get('train_sps_bs4096_graphed'))} |")
     as_bytes = [(method, kernel, precision, b, r["decode_bytes_vps"]) for (method, _, kernel, precision), by_batch
                 in keys.items() for b, r in sorted(by_batch.items()) if "decode_bytes_vps" in r]
     if as_bytes:
