@@ -96,8 +96,9 @@ class TrainConfig:
     ``checkpoint_path``: written after every epoch and
     resumed from. ``device``: None picks cuda when available. ``cuda_graphs``:
     on one GPU, record a whole training step (encoding, forward, backward,
-    Adam) as a CUDA graph and replay it for every full batch (train_graph.py);
-    the arithmetic is the eager step's.
+    Adam) as a CUDA graph and replay it for every full batch (train_graph.py):
+    the eager step's operations, with Adam's lr and step count kept on the
+    device in float32.
     """
 
     max_epochs: int = 1000
@@ -576,7 +577,9 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
     xval_scaled = torch.from_numpy(xval).to(device) / scale
     ctx_norm = None if ctx is None else model.normalize_ctx(torch.from_numpy(ctx).to(device))
     ctx_val_norm = None if ctx_val is None else model.normalize_ctx(torch.from_numpy(ctx_val).to(device))
-    graph_steps = config.cuda_graphs and graphable(model, device, candidates, world)
+    own_execution = model.execution
+    batch_execution = config.resolved_encode_execution(own_execution, device)
+    graph_steps = config.cuda_graphs and graphable(model, device, candidates, world, batch_execution)
     optimizer = make_optimizer(model, config, capturable=graph_steps)
     forward = distributed.wrap(model, device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -610,8 +613,6 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
     else:
         bar = tqdm(total=config.max_epochs * n_batches, initial=state["epoch"] * n_batches, disable=not show,
                    desc=f"train {model.config.mode.display_name}", unit="batch")
-    own_execution = model.execution
-    batch_execution = config.resolved_encode_execution(own_execution, device)
     eager_step = lambda xs, ctx_rows: train_step(model, forward, optimizer, xs, ctx_rows, candidates,  # noqa: E731
                                                  config.balance_loss, world)
     graphed = GraphedTrainStep(model, optimizer, eager_step, batch) if graph_steps else None

@@ -14,9 +14,11 @@ the whole step once and replays it as one launch. What that takes:
   with ``capturable=True`` and a tensor learning rate (``make_optimizer``,
   ``set_lr`` fills it in place);
 - no host synchronisation inside the step: exact encoding (``torch.unique``)
-  and top-k routing on the torch path wait on the device, so they never
-  record (``graphable``), and a recording that fails anyway falls back to
-  eager steps for the rest of the training.
+  and top-k routing on the torch path wait on the device, so they are never
+  recorded. ``graphable`` is the guard: a recording that fails anyway falls
+  back to eager steps, but it leaves torch's CUDA random generator unusable
+  for the process (dropout, or any later ``torch.randn`` on the GPU, then
+  raises), so it must decline every step that waits on the device.
 
 A replay changes the weights in place without the host seeing it, so the
 version counters that the model's caches key on (graphs.stamp) are bumped
@@ -30,23 +32,35 @@ from typing import Callable, Optional
 
 import torch
 
-from .model import RQMoE
+from .model import Execution, RQMoE
 
 logger = logging.getLogger(__name__)
 
 WARMUP_STEPS = 2  # eager steps before the recording: kernels compile, the optimiser's state is created
 
 
-def graphable(model: RQMoE, device: torch.device, candidates: Optional[int], world: int) -> bool:
-    """Whether training steps of ``model`` on ``device`` can be recorded: one CUDA process, encoding with
-    fewer candidates than codewords (exact encoding, which ``candidates >= K`` also is, groups rows with
-    torch.unique, a host wait), and dense experts or top-1 in the fused kernel (the torch path's routing
-    counts rows on the host). A recording that fails leaves torch's CUDA generator unusable for the
-    process, so this must say no wherever the step waits on the device."""
+def graphable(model: RQMoE, device: torch.device, candidates: Optional[int], world: int,
+              execution: Optional[Execution] = None) -> bool:
+    """Whether training steps of ``model`` on ``device`` can be recorded when its batches are encoded under
+    ``execution`` (None: the model's own): one CUDA process, encoding with fewer candidates than codewords
+    (exact encoding, which ``candidates >= K`` also is, groups rows with torch.unique, a host wait), and
+    dense experts or top-1 in the fused kernel (the torch path's routing counts rows on the host). A
+    recording that fails leaves torch's CUDA generator unusable for the process, so this must say no
+    wherever the step waits on the device."""
     if device.type != "cuda" or world != 1 or candidates is None or candidates >= model.config.K:
         return False
     top_k = model.config.top_k
-    return top_k is None or (top_k == 1 and model._use_triton(device))
+    if top_k is None:
+        return True
+    if top_k != 1:
+        return False
+    own = model.execution
+    try:  # what the encoding will run: that execution, without gradients (the kernel never runs with them)
+        model.execution = execution or own
+        with torch.no_grad():
+            return model._use_triton(device)
+    finally:
+        model.execution = own
 
 
 class GraphedTrainStep:
@@ -76,6 +90,10 @@ class GraphedTrainStep:
     def __call__(self, xs: torch.Tensor, ctx: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if self.failed or xs.shape[0] != self.batch:
             return None
+        with torch.cuda.device(xs.device):  # warm-up, recording and replays on the batch's GPU
+            return self._run(xs, ctx)
+
+    def _run(self, xs: torch.Tensor, ctx: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if self._side is None:
             self._side = torch.cuda.Stream(device=xs.device)
         current = torch.cuda.current_stream(xs.device)
@@ -104,7 +122,11 @@ class GraphedTrainStep:
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # the recorded backward makes the gradients, in its pool
         try:
-            with self.model.uncached_weights(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            # on the side stream of the warm-up, which lives on the batch's device (torch's default
+            # capture stream belongs to whichever device was current when it was first made)
+            self._side.wait_stream(torch.cuda.current_stream(xs.device))
+            with self.model.uncached_weights(), torch.cuda.graph(graph, stream=self._side,
+                                                                 capture_error_mode="thread_local"):
                 loss = self.step(*inputs)
         except RuntimeError as exc:  # e.g. a host synchronisation inside the step
             torch.cuda.synchronize()

@@ -179,6 +179,30 @@ def test_training_loop_replays_its_steps_and_learns_as_the_eager_loop(caplog):
     assert histories[1].best_val_mse < histories[1].init_val_mse
 
 
+@pytest.mark.skipif(not __import__("faiss_rqmoe.kernels", fromlist=["triton"]).triton, reason="needs Triton")
+def test_graphable_follows_the_execution_the_batches_are_encoded_with():
+    """Steps are recorded only where nothing in them waits on the device. For top-1 routing that depends on
+    the execution of the batch encoding (the fused kernel routes on the device, the torch path counts rows
+    on the host), not on the model's own execution or on the grad mode training runs in."""
+    from faiss_rqmoe.train_graph import graphable
+
+    cuda = torch.device("cuda")  # only the device type is read: this runs without a GPU
+    top1 = RQMoE(RQMoEConfig(16, 3, 8, n_experts=2, n_layers=1, hidden=32, routing="top1"))
+    kernel, torch_path = Execution(kernel="triton", dtype="bfloat16"), Execution(kernel="torch")
+    assert graphable(top1, cuda, 16, 1, kernel)
+    assert not graphable(top1, cuda, 16, 1, torch_path)
+    top1.execution = kernel
+    assert not graphable(top1, cuda, 16, 1, torch_path) and top1.execution == kernel  # restored
+    dense = RQMoE(RQMoEConfig(16, 3, 8, n_experts=2, n_layers=1, hidden=32))
+    assert graphable(dense, cuda, 16, 1, torch_path)
+    assert not graphable(dense, cuda, None, 1)  # exact encoding: torch.unique waits on the device
+    assert not graphable(dense, cuda, 256, 1)  # as many candidates as codewords is exact encoding too
+    assert not graphable(dense, cuda, 16, 2)  # data parallel
+    assert not graphable(dense, torch.device("cpu"), 16, 1)
+    top2 = RQMoE(RQMoEConfig(16, 3, 8, n_experts=4, n_layers=1, hidden=32, routing="top2"))
+    assert not graphable(top2, cuda, 16, 1, kernel)
+
+
 def test_training_encodes_its_batches_in_bfloat16_on_cuda_only():
     own, cuda = Execution(kernel="triton", dtype="float32"), torch.device("cuda")
     assert TrainConfig().resolved_encode_execution(own, cuda) == Execution(kernel="triton", dtype="bfloat16")

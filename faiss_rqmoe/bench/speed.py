@@ -103,15 +103,17 @@ def measure_ours(name: str, config: RQMoEConfig, device: torch.device, batches: 
 
 
 def measure_training(config: RQMoEConfig, device: torch.device, steps: int, batch: int = 1024,
-                     kernel: str = "auto", precision: str = "float32", graphed: bool = False) -> float:
+                     kernel: str = "auto", precision: str = "float32", graphed: bool = False) -> Optional[float]:
     """Training samples a second: ``train_step`` (greedy encoding with the device's default candidate
     count, under the row's kernel and precision rather than TrainConfig.encode_precision, then forward and
     backward in float32); graphed: each step replayed from a recorded CUDA graph, as the training loop
-    runs full batches on one GPU (train_graph.py; eager where it cannot record)."""
+    runs full batches on one GPU (train_graph.py); None where the step cannot be recorded."""
     model = random_model(config, device).set_execution(kernel=kernel, dtype=precision).train()
     train_config = TrainConfig(device=str(device))
     candidates = train_config.resolved_encode_candidates(device)
     capturable = graphed and graphable(model, device, candidates, 1)
+    if graphed and not capturable:
+        return None
     optimizer = make_optimizer(model, train_config, capturable=capturable)
     eager = lambda xs: train_step(model, model, optimizer, xs, None, candidates)  # noqa: E731
     step = eager
