@@ -179,7 +179,6 @@ def test_training_loop_replays_its_steps_and_learns_as_the_eager_loop(caplog):
     assert histories[1].best_val_mse < histories[1].init_val_mse
 
 
-@pytest.mark.skipif(not __import__("faiss_rqmoe.kernels", fromlist=["triton"]).triton, reason="needs Triton")
 def test_graphable_follows_the_execution_the_batches_are_encoded_with():
     """Steps are recorded only where nothing in them waits on the device. For top-1 routing that depends on
     the execution of the batch encoding (the fused kernel routes on the device, the torch path counts rows
