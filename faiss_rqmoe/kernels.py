@@ -197,9 +197,9 @@ def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
     if R == 0:
         return out
     weights = _prepared_weights(model, dtype)
-    if c.top_k == 1:
-        return _routed_morph(model, s0, s1, z, out, weights, precision, _hidden_chunk(c.hidden))
     chunk = _hidden_chunk(c.hidden)
+    if c.top_k == 1:
+        return _routed_morph(model, s0, s1, z, out, weights, precision, chunk)
     blocks = triton.cdiv(R, CONFIG["BLOCK_R"])
     # the partial outputs are addressed with int32 offsets: a launch past 2**31 of them runs unsplit
     split = splits_experts(c) and c.n_experts * z.numel() < 2 ** 31

@@ -122,10 +122,12 @@ def measure_training(config: RQMoEConfig, device: torch.device, steps: int, batc
     step = eager
     if capturable:
         runner = GraphedTrainStep(model, optimizer, lambda xs, ctx: eager(xs), batch)
-        step = lambda xs: runner(xs, None) if not runner.failed else eager(xs)  # noqa: E731
+        step = lambda xs: runner(xs, None)  # noqa: E731
     xs = torch.randn(batch * 4, config.d, device=device) * 0.1
     for _ in range(WARMUP_STEPS + 1 if capturable else 1):  # compiles, and the recording
         step(xs[:batch])
+    if capturable and runner.failed:  # what would be timed is eager steps: no graphed figure
+        return None
     sync(device)
     import time
     start = time.perf_counter()
