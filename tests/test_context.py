@@ -189,8 +189,7 @@ def test_conditioned_index_search_equals_brute_force(conditioned_index, sift):
     xq = sift.xq[:40]
     D, I = index.search(xq, 10, params={"nprobe": 16, "nshort": index.ntotal})
     recons = index.reconstruct_n(0, index.ntotal)
-    D_ref, I_ref = brute_force(recons, xq, 10, faiss.METRIC_L2)
-    assert (I == I_ref).mean() > 0.95
+    D_ref, _ = brute_force(recons, xq, 10, faiss.METRIC_L2)
     assert_same_neighbours(D, I, xq, recons, D_ref)
     # standalone codes carry the list number, so they decode with the right centroid as context
     np.testing.assert_allclose(index.sa_decode(index.sa_encode(sift.xb[:50])), index.reconstruct_n(0, 50),

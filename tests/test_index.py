@@ -44,8 +44,7 @@ def test_exhaustive_search_equals_brute_force_over_reconstructions(sift, which, 
     xq = sift.xq[:50]
     D, I = index.search(xq, 10, params={"nprobe": 16, "nshort": index.ntotal})
     recons = index.reconstruct_n(0, index.ntotal)
-    D_ref, I_ref = brute_force(recons, xq, 10, index.metric_type)
-    assert (I == I_ref).mean() > 0.95  # positions may swap between vectors at the same distance
+    D_ref, _ = brute_force(recons, xq, 10, index.metric_type)
     assert_same_neighbours(D, I, xq, recons, D_ref, "l2" if index.metric_type == faiss.METRIC_L2 else "ip")
 
 
@@ -122,8 +121,8 @@ def test_add_with_ids_and_remove_ids_match_faiss_idmap(sift):
     selector = faiss.IDSelectorRange(0, 10**8)
     assert index.remove_ids(selector) == reference.remove_ids(faiss.IDSelectorRange(0, 10**8))
     D, I = index.search(sift.xq[:40], 10, params={"nprobe": 8, "nshort": 1000})
-    D_ref, I_ref = reference.search(sift.xq[:40], 10)
-    assert (I == I_ref).mean() > 0.99
+    D_ref, _ = reference.search(sift.xq[:40], 10)
+    assert_same_neighbours(D, I, sift.xq[:40], index.reconstruct_batch, D_ref)
     with pytest.raises(KeyError, match="not in the index"):
         index.reconstruct(int(ids[0]))
 
@@ -232,8 +231,9 @@ def test_hnsw_coarse_quantizer(sift):
     index = build(sift, "IVF16_HNSW8,RQMoE4x6_N2L1H32", n_db=1000)
     assert isinstance(faiss.downcast_index(index.ivf.quantizer), faiss.IndexHNSWFlat)
     D, I = index.search(sift.xq[:10], 5, params={"nprobe": 16, "nshort": 1000})
-    _, I_ref = brute_force(index.reconstruct_n(0, 1000), sift.xq[:10], 5, faiss.METRIC_L2)
-    assert (I == I_ref).mean() > 0.99
+    recons = index.reconstruct_n(0, 1000)
+    D_ref, _ = brute_force(recons, sift.xq[:10], 5, faiss.METRIC_L2)
+    assert_same_neighbours(D, I, sift.xq[:10], recons, D_ref)
 
 
 def test_too_few_training_vectors_warns(sift):
