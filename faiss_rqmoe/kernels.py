@@ -7,6 +7,10 @@ keeps every hidden activation in registers and stores the gate-weighted
 expert output; one sum over the experts follows. The memory traffic is the
 rows in, the experts' partial outputs and the (cached) weights. The torch
 path materialises the (rows, N·H) activations of every layer instead.
+Encoding morphs candidates whose z is a codeword's row plus a conditioning
+row's: there the first layer of the gate and of every expert is a sum of two
+table rows (``FirstLayerTables``) instead of a product, 40 % of the kernel's
+multiply-adds at the default shape.
 Matmul inputs are bfloat16, TF32 or float32 (``Execution.dtype``); sums are
 float32. Without CUDA the module imports, and ``available()`` says False.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -32,7 +37,11 @@ except ImportError:  # CI and CPU-only installs: the torch path is used
 # the unsplit 2-stage launch at batch 1 024 and 1.19x at 100 000 (the split alone: 1.36x and 1.13x); the
 # unsplit one holds an accumulator beside every expert's state and gives a small batch a quarter of the
 # programs. The stages setting also applies to the top-1 kernel
-CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 3, "split": True}
+# experts_inner: in the split launch the expert is the fastest-varying program index, so the N programs of a
+# row block run side by side and read its rows from L2 rather than N times from memory.
+# tables: candidate morphs read their first layer from FirstLayerTables where the caller has them.
+CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 3, "split": True, "experts_inner": True,
+          "tables": True}
 N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at least
 
 
@@ -47,6 +56,23 @@ def interpreting() -> bool:
     return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+class FirstLayerTables(NamedTuple):
+    """The first layer of the gate and of every expert for candidate morphs of one step, as table rows.
+
+    A candidate row r of an encode is codeword cand(r) conditioned by row r // per_row, and its z (and so
+    its pre-activations, the first layer being linear) is the sum of the two rows' shares:
+    codeword (K, W) float32, z_c W_in + b_in for every codeword; rows (u, W) float32, z_r W_in, or None
+    where nothing conditions the step; candidates (u·per_row,) int64 codeword of every row, or None where
+    every row takes all K in order (cand(r) = r % per_row). W = (N+1)·H, the experts' columns then the
+    gate's, as ``RQMoE._first_layer`` lays them out.
+    """
+
+    codeword: torch.Tensor
+    rows: Optional[torch.Tensor]
+    candidates: Optional[torch.Tensor]
+    per_row: int
+
+
 def supports(config) -> bool:
     """Whether the kernel handles this architecture: d a power of two >= 16, hidden a multiple of 16,
     at most 16 experts. Other shapes run on the torch path."""
@@ -56,13 +82,25 @@ def supports(config) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D: tl.constexpr,
-                    H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr,
-                    PRECISION: tl.constexpr):
+    def _table_pre(pre_c_ptr, pre_r_ptr, cand, crow, row_ok, col0, W: tl.constexpr, HC: tl.constexpr,
+                   ROWPART: tl.constexpr):
+        # first-layer pre-activations of columns col0..col0+HC from the tables: codeword row + conditioning row
+        cols = col0 + tl.arange(0, HC)
+        pre = tl.load(pre_c_ptr + cand[:, None] * W + cols[None, :], mask=row_ok[:, None], other=0.0)
+        if ROWPART:
+            pre += tl.load(pre_r_ptr + crow[:, None] * W + cols[None, :], mask=row_ok[:, None], other=0.0)
+        return pre
+
+    @triton.jit
+    def _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pre_c_ptr, pre_r_ptr,
+                    cand, crow, D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
+                    BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, TABLE: tl.constexpr,
+                    ROWPART: tl.constexpr):
         # expert n of step s on a tile of rows z (BLOCK_R, D), read at offsets: y_L with y_0 = z and
         # y_{l+1} = y_l + relu(y_l W1 + b1) W2 + b2. Each layer's products read a copy of y_l in the
         # weights' dtype, so the second products add straight into y: the live tiles are y (float32),
         # that copy and one chunk of hidden units. Matmul inputs in the weights' dtype, float32 sums.
+        # TABLE: the first layer's pre-activations come from the tables (_table_pre), not a product.
         dcols = tl.arange(0, D)
         hcols = tl.arange(0, HC)
         wtype = w1_ptr.dtype.element_ty
@@ -71,9 +109,13 @@ if triton is not None:
             block = (layer * S_total + s) * N + n
             yw = y.to(wtype)
             for h0 in range(0, H, HC):
-                w1 = tl.load(w1_ptr + block * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
-                hidden = tl.dot(yw, w1, input_precision=PRECISION) + \
-                    tl.load(b1_ptr + block * H + h0 + hcols)[None, :]
+                if TABLE and layer == 0:
+                    hidden = _table_pre(pre_c_ptr, pre_r_ptr, cand, crow, row_ok, n * H + h0, W=(N + 1) * H,
+                                        HC=HC, ROWPART=ROWPART)
+                else:
+                    w1 = tl.load(w1_ptr + block * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
+                    hidden = tl.dot(yw, w1, input_precision=PRECISION) + \
+                        tl.load(b1_ptr + block * H + h0 + hcols)[None, :]
                 hidden = tl.maximum(hidden, 0.0).to(wtype)
                 w2 = tl.load(w2_ptr + block * H * D + (h0 + hcols)[:, None] * D + dcols[None, :])
                 y = tl.dot(hidden, w2, acc=y, input_precision=PRECISION)
@@ -83,11 +125,20 @@ if triton is not None:
     @triton.jit
     def _morph_kernel(z_ptr, out_ptr, R, s0, S_total,
                       w1_ptr, b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
+                      pre_c_ptr, pre_r_ptr, cand_ptr, per_row,
                       D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
-                      BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+                      BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+                      TABLE: tl.constexpr, ROWPART: tl.constexpr, GATHER: tl.constexpr,
+                      EXPERTS_INNER: tl.constexpr):
         # SPLIT: one program a (row block, step, expert), each storing its gate-weighted expert output
-        # into out[n] (N, S', R, D) for a sum over n outside; else one program a (row block, step)
-        pid = tl.program_id(0)
+        # into out[n] (N, S', R, D) for a sum over n outside; else one program a (row block, step).
+        # TABLE (one step): the first layers from FirstLayerTables, row r being codeword cand(r)
+        # (cand_ptr[r] where GATHER, else r % per_row) conditioned by row r // per_row
+        # the grid: (row blocks, steps[, experts]), or (row blocks x experts, steps) where EXPERTS_INNER
+        if EXPERTS_INNER:
+            pid = tl.program_id(0) // N
+        else:
+            pid = tl.program_id(0)
         s_local = tl.program_id(1)
         s = s0 + s_local
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -97,12 +148,22 @@ if triton is not None:
         ncols = tl.arange(0, NP)
         offsets = (s_local * R + rows)[:, None] * D + dcols[None, :]
         wtype = w1_ptr.dtype.element_ty
-        zw = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0).to(wtype)
+        crow = rows // per_row
+        if GATHER:
+            cand = tl.load(cand_ptr + rows, mask=row_ok, other=0)
+        else:
+            cand = rows % per_row
+        if not TABLE:
+            zw = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0).to(wtype)
         # the gate: softmax(relu(z G1 + g1) G2 + g2), padded experts have a -1e30 bias
         logits = tl.zeros((BLOCK_R, NP), dtype=tl.float32)
         for h0 in range(0, H, HC):
-            g1 = tl.load(g1_ptr + s * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
-            gh = tl.dot(zw, g1, input_precision=PRECISION) + tl.load(gb1_ptr + s * H + h0 + hcols)[None, :]
+            if TABLE:
+                gh = _table_pre(pre_c_ptr, pre_r_ptr, cand, crow, row_ok, N * H + h0, W=(N + 1) * H, HC=HC,
+                                ROWPART=ROWPART)
+            else:
+                g1 = tl.load(g1_ptr + s * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
+                gh = tl.dot(zw, g1, input_precision=PRECISION) + tl.load(gb1_ptr + s * H + h0 + hcols)[None, :]
             gh = tl.maximum(gh, 0.0).to(wtype)
             g2 = tl.load(g2_ptr + s * H * NP + (h0 + hcols)[:, None] * NP + ncols[None, :])
             logits += tl.dot(gh, g2, input_precision=PRECISION)
@@ -112,19 +173,21 @@ if triton is not None:
         gate = weights / tl.sum(weights, axis=1)[:, None]
         # the experts: z + Σ_n a_n (y_L^n - z) = Σ_n a_n y_L^n, the gate's shares summing to 1
         if SPLIT:
-            n = tl.program_id(2)
+            n = tl.program_id(0) % N if EXPERTS_INNER else tl.program_id(2)
             share = tl.sum(tl.where(ncols[None, :] == n, gate, 0.0), axis=1)
             part = share[:, None] * _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr,
-                                                b2_ptr, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC,
-                                                PRECISION=PRECISION)
+                                                b2_ptr, pre_c_ptr, pre_r_ptr, cand, crow, D=D, H=H, N=N, L=L,
+                                                BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION, TABLE=TABLE,
+                                                ROWPART=ROWPART)
             tl.store(out_ptr + n * tl.num_programs(1) * R * D + offsets, part, mask=row_ok[:, None])
         else:
             morphed = tl.zeros((BLOCK_R, D), dtype=tl.float32)
             for n in tl.static_range(N):
                 share = tl.sum(tl.where(ncols[None, :] == n, gate, 0.0), axis=1)
                 morphed += share[:, None] * _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr,
-                                                        w2_ptr, b2_ptr, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC,
-                                                        PRECISION=PRECISION)
+                                                        w2_ptr, b2_ptr, pre_c_ptr, pre_r_ptr, cand, crow, D=D, H=H,
+                                                        N=N, L=L, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION,
+                                                        TABLE=TABLE, ROWPART=ROWPART)
             tl.store(out_ptr + offsets, morphed, mask=row_ok[:, None])
 
 
@@ -149,8 +212,9 @@ if triton is not None:
             s = s0 + s_local
             dcols = tl.arange(0, D)
             offsets = rows[:, None] * D + dcols[None, :]
-            out = _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D=D, H=H, N=N,
-                              L=L, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
+            out = _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, z_ptr, z_ptr,
+                              rows, rows, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION,
+                              TABLE=False, ROWPART=False)
             tl.store(out_ptr + offsets, out, mask=row_ok[:, None])
 
 
@@ -182,11 +246,15 @@ _DTYPES = {"float32": (torch.float32, "ieee"), "tfloat32": (torch.float32, "tf32
            "bfloat16": (torch.bfloat16, "ieee")}
 
 
-def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
+def morph(model, s0: int, s1: int, z: torch.Tensor, tables: Optional[FirstLayerTables] = None,
+          sum_steps: bool = False) -> torch.Tensor:
     """The morphed codewords of steps s0..s1-1: z (S', R, d) float32 -> (S', R, d) float32, as
     ``RQMoE._morph`` computes them: for dense experts one fused kernel launch (then a sum over the experts'
     partial outputs, where it splits them over programs); under top-1 routing, the gate in torch and one
-    launch for the experts."""
+    launch for the experts. tables: z's first layer as table rows (one step, candidate morphs of an
+    encode), read instead of multiplied where CONFIG["tables"] is on and the experts are dense.
+    sum_steps: return their sum over the steps instead, (R, d) float32 (a decode's share of the
+    reconstruction), summed with the experts' partial outputs in one pass where the launch splits them."""
     if triton is None:
         raise RuntimeError("the fused kernel needs Triton (pip install triton) and a CUDA device")
     c = model.config
@@ -195,19 +263,32 @@ def morph(model, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(z)
     S_, R, _ = z.shape
     if R == 0:
-        return out
+        return out.sum(0) if sum_steps else out
     weights = _prepared_weights(model, dtype)
     chunk = _hidden_chunk(c.hidden)
     if c.top_k == 1:
-        return _routed_morph(model, s0, s1, z, out, weights, precision, chunk)
+        out = _routed_morph(model, s0, s1, z, out, weights, precision, chunk)
+        return out.sum(0) if sum_steps else out
     blocks = triton.cdiv(R, CONFIG["BLOCK_R"])
     # the partial outputs are addressed with int32 offsets: a launch past 2**31 of them runs unsplit
     split = splits_experts(c) and c.n_experts * z.numel() < 2 ** 31
     target = z.new_empty(c.n_experts, S_, R, c.d) if split else out
-    grid = (blocks, S_, c.n_experts) if split else (blocks, S_)
-    _morph_kernel[grid](z, target, R, s0, c.n_morph_steps, *weights, D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD,
+    experts_inner = split and CONFIG["experts_inner"]
+    grid = (blocks * c.n_experts, S_) if experts_inner else (blocks, S_, c.n_experts) if split else (blocks, S_)
+    use_tables = tables is not None and CONFIG["tables"]
+    if use_tables and S_ != 1:
+        raise ValueError(f"first-layer tables serve the morphs of one step, got {S_} steps")
+    pre_c = tables.codeword.contiguous() if use_tables else z
+    pre_r = tables.rows.contiguous() if use_tables and tables.rows is not None else pre_c
+    cand = tables.candidates.contiguous() if use_tables and tables.candidates is not None else z
+    _morph_kernel[grid](z, target, R, s0, c.n_morph_steps, *weights, pre_c, pre_r, cand,
+                        tables.per_row if use_tables else 1, D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD,
                         L=c.n_layers, BLOCK_R=CONFIG["BLOCK_R"], HC=chunk, PRECISION=precision, SPLIT=split,
+                        TABLE=use_tables, ROWPART=use_tables and tables.rows is not None,
+                        GATHER=use_tables and tables.candidates is not None, EXPERTS_INNER=experts_inner,
                         num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    if sum_steps:
+        return target.sum(dim=(0, 1)) if split else out.sum(0)
     return torch.sum(target, dim=0, out=out) if split else out
 
 

@@ -326,11 +326,14 @@ class RQMoE(nn.Module):
         # exact float32 dots in Triton run without tensor cores, slower than cuBLAS: auto keeps them in torch
         return is_cuda and self.execution.dtype != "float32" and kernels.available() and kernels.supports(self.config)
 
-    def _morph(self, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
-        """Mixture of experts applied to z: (S', B, d) for morphed steps s0..s1-1 -> (S', B, d)."""
+    def _morph(self, s0: int, s1: int, z: torch.Tensor, sum_steps: bool = False) -> torch.Tensor:
+        """Mixture of experts applied to z: (S', B, d) for morphed steps s0..s1-1 -> (S', B, d), or with
+        sum_steps their sum over the steps, (B, d) (the fused kernel's launch then sums it in one pass)."""
         if self._use_triton(z.device):
             from . import kernels
-            return kernels.morph(self, s0, s1, z)
+            return kernels.morph(self, s0, s1, z, sum_steps=sum_steps)
+        if sum_steps:
+            return self._morph(s0, s1, z).sum(0)
         if self.execution.dtype == "bfloat16" and not torch.is_grad_enabled() and z.is_cuda:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return z + self._morph_delta(s0, s1, z).float()
@@ -504,39 +507,46 @@ class RQMoE(nn.Module):
             z = z + z_r.unsqueeze(1)
         A = z.shape[1]
         z = z.expand(u, A, c.d).reshape(1, u * A, c.d)
-        if self._use_triton(z.device):  # the kernel computes the first layer itself: no (u, A, (N+1)H) table
+        pre_r = None if z_r is None else z_r @ self._first_layer(s, s + 1)[0][0]  # (u, (N+1)H)
+        if self._use_triton(z.device):  # the kernel adds the tables' rows itself: no (u, A, (N+1)H) block
             from . import kernels
-            return kernels.morph(self, s, s + 1, z.contiguous())[0].reshape(u, A, c.d)
+            tables = kernels.FirstLayerTables(pre_c, pre_r, None if candidates is None else candidates.reshape(-1), A)
+            return kernels.morph(self, s, s + 1, z.contiguous(), tables)[0].reshape(u, A, c.d)
         pre = pre_c.unsqueeze(0) if candidates is None else pre_c[candidates]
-        if z_r is not None:
-            w_in, _ = self._first_layer(s, s + 1)
-            pre = pre + (z_r @ w_in[0]).unsqueeze(1)
+        if pre_r is not None:
+            pre = pre + pre_r.unsqueeze(1)
         # the relu makes a new tensor: pre may still be the cached table itself
         pre = torch.relu(pre.expand(u, A, pre.shape[-1]).reshape(1, u * A, -1))
         return (z + self._morph_delta(s, s + 1, z, pre=pre))[0].reshape(u, A, c.d)
 
     # ----------------------------------------------------------------- decode
-    def decode_steps(self, codes: torch.Tensor, ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode_steps(self, codes: torch.Tensor, ctx: Optional[torch.Tensor] = None,
+                     sum_steps: bool = False) -> torch.Tensor:
         """Per-step codewords in the scaled space, differentiable.
 
         codes: (n, M) int64, already validated; ctx: (n, ctx_dim) normalised
         contexts (None when config.ctx_dim == 0). Returns (n, M, d) float32
-        whose sum over steps is the scaled reconstruction. Parallel over steps
-        for condition 'instruction'/'none', sequential for 'reconstruction'.
+        whose sum over steps is the scaled reconstruction, or with sum_steps
+        that sum, (n, d) (no per-step copy: what a decode needs). Parallel over
+        steps for condition 'instruction'/'none', sequential for 'reconstruction'.
         """
         c = self.config
         base = step_rows(self.codebooks, codes)  # (n, M, d)
         if c.n_morph_steps == 0:
-            return base
+            return base.sum(1) if sum_steps else base
         ctx_cond = self.ctx_cond(ctx)
         if c.mode is Condition.RECONSTRUCTION:
-            return self._decode_steps_sequential(codes, base, ctx_cond)
+            steps_out = self._decode_steps_sequential(codes, base, ctx_cond)
+            return steps_out.sum(1) if sum_steps else steps_out
         S, f = c.n_morph_steps, c.first_morphed
         cond = None
         if c.De > 0:
             cond = instruction_stream(self.instr_codebooks, codes, ctx_cond, include_first=f == 0)
             cond = cond.transpose(0, 1)  # (S, n, De)
         z = self._project(0, S, base[:, f:].transpose(0, 1), cond)
+        if sum_steps:
+            morphed_sum = self._morph(0, S, z, sum_steps=True)  # (n, d)
+            return morphed_sum + base[:, :f].sum(1) if f else morphed_sum
         morphed = self._morph(0, S, z)  # (S, n, d)
         return torch.cat([base[:, :f], morphed.transpose(0, 1)], dim=1)
 
@@ -561,7 +571,7 @@ class RQMoE(nn.Module):
 
     def _decode_block(self, codes: torch.Tensor, ctx_s: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw reconstructions of a block of validated codes (n, M), normalised contexts or None -> (n, d)."""
-        return torch.sum(self.decode_steps(codes, ctx_s), dim=1).mul_(self.scale)
+        return self.decode_steps(codes, ctx_s, sum_steps=True).mul_(self.scale)
 
     def _graphed_decode(self, codes: torch.Tensor, ctx_s: Optional[torch.Tensor],
                         out: torch.Tensor) -> Optional[torch.Tensor]:
@@ -608,9 +618,9 @@ class RQMoE(nn.Module):
                 if sequential and c.n_morph_steps > 0:
                     steps_out = self._decode_steps_sequential(chunk, step_rows(self.codebooks, chunk),
                                                               self.ctx_cond(ctx_chunk))
+                    torch.sum(steps_out, dim=1, out=out[i0:i0 + bs])
                 else:
-                    steps_out = self.decode_steps(chunk, ctx_chunk)
-                torch.sum(steps_out, dim=1, out=out[i0:i0 + bs])
+                    out[i0:i0 + bs] = self.decode_steps(chunk, ctx_chunk, sum_steps=True)
         return out.mul_(self.scale)
 
     def decode(self, codes, ctx=None) -> torch.Tensor:

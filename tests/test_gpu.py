@@ -150,6 +150,19 @@ for layers, ctx, routing, condition, split in cases:
     fused = model.set_execution(kernel="triton").decode(codes, ctx=ctx_vectors)
     assert float((fused - reference).abs().max()) < 1e-4 * float(reference.abs().max())
     assert bool((model.encode(x, 8, ctx=ctx_vectors) == codes_ref).all())
+    if routing == "dense":  # candidate morphs take their first layer from tables: exact, gathered and beam
+        for candidates, beam in ((None, 1), (8, 3)):
+            want = model.set_execution(kernel="torch").encode(x, candidates, beam, ctx=ctx_vectors)
+            got = model.set_execution(kernel="triton").encode(x, candidates, beam, ctx=ctx_vectors)
+            assert float((got == want).all(1).float().mean()) >= 0.99, (layers, candidates, beam)
+        with torch.inference_mode():  # the kernel does read the tables: zeroed ones change its output
+            z_c, pre_c = model._codeword_tables(0)
+            z = z_c[None].contiguous()  # every codeword of the first morphed step, unconditioned
+            plain = kernels.morph(model, 0, 1, z)
+            read = kernels.morph(model, 0, 1, z, kernels.FirstLayerTables(pre_c, None, None, 32))
+            zeroed = kernels.morph(model, 0, 1, z, kernels.FirstLayerTables(pre_c * 0, None, None, 32))
+        assert float((read - plain).abs().max()) < 1e-4 * float(plain.abs().max())
+        assert float((zeroed - plain).abs().max()) > 1e-2 * float(plain.abs().max())
 print("kernel ok")
 """
 

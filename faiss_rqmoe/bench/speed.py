@@ -219,22 +219,24 @@ def interleaved_decode(configs: Dict[str, RQMoEConfig], device: torch.device, ba
     return {"batch": batch, "rounds": rounds, "decode_vps": medians}
 
 
-# (rows a program, hidden units a chunk, warps, pipeline stages, one program per expert) that --sweep tries
-TILE_SWEEP = ((64, 64, 4, 2, True), (64, 64, 4, 2, False), (64, 64, 8, 2, True), (32, 64, 4, 2, True),
-              (64, 64, 4, 3, True), (128, 64, 8, 2, True))
+# (rows a program, hidden units a chunk, warps, pipeline stages, one program per expert, the expert the
+# fastest-varying program index) that --sweep tries
+TILE_SWEEP = ((64, 64, 4, 3, True, False), (64, 64, 4, 3, True, True), (64, 64, 4, 3, False, False),
+              (128, 64, 8, 3, True, True), (64, 128, 4, 2, True, True))
 
 
 def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str) -> List[dict]:
     """Decode vectors/s of the fused kernel for several launch settings (kernels.CONFIG: rows a program,
-    hidden chunk, warps, stages, split), on byte codes (no range check: the kernel's time, not a host wait)."""
+    hidden chunk, warps, stages, split, experts_inner), on byte codes (no range check: the kernel's time, not a host wait)."""
     from .. import kernels
 
     config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
     model = random_model(config, device).set_execution(kernel="triton", dtype=precision)
     saved, rows = dict(kernels.CONFIG), []
     try:
-        for block_r, chunk, warps, stages, split in TILE_SWEEP:
-            kernels.CONFIG.update(BLOCK_R=block_r, HC=chunk, num_warps=warps, num_stages=stages, split=split)
+        for block_r, chunk, warps, stages, split, experts_inner in TILE_SWEEP:
+            kernels.CONFIG.update(BLOCK_R=block_r, HC=chunk, num_warps=warps, num_stages=stages, split=split,
+                                  experts_inner=experts_inner)
             for batch in batches:
                 codes = torch.randint(0, config.K, (batch, config.M), device=device).to(torch.uint8)
                 with torch.inference_mode():
@@ -247,6 +249,54 @@ def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str)
     return rows
 
 
+def sweep_encode_tables(device: torch.device, precision: str, n_encode: int) -> List[dict]:
+    """Encode vectors/s of the fused kernel with the candidates' first layer read from tables
+    (kernels.CONFIG["tables"], the default) and computed as a product, in one run."""
+    from .. import kernels
+
+    config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
+    model = random_model(config, device).set_execution(kernel="triton", dtype=precision)
+    x = torch.randn(n_encode, config.d, device=device) * 0.1
+    saved, rows = dict(kernels.CONFIG), []
+    try:
+        for tables in (False, True):
+            kernels.CONFIG.update(tables=tables)
+            encode = {}
+            with torch.inference_mode():
+                for label, (candidates, beam) in ENCODINGS.items():
+                    n = n_encode if candidates is not None else max(1, n_encode // 4)
+                    encode[label] = _vps(n, lambda: encode_scaled(model, x[:n], candidates, beam), device,
+                                         min_seconds=0.5)
+            rows.append({"tables": tables, "precision": precision, "encode_vps": encode})
+            logger.info("%s", rows[-1])
+    finally:
+        kernels.CONFIG.update(saved)
+    return rows
+
+
+def profile_decode(device: torch.device, batch: int, kernel: str, precision: str, calls: int = 5) -> dict:
+    """Where a decode of ``batch`` byte codes spends its GPU time (torch.profiler over ``calls`` decodes of the
+    default RQ-MoE, after a warm-up): the wall time a call and each kernel's time a call and share, largest
+    first. A diagnostic: it shows whether the fused kernel or the torch operations around it bound a batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
+    model = random_model(config, device).set_execution(kernel=kernel, dtype=precision)
+    codes = torch.randint(0, config.K, (batch, config.M), device=device).to(torch.uint8)
+    with torch.inference_mode():
+        _, wall_s = timed(lambda: model.decode(codes), device, repeats=calls)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                model.decode(codes)
+            sync(device)
+    kernels = [(e.key, e.device_time_total / calls / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+    total_ms = sum(ms for _, ms in kernels)
+    kernels.sort(key=lambda item: -item[1])
+    return {"batch": batch, "kernel": kernel, "precision": precision, "calls": calls, "wall_ms": wall_s * 1e3,
+            "gpu_ms": total_ms, "kernels": [{"name": name[:120], "ms": ms, "share": ms / total_ms}
+                                            for name, ms in kernels[:12]]}
+
+
 def run_speed(args) -> dict:
     """The speed table on every requested device; see the module docstring."""
     devices = [resolve_device(d) for d in args.devices]
@@ -254,6 +304,11 @@ def run_speed(args) -> dict:
     if args.sweep:
         result["tile_sweep"] = [row for precision in args.precisions if precision != "float32"
                                 for row in sweep_kernel_tiles(devices[0], args.batches, precision)]
+        result["encode_tables"] = [row for precision in args.precisions if precision != "float32"
+                                   for row in sweep_encode_tables(devices[0], precision, args.n_encode)]
+        write_result(result, args.out)
+    if args.profile_batch and devices[0].type == "cuda":
+        result["profile"] = profile_decode(devices[0], args.profile_batch, args.kernels[-1], args.precisions[-1])
         write_result(result, args.out)
     configs = {name: RQMoEConfig(args.d, args.M, 8, **{**METHODS[name], "hidden": args.hidden})
                for name in args.methods}
