@@ -39,9 +39,11 @@ except ImportError:  # CI and CPU-only installs: the torch path is used
 # programs. The stages setting also applies to the top-1 kernel
 # experts_inner: in the split launch the expert is the fastest-varying program index, so the N programs of a
 # row block run side by side and read its rows from L2 rather than N times from memory.
-# tables: candidate morphs read their first layer from FirstLayerTables where the caller has them.
+# gate_once: the split launch reads the gates from one launch before it (_gate_kernel) instead of every
+# expert's program computing them again. tables: candidate morphs read their first layer from FirstLayerTables
+# where the caller has them (the gate's too: gate_once then saves nothing).
 CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 3, "split": True, "experts_inner": True,
-          "tables": True}
+          "gate_once": False, "tables": True}
 N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at least
 
 
@@ -123,39 +125,17 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _morph_kernel(z_ptr, out_ptr, R, s0, S_total,
-                      w1_ptr, b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
-                      pre_c_ptr, pre_r_ptr, cand_ptr, per_row,
-                      D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
-                      BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-                      TABLE: tl.constexpr, ROWPART: tl.constexpr, GATHER: tl.constexpr,
-                      EXPERTS_INNER: tl.constexpr):
-        # SPLIT: one program a (row block, step, expert), each storing its gate-weighted expert output
-        # into out[n] (N, S', R, D) for a sum over n outside; else one program a (row block, step).
-        # TABLE (one step): the first layers from FirstLayerTables, row r being codeword cand(r)
-        # (cand_ptr[r] where GATHER, else r % per_row) conditioned by row r // per_row
-        # the grid: (row blocks, steps[, experts]), or (row blocks x experts, steps) where EXPERTS_INNER
-        if EXPERTS_INNER:
-            pid = tl.program_id(0) // N
-        else:
-            pid = tl.program_id(0)
-        s_local = tl.program_id(1)
-        s = s0 + s_local
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < R
+    def _gate_shares(z_ptr, offsets, row_ok, s, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, pre_c_ptr, pre_r_ptr, cand, crow,
+                     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_R: tl.constexpr,
+                     HC: tl.constexpr, PRECISION: tl.constexpr, TABLE: tl.constexpr, ROWPART: tl.constexpr):
+        # the gate of step s on a tile of rows: softmax(relu(z G1 + g1) G2 + g2) (BLOCK_R, NP) float32, the
+        # padded experts at 0 (their bias is -1e30); TABLE: relu's input from the tables instead of z G1 + g1
         dcols = tl.arange(0, D)
         hcols = tl.arange(0, HC)
         ncols = tl.arange(0, NP)
-        offsets = (s_local * R + rows)[:, None] * D + dcols[None, :]
-        wtype = w1_ptr.dtype.element_ty
-        crow = rows // per_row
-        if GATHER:
-            cand = tl.load(cand_ptr + rows, mask=row_ok, other=0)
-        else:
-            cand = rows % per_row
+        wtype = g1_ptr.dtype.element_ty
         if not TABLE:
             zw = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0).to(wtype)
-        # the gate: softmax(relu(z G1 + g1) G2 + g2), padded experts have a -1e30 bias
         logits = tl.zeros((BLOCK_R, NP), dtype=tl.float32)
         for h0 in range(0, H, HC):
             if TABLE:
@@ -170,7 +150,61 @@ if triton is not None:
         logits += tl.load(gb2_ptr + s * NP + ncols)[None, :]
         logits = logits - tl.max(logits, axis=1)[:, None]
         weights = tl.exp(logits)
-        gate = weights / tl.sum(weights, axis=1)[:, None]
+        return weights / tl.sum(weights, axis=1)[:, None]
+
+    @triton.jit
+    def _gate_kernel(z_ptr, gate_ptr, R, s0, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
+                     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_R: tl.constexpr,
+                     HC: tl.constexpr, PRECISION: tl.constexpr):
+        # the gates of a (row block, step) into gate (S', R, NP), for the split launch to read (GATE_IN)
+        pid = tl.program_id(0)
+        s_local = tl.program_id(1)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        offsets = (s_local * R + rows)[:, None] * D + tl.arange(0, D)[None, :]
+        gate = _gate_shares(z_ptr, offsets, row_ok, s0 + s_local, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, z_ptr, z_ptr,
+                            rows, rows, D=D, H=H, N=N, NP=NP, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION,
+                            TABLE=False, ROWPART=False)
+        ncols = tl.arange(0, NP)
+        tl.store(gate_ptr + (s_local * R + rows)[:, None] * NP + ncols[None, :], gate, mask=row_ok[:, None])
+
+    @triton.jit
+    def _morph_kernel(z_ptr, out_ptr, R, s0, S_total,
+                      w1_ptr, b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
+                      pre_c_ptr, pre_r_ptr, cand_ptr, per_row, gate_ptr,
+                      D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
+                      BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+                      TABLE: tl.constexpr, ROWPART: tl.constexpr, GATHER: tl.constexpr,
+                      EXPERTS_INNER: tl.constexpr, GATE_IN: tl.constexpr):
+        # SPLIT: one program a (row block, step, expert), each storing its gate-weighted expert output
+        # into out[n] (N, S', R, D) for a sum over n outside; else one program a (row block, step).
+        # TABLE (one step): the first layers from FirstLayerTables, row r being codeword cand(r)
+        # (cand_ptr[r] where GATHER, else r % per_row) conditioned by row r // per_row.
+        # GATE_IN: the gates were computed once by _gate_kernel into gate_ptr (S', R, NP), not by every expert.
+        # the grid: (row blocks, steps[, experts]), or (row blocks x experts, steps) where EXPERTS_INNER
+        if EXPERTS_INNER:
+            pid = tl.program_id(0) // N
+        else:
+            pid = tl.program_id(0)
+        s_local = tl.program_id(1)
+        s = s0 + s_local
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        dcols = tl.arange(0, D)
+        ncols = tl.arange(0, NP)
+        offsets = (s_local * R + rows)[:, None] * D + dcols[None, :]
+        crow = rows // per_row
+        if GATHER:
+            cand = tl.load(cand_ptr + rows, mask=row_ok, other=0)
+        else:
+            cand = rows % per_row
+        if GATE_IN:
+            gate = tl.load(gate_ptr + (s_local * R + rows)[:, None] * NP + ncols[None, :], mask=row_ok[:, None],
+                           other=0.0)
+        else:
+            gate = _gate_shares(z_ptr, offsets, row_ok, s, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, pre_c_ptr, pre_r_ptr,
+                                cand, crow, D=D, H=H, N=N, NP=NP, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION,
+                                TABLE=TABLE, ROWPART=ROWPART)
         # the experts: z + Σ_n a_n (y_L^n - z) = Σ_n a_n y_L^n, the gate's shares summing to 1
         if SPLIT:
             n = tl.program_id(0) % N if EXPERTS_INNER else tl.program_id(2)
@@ -281,12 +315,17 @@ def morph(model, s0: int, s1: int, z: torch.Tensor, tables: Optional[FirstLayerT
     pre_c = tables.codeword.contiguous() if use_tables else z
     pre_r = tables.rows.contiguous() if use_tables and tables.rows is not None else pre_c
     cand = tables.candidates.contiguous() if use_tables and tables.candidates is not None else z
+    launch = dict(D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD, BLOCK_R=CONFIG["BLOCK_R"], HC=chunk,
+                  PRECISION=precision, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    gate_in = split and CONFIG["gate_once"] and not use_tables
+    gate = z.new_empty(S_, R, N_PAD) if gate_in else z
+    if gate_in:
+        _gate_kernel[(blocks, S_)](z, gate, R, s0, *weights[4:], **launch)
     _morph_kernel[grid](z, target, R, s0, c.n_morph_steps, *weights, pre_c, pre_r, cand,
-                        tables.per_row if use_tables else 1, D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD,
-                        L=c.n_layers, BLOCK_R=CONFIG["BLOCK_R"], HC=chunk, PRECISION=precision, SPLIT=split,
-                        TABLE=use_tables, ROWPART=use_tables and tables.rows is not None,
+                        tables.per_row if use_tables else 1, gate, L=c.n_layers, SPLIT=split, TABLE=use_tables,
+                        ROWPART=use_tables and tables.rows is not None,
                         GATHER=use_tables and tables.candidates is not None, EXPERTS_INNER=experts_inner,
-                        num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+                        GATE_IN=gate_in, **launch)
     if sum_steps:
         return target.sum(dim=(0, 1)) if split else out.sum(0)
     return torch.sum(target, dim=0, out=out) if split else out
@@ -309,8 +348,11 @@ def splits_experts(config) -> bool:
 
 
 def split_scratch_bytes_per_row(config) -> int:
-    """Bytes of the split launch's per-expert outputs for one morphed row (0 where it never splits)."""
-    return 4 * config.n_experts * config.d if splits_experts(config) else 0
+    """Bytes of the split launch's per-expert outputs (and gates, with gate_once) for one morphed row (0 where
+    it never splits)."""
+    if not splits_experts(config):
+        return 0
+    return 4 * config.n_experts * config.d + (4 * N_PAD if CONFIG["gate_once"] else 0)
 
 
 def _routed_morph(model, s0: int, s1: int, z: torch.Tensor, out: torch.Tensor, weights, precision: str,

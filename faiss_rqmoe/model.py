@@ -28,6 +28,11 @@ from .config import Condition, RQMoEConfig
 from .graphs import GraphCache, WeightsCache, bucket, stamp
 
 DEFAULT_MEM_BUDGET_BYTES = 1 << 30
+# A CPU decode takes its codes in chunks whose temporaries stay within this, so that they stay in cache: on 2
+# cores, 512 codes a chunk at the default shape (~70 MB of temporaries) decoded 1.1x faster than 1 024 at once,
+# 128 codes 0.9x (docs/experiments.md, section 1g). Dense experts only: under top-1 routing smaller chunks split
+# the experts' products further (0.7x). A GPU decode takes the whole memory budget.
+CPU_DECODE_CHUNK_BYTES = 64 << 20
 KERNELS = ("auto", "torch", "triton")
 DTYPES = ("float32", "tfloat32", "bfloat16")
 
@@ -612,6 +617,8 @@ class RQMoE(nn.Module):
             if not sequential and self._graphed_decode(codes, ctx_s, out) is not None:
                 return out
             bs = self.rows_per_chunk(max(1, c.n_morph_steps))
+            if codes.device.type == "cpu" and c.top_k is None:  # routed rows: smaller products a chunk
+                bs = min(bs, max(1, CPU_DECODE_CHUNK_BYTES // (max(1, c.n_morph_steps) * self._morph_bytes_per_row())))
             for i0 in range(0, codes.shape[0], bs):
                 chunk = codes[i0:i0 + bs]
                 ctx_chunk = None if ctx_s is None else ctx_s[i0:i0 + bs]

@@ -129,13 +129,14 @@ KERNEL_CHECK = """
 import torch
 from faiss_rqmoe import RQMoE, RQMoEConfig, kernels
 # dense experts in the split launch (one program per expert, outputs summed outside the kernel) and not
-cases = ((1, 0, "dense", "instruction", True), (2, 32, "dense", "instruction", True),
-         (3, 0, "dense", "instruction", True), (1, 0, "dense", "instruction", False),
-         (2, 32, "dense", "instruction", False),
-         (1, 0, "top1", "instruction", True), (2, 32, "top1", "instruction", True),
-         (2, 0, "top1", "reconstruction", True))
-for layers, ctx, routing, condition, split in cases:
-    kernels.CONFIG.update(split=split)
+# (and the split launch reading gates computed once by a launch before it)
+cases = ((1, 0, "dense", "instruction", True, False), (2, 32, "dense", "instruction", True, True),
+         (3, 0, "dense", "instruction", True, False), (1, 0, "dense", "instruction", False, False),
+         (2, 32, "dense", "instruction", False, False), (2, 0, "dense", "reconstruction", True, True),
+         (1, 0, "top1", "instruction", True, False), (2, 32, "top1", "instruction", True, False),
+         (2, 0, "top1", "reconstruction", True, False))
+for layers, ctx, routing, condition, split, gate_once in cases:
+    kernels.CONFIG.update(split=split, gate_once=gate_once)
     model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=layers, hidden=48, ctx_dim=ctx, routing=routing,
                               condition=condition))
     generator = torch.Generator().manual_seed(layers)

@@ -220,23 +220,24 @@ def interleaved_decode(configs: Dict[str, RQMoEConfig], device: torch.device, ba
 
 
 # (rows a program, hidden units a chunk, warps, pipeline stages, one program per expert, the expert the
-# fastest-varying program index) that --sweep tries
-TILE_SWEEP = ((64, 64, 4, 3, True, False), (64, 64, 4, 3, True, True), (64, 64, 4, 3, False, False),
-              (128, 64, 8, 3, True, True), (64, 128, 4, 2, True, True))
+# fastest-varying program index, the gates computed once before the split launch) that --sweep tries
+TILE_SWEEP = ((64, 64, 4, 3, True, False, False), (64, 64, 4, 3, True, True, False),
+              (64, 64, 4, 3, True, True, True), (64, 64, 4, 3, False, False, False),
+              (128, 64, 8, 3, True, True, True), (64, 128, 4, 2, True, True, True))
 
 
 def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str) -> List[dict]:
     """Decode vectors/s of the fused kernel for several launch settings (kernels.CONFIG: rows a program,
-    hidden chunk, warps, stages, split, experts_inner), on byte codes (no range check: the kernel's time, not a host wait)."""
+    hidden chunk, warps, stages, split, experts_inner, gate_once), on byte codes (no range check: the kernel's time, not a host wait)."""
     from .. import kernels
 
     config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
     model = random_model(config, device).set_execution(kernel="triton", dtype=precision)
     saved, rows = dict(kernels.CONFIG), []
     try:
-        for block_r, chunk, warps, stages, split, experts_inner in TILE_SWEEP:
+        for block_r, chunk, warps, stages, split, experts_inner, gate_once in TILE_SWEEP:
             kernels.CONFIG.update(BLOCK_R=block_r, HC=chunk, num_warps=warps, num_stages=stages, split=split,
-                                  experts_inner=experts_inner)
+                                  experts_inner=experts_inner, gate_once=gate_once)
             for batch in batches:
                 codes = torch.randint(0, config.K, (batch, config.M), device=device).to(torch.uint8)
                 with torch.inference_mode():
