@@ -8,9 +8,10 @@ expert output; one sum over the experts follows. The memory traffic is the
 rows in, the experts' partial outputs and the (cached) weights. The torch
 path materialises the (rows, N·H) activations of every layer instead.
 Encoding morphs candidates whose z is a codeword's row plus a conditioning
-row's: there the first layer of the gate and of every expert is a sum of two
-table rows (``FirstLayerTables``) instead of a product, 40 % of the kernel's
-multiply-adds at the default shape.
+row's: there the first layer of the gate and of every expert can be a sum of
+two table rows (``FirstLayerTables``) instead of a product, 40 % of the
+kernel's multiply-adds at the default shape; measured slower, it is off by
+default (``CONFIG["tables"]``).
 Matmul inputs are bfloat16, TF32 or float32 (``Execution.dtype``); sums are
 float32. Without CUDA the module imports, and ``available()`` says False.
 """
@@ -41,9 +42,12 @@ except ImportError:  # CI and CPU-only installs: the torch path is used
 # row block run side by side and read its rows from L2 rather than N times from memory.
 # gate_once: the split launch reads the gates from one launch before it (_gate_kernel) instead of every
 # expert's program computing them again. tables: candidate morphs read their first layer from FirstLayerTables
-# where the caller has them (the gate's too: gate_once then saves nothing).
+# where the caller has them (the gate's too: gate_once then saves nothing). By diagnostic timings on an H100
+# in bfloat16 (docs/experiments.md, section 1g): gate_once decodes batch 100 000 1.05x faster and encodes
+# greedy and beam 1.03x; the tables encode exact at 0.78x and greedy and beam at 0.92x (their rows are loaded
+# beside the pipelined weight tiles, where the product they replace ran on tensor cores), so they stay off.
 CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 3, "split": True, "experts_inner": True,
-          "gate_once": False, "tables": True}
+          "gate_once": True, "tables": False}
 N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at least
 
 
