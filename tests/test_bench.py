@@ -137,3 +137,16 @@ def test_a_training_flag_of_a_few_words_refuses_any_other_before_anything_runs(c
     args = build_parser().parse_args(["codec", "--encode-precision", "model", "--lr-schedule", "cosine"])
     config = train_config_from_args(args, torch.device("cpu"))
     assert (config.encode_precision, config.lr_schedule) == ("model", "cosine")
+
+
+def test_a_decode_profile_splits_the_call_into_its_operators_own_times():
+    """bench speed --profile-batch: the operators' own times (never an operator and the work inside it twice),
+    largest first, with shares of their sum that add up to at most 1 (the top 12 of them)."""
+    from faiss_rqmoe.bench.speed import profile_decode
+
+    profile = profile_decode(torch.device("cpu"), 64, "torch", "float32", calls=2)
+    top = profile["top"]
+    assert top and [row["ms"] for row in top] == sorted((row["ms"] for row in top), reverse=True)
+    assert 0 < sum(row["share"] for row in top) <= 1 + 1e-9
+    assert profile["wall_ms"] > 0 and profile["profiled_ms"] > 0
+    assert any("bmm" in row["name"] or "addmm" in row["name"] for row in top)  # the experts' products

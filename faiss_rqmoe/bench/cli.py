@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="first time the fused kernel at several tile sizes, and encoding with and without its "
                             "first-layer tables (on the first device, a GPU)")
     speed.add_argument("--profile-batch", type=int, default=None,
-                       help="on CUDA, also profile one batch size's decode (torch.profiler, the last --kernels and "
-                            "--precisions): each kernel's time a call, written under 'profile'")
+                       help="also profile one batch size's decode on the first device (torch.profiler; on CUDA "
+                            "the last --kernels and --precisions): each kernel's or operator's own time a call, "
+                            "written under 'profile'")
     speed.add_argument("--threads", type=int, default=None, help="CPU threads for torch and faiss")
     speed.add_argument("--no-tf32", action="store_true", help="keep torch's float32 matmuls exact on CUDA")
     speed.add_argument("--out", default=None, help="JSON file to write the result to")
