@@ -500,7 +500,9 @@ class RQMoE(nn.Module):
         neither tensor says it. Returns (u, A, d). The codeword and the
         conditioning enter linearly, so their shares of z and of the first
         layer are computed apart (K rows and u rows) and only added per
-        candidate: no candidate pays the (d, (N+1)H) product.
+        candidate: on the torch path no candidate pays the (d, (N+1)H)
+        product. The fused kernel computes it on tensor cores, which measured
+        faster than adding the table rows inside it (kernels.CONFIG["tables"]).
         """
         c = self.config
         s = m - c.first_morphed
@@ -512,14 +514,17 @@ class RQMoE(nn.Module):
             z = z + z_r.unsqueeze(1)
         A = z.shape[1]
         z = z.expand(u, A, c.d).reshape(1, u * A, c.d)
-        pre_r = None if z_r is None else z_r @ self._first_layer(s, s + 1)[0][0]  # (u, (N+1)H)
-        if self._use_triton(z.device):  # the kernel adds the tables' rows itself: no (u, A, (N+1)H) block
+        w_in = self._first_layer(s, s + 1)[0][0]
+        if self._use_triton(z.device):  # the kernel's own first layer, or (an option) the tables' rows added in it
             from . import kernels
-            tables = kernels.FirstLayerTables(pre_c, pre_r, None if candidates is None else candidates.reshape(-1), A)
+            tables = None
+            if kernels.CONFIG["tables"]:
+                tables = kernels.FirstLayerTables(pre_c, None if z_r is None else z_r @ w_in,
+                                                  None if candidates is None else candidates.reshape(-1), A)
             return kernels.morph(self, s, s + 1, z.contiguous(), tables)[0].reshape(u, A, c.d)
         pre = pre_c.unsqueeze(0) if candidates is None else pre_c[candidates]
-        if pre_r is not None:
-            pre = pre + pre_r.unsqueeze(1)
+        if z_r is not None:
+            pre = pre + (z_r @ w_in).unsqueeze(1)
         # the relu makes a new tensor: pre may still be the cached table itself
         pre = torch.relu(pre.expand(u, A, pre.shape[-1]).reshape(1, u * A, -1))
         return (z + self._morph_delta(s, s + 1, z, pre=pre))[0].reshape(u, A, c.d)
