@@ -92,9 +92,10 @@ if triton is not None:
                    ROWPART: tl.constexpr):
         # first-layer pre-activations of columns col0..col0+HC from the tables: codeword row + conditioning row
         cols = col0 + tl.arange(0, HC)
-        pre = tl.load(pre_c_ptr + cand[:, None] * W + cols[None, :], mask=row_ok[:, None], other=0.0)
-        if ROWPART:
-            pre += tl.load(pre_r_ptr + crow[:, None] * W + cols[None, :], mask=row_ok[:, None], other=0.0)
+        pre = tl.load(pre_c_ptr + cand[:, None].to(tl.int64) * W + cols[None, :], mask=row_ok[:, None], other=0.0)
+        if ROWPART:  # int64: u·(N+1)·H may pass 2**31 under a large memory budget
+            pre += tl.load(pre_r_ptr + crow[:, None].to(tl.int64) * W + cols[None, :], mask=row_ok[:, None],
+                           other=0.0)
         return pre
 
     @triton.jit
@@ -298,18 +299,20 @@ def morph(model, s0: int, s1: int, z: torch.Tensor, tables: Optional[FirstLayerT
     c = model.config
     dtype, precision = _DTYPES[model.execution.dtype]
     z = z.contiguous()
-    out = torch.empty_like(z)
     S_, R, _ = z.shape
     if R == 0:
+        out = torch.empty_like(z)
         return out.sum(0) if sum_steps else out
     weights = _prepared_weights(model, dtype)
     chunk = _hidden_chunk(c.hidden)
     if c.top_k == 1:
-        out = _routed_morph(model, s0, s1, z, out, weights, precision, chunk)
+        out = _routed_morph(model, s0, s1, z, torch.empty_like(z), weights, precision, chunk)
         return out.sum(0) if sum_steps else out
     blocks = triton.cdiv(R, CONFIG["BLOCK_R"])
     # the partial outputs are addressed with int32 offsets: a launch past 2**31 of them runs unsplit
     split = splits_experts(c) and c.n_experts * z.numel() < 2 ** 31
+    # the (S', R, d) output exists only where it is returned or the unsplit launch writes it
+    out = None if split and sum_steps else torch.empty_like(z)
     target = z.new_empty(c.n_experts, S_, R, c.d) if split else out
     experts_inner = split and CONFIG["experts_inner"]
     grid = (blocks * c.n_experts, S_) if experts_inner else (blocks, S_, c.n_experts) if split else (blocks, S_)

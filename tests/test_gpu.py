@@ -159,6 +159,7 @@ for layers, ctx, routing, condition, split, gate_once in cases:
                 want = model.set_execution(kernel="torch").encode(some, candidates, beam, ctx=some_ctx)
                 got = model.set_execution(kernel="triton").encode(some, candidates, beam, ctx=some_ctx)
                 assert float((got == want).all(1).float().mean()) >= 0.99, (layers, candidates, beam, tables)
+        kernels.CONFIG.update(tables=True)
         with torch.inference_mode():  # the kernel does read the tables: zeroed ones change its output
             z_c, pre_c = model._codeword_tables(0)
             z = z_c[None].contiguous()  # every codeword of the first morphed step, unconditioned

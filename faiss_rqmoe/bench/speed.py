@@ -251,8 +251,8 @@ def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str)
 
 
 def sweep_encode_tables(device: torch.device, precision: str, n_encode: int) -> List[dict]:
-    """Encode vectors/s of the fused kernel with the candidates' first layer read from tables
-    (kernels.CONFIG["tables"], the default) and computed as a product, in one run."""
+    """Encode vectors/s of the fused kernel with the candidates' first layer computed as a product (the
+    default) and read from tables (kernels.CONFIG["tables"]), in one run."""
     from .. import kernels
 
     config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
@@ -277,13 +277,14 @@ def sweep_encode_tables(device: torch.device, precision: str, n_encode: int) -> 
 
 def profile_decode(device: torch.device, batch: int, kernel: str, precision: str, calls: int = 5) -> dict:
     """Where a decode of ``batch`` codes spends its time (torch.profiler over ``calls`` decodes of the default
-    RQ-MoE, after a warm-up): the wall time a call, and each kernel's (on CUDA) or operator's (on a CPU) own
+    RQ-MoE, d=128, 8 bytes, N=4, L=2, H=256, whatever the run's other flags; eager, after a warm-up): the wall time a call, and each kernel's (on CUDA) or operator's (on a CPU) own
     time a call and its share of their sum, largest first. A diagnostic: it shows whether the fused kernel or
     the operations around it bound a batch."""
     from torch.profiler import ProfilerActivity, profile
 
     config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
-    model = random_model(config, device).set_execution(kernel=kernel, dtype=precision)
+    # no CUDA graphs: replaying one recorded before the profiler starts is not safe, and it would show its copies
+    model = random_model(config, device).set_execution(kernel=kernel, dtype=precision, cuda_graphs=False)
     codes = torch.randint(0, config.K, (batch, config.M), device=device)
     if device.type == "cuda":
         codes = codes.to(torch.uint8)  # as an index stores them: no range check
@@ -299,7 +300,8 @@ def profile_decode(device: torch.device, batch: int, kernel: str, precision: str
            for e in prof.key_averages()]
     own = sorted(((name, ms) for name, ms in own if ms > 0), key=lambda item: -item[1])
     total_ms = sum(ms for _, ms in own)
-    return {"batch": batch, "kernel": kernel, "precision": precision, "calls": calls, "wall_ms": wall_s * 1e3,
+    return {"config": config.to_dict(), "batch": batch, "kernel": kernel, "precision": precision, "calls": calls,
+            "cuda_graphs": False, "wall_ms": wall_s * 1e3,
             "profiled_ms": total_ms, "top": [{"name": name[:120], "ms": ms, "share": ms / total_ms}
                                              for name, ms in own[:12]]}
 
