@@ -29,7 +29,7 @@ coarse quantizer (so the table compares the codecs), then save the index and sho
 only the lookup tables to this data; without it the codec trains from scratch with the default settings.
 """
 # split sizes: (n_train, n_val, n_db, n_query)
-QUICK_SPLIT = (20_000, 2_000, 20_000, 500)
+QUICK_SPLIT = (20_000, 2_000, 20_000, 2_000)  # 2 000 queries: recall@1 within about ±0.01
 FULL_SPLIT = (100_000, 5_000, 100_000, 1_000)
 FULL_NLIST = 256
 NPROBE = 16
