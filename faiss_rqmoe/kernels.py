@@ -7,11 +7,6 @@ keeps every hidden activation in registers and stores the gate-weighted
 expert output; one sum over the experts follows. The memory traffic is the
 rows in, the experts' partial outputs and the (cached) weights. The torch
 path materialises the (rows, N·H) activations of every layer instead.
-Encoding morphs candidates whose z is a codeword's row plus a conditioning
-row's: there the first layer of the gate and of every expert can be a sum of
-two table rows (``FirstLayerTables``) instead of a product, 40 % of the
-kernel's multiply-adds at the default shape; measured slower, it is off by
-default (``CONFIG["tables"]``).
 Matmul inputs are bfloat16, TF32 or float32 (``Execution.dtype``); sums are
 float32. Without CUDA the module imports, and ``available()`` says False.
 """
@@ -19,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple, Optional
 
 import torch
 
@@ -41,13 +35,10 @@ except ImportError:  # CI and CPU-only installs: the torch path is used
 # experts_inner: in the split launch the expert is the fastest-varying program index, so the N programs of a
 # row block run side by side and read its rows from L2 rather than N times from memory.
 # gate_once: the split launch reads the gates from one launch before it (_gate_kernel) instead of every
-# expert's program computing them again. tables: candidate morphs read their first layer from FirstLayerTables
-# where the caller has them (the gate's too: gate_once then saves nothing). By diagnostic timings on an H100
-# in bfloat16 (docs/experiments.md, section 1g): gate_once decodes batch 100 000 1.05x faster and encodes
-# greedy and beam 1.03x; the tables encode exact at 0.78x and greedy and beam at 0.92x (their rows are loaded
-# beside the pipelined weight tiles, where the product they replace ran on tensor cores), so they stay off.
+# expert's program computing them again: by diagnostic timings on an H100 in bfloat16 (docs/experiments.md,
+# section 1g) 1.05x faster at decode batch 100 000, 1.03x at greedy and beam encoding.
 CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 3, "split": True, "experts_inner": True,
-          "gate_once": True, "tables": False}
+          "gate_once": True}
 N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at least
 
 
@@ -62,23 +53,6 @@ def interpreting() -> bool:
     return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-class FirstLayerTables(NamedTuple):
-    """The first layer of the gate and of every expert for candidate morphs of one step, as table rows.
-
-    A candidate row r of an encode is codeword cand(r) conditioned by row r // per_row, and its z (and so
-    its pre-activations, the first layer being linear) is the sum of the two rows' shares:
-    codeword (K, W) float32, z_c W_in + b_in for every codeword; rows (u, W) float32, z_r W_in, or None
-    where nothing conditions the step; candidates (u·per_row,) int64 codeword of every row, or None where
-    every row takes all K in order (cand(r) = r % per_row). W = (N+1)·H, the experts' columns then the
-    gate's, as ``RQMoE._first_layer`` lays them out.
-    """
-
-    codeword: torch.Tensor
-    rows: Optional[torch.Tensor]
-    candidates: Optional[torch.Tensor]
-    per_row: int
-
-
 def supports(config) -> bool:
     """Whether the kernel handles this architecture: d a power of two >= 16, hidden a multiple of 16,
     at most 16 experts. Other shapes run on the torch path."""
@@ -88,26 +62,13 @@ def supports(config) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _table_pre(pre_c_ptr, pre_r_ptr, cand, crow, row_ok, col0, W: tl.constexpr, HC: tl.constexpr,
-                   ROWPART: tl.constexpr):
-        # first-layer pre-activations of columns col0..col0+HC from the tables: codeword row + conditioning row
-        cols = col0 + tl.arange(0, HC)
-        pre = tl.load(pre_c_ptr + cand[:, None].to(tl.int64) * W + cols[None, :], mask=row_ok[:, None], other=0.0)
-        if ROWPART:  # int64: u·(N+1)·H may pass 2**31 under a large memory budget
-            pre += tl.load(pre_r_ptr + crow[:, None].to(tl.int64) * W + cols[None, :], mask=row_ok[:, None],
-                           other=0.0)
-        return pre
-
-    @triton.jit
-    def _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pre_c_ptr, pre_r_ptr,
-                    cand, crow, D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
-                    BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, TABLE: tl.constexpr,
-                    ROWPART: tl.constexpr):
+    def _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D: tl.constexpr,
+                    H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr,
+                    PRECISION: tl.constexpr):
         # expert n of step s on a tile of rows z (BLOCK_R, D), read at offsets: y_L with y_0 = z and
         # y_{l+1} = y_l + relu(y_l W1 + b1) W2 + b2. Each layer's products read a copy of y_l in the
         # weights' dtype, so the second products add straight into y: the live tiles are y (float32),
         # that copy and one chunk of hidden units. Matmul inputs in the weights' dtype, float32 sums.
-        # TABLE: the first layer's pre-activations come from the tables (_table_pre), not a product.
         dcols = tl.arange(0, D)
         hcols = tl.arange(0, HC)
         wtype = w1_ptr.dtype.element_ty
@@ -116,13 +77,9 @@ if triton is not None:
             block = (layer * S_total + s) * N + n
             yw = y.to(wtype)
             for h0 in range(0, H, HC):
-                if TABLE and layer == 0:
-                    hidden = _table_pre(pre_c_ptr, pre_r_ptr, cand, crow, row_ok, n * H + h0, W=(N + 1) * H,
-                                        HC=HC, ROWPART=ROWPART)
-                else:
-                    w1 = tl.load(w1_ptr + block * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
-                    hidden = tl.dot(yw, w1, input_precision=PRECISION) + \
-                        tl.load(b1_ptr + block * H + h0 + hcols)[None, :]
+                w1 = tl.load(w1_ptr + block * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
+                hidden = tl.dot(yw, w1, input_precision=PRECISION) + \
+                    tl.load(b1_ptr + block * H + h0 + hcols)[None, :]
                 hidden = tl.maximum(hidden, 0.0).to(wtype)
                 w2 = tl.load(w2_ptr + block * H * D + (h0 + hcols)[:, None] * D + dcols[None, :])
                 y = tl.dot(hidden, w2, acc=y, input_precision=PRECISION)
@@ -130,25 +87,19 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _gate_shares(z_ptr, offsets, row_ok, s, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, pre_c_ptr, pre_r_ptr, cand, crow,
-                     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_R: tl.constexpr,
-                     HC: tl.constexpr, PRECISION: tl.constexpr, TABLE: tl.constexpr, ROWPART: tl.constexpr):
+    def _gate_shares(z_ptr, offsets, row_ok, s, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D: tl.constexpr, H: tl.constexpr,
+                     NP: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr):
         # the gate of step s on a tile of rows: softmax(relu(z G1 + g1) G2 + g2) (BLOCK_R, NP) float32, the
-        # padded experts at 0 (their bias is -1e30); TABLE: relu's input from the tables instead of z G1 + g1
+        # padded experts at 0 (their bias is -1e30)
         dcols = tl.arange(0, D)
         hcols = tl.arange(0, HC)
         ncols = tl.arange(0, NP)
         wtype = g1_ptr.dtype.element_ty
-        if not TABLE:
-            zw = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0).to(wtype)
+        zw = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0).to(wtype)
         logits = tl.zeros((BLOCK_R, NP), dtype=tl.float32)
         for h0 in range(0, H, HC):
-            if TABLE:
-                gh = _table_pre(pre_c_ptr, pre_r_ptr, cand, crow, row_ok, N * H + h0, W=(N + 1) * H, HC=HC,
-                                ROWPART=ROWPART)
-            else:
-                g1 = tl.load(g1_ptr + s * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
-                gh = tl.dot(zw, g1, input_precision=PRECISION) + tl.load(gb1_ptr + s * H + h0 + hcols)[None, :]
+            g1 = tl.load(g1_ptr + s * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
+            gh = tl.dot(zw, g1, input_precision=PRECISION) + tl.load(gb1_ptr + s * H + h0 + hcols)[None, :]
             gh = tl.maximum(gh, 0.0).to(wtype)
             g2 = tl.load(g2_ptr + s * H * NP + (h0 + hcols)[:, None] * NP + ncols[None, :])
             logits += tl.dot(gh, g2, input_precision=PRECISION)
@@ -167,24 +118,19 @@ if triton is not None:
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
         offsets = (s_local * R + rows)[:, None] * D + tl.arange(0, D)[None, :]
-        gate = _gate_shares(z_ptr, offsets, row_ok, s0 + s_local, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, z_ptr, z_ptr,
-                            rows, rows, D=D, H=H, N=N, NP=NP, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION,
-                            TABLE=False, ROWPART=False)
+        gate = _gate_shares(z_ptr, offsets, row_ok, s0 + s_local, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D=D, H=H, NP=NP,
+                            BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
         ncols = tl.arange(0, NP)
         tl.store(gate_ptr + (s_local * R + rows)[:, None] * NP + ncols[None, :], gate, mask=row_ok[:, None])
 
     @triton.jit
     def _morph_kernel(z_ptr, out_ptr, R, s0, S_total,
                       w1_ptr, b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
-                      pre_c_ptr, pre_r_ptr, cand_ptr, per_row, gate_ptr,
-                      D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
+                      gate_ptr, D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
                       BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-                      TABLE: tl.constexpr, ROWPART: tl.constexpr, GATHER: tl.constexpr,
                       EXPERTS_INNER: tl.constexpr, GATE_IN: tl.constexpr):
         # SPLIT: one program a (row block, step, expert), each storing its gate-weighted expert output
         # into out[n] (N, S', R, D) for a sum over n outside; else one program a (row block, step).
-        # TABLE (one step): the first layers from FirstLayerTables, row r being codeword cand(r)
-        # (cand_ptr[r] where GATHER, else r % per_row) conditioned by row r // per_row.
         # GATE_IN: the gates were computed once by _gate_kernel into gate_ptr (S', R, NP), not by every expert.
         # the grid: (row blocks, steps[, experts]), or (row blocks x experts, steps) where EXPERTS_INNER
         if EXPERTS_INNER:
@@ -198,35 +144,27 @@ if triton is not None:
         dcols = tl.arange(0, D)
         ncols = tl.arange(0, NP)
         offsets = (s_local * R + rows)[:, None] * D + dcols[None, :]
-        crow = rows // per_row
-        if GATHER:
-            cand = tl.load(cand_ptr + rows, mask=row_ok, other=0)
-        else:
-            cand = rows % per_row
         if GATE_IN:
             gate = tl.load(gate_ptr + (s_local * R + rows)[:, None] * NP + ncols[None, :], mask=row_ok[:, None],
                            other=0.0)
         else:
-            gate = _gate_shares(z_ptr, offsets, row_ok, s, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, pre_c_ptr, pre_r_ptr,
-                                cand, crow, D=D, H=H, N=N, NP=NP, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION,
-                                TABLE=TABLE, ROWPART=ROWPART)
+            gate = _gate_shares(z_ptr, offsets, row_ok, s, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D=D, H=H, NP=NP,
+                                BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
         # the experts: z + Σ_n a_n (y_L^n - z) = Σ_n a_n y_L^n, the gate's shares summing to 1
         if SPLIT:
             n = tl.program_id(0) % N if EXPERTS_INNER else tl.program_id(2)
             share = tl.sum(tl.where(ncols[None, :] == n, gate, 0.0), axis=1)
             part = share[:, None] * _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr,
-                                                b2_ptr, pre_c_ptr, pre_r_ptr, cand, crow, D=D, H=H, N=N, L=L,
-                                                BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION, TABLE=TABLE,
-                                                ROWPART=ROWPART)
+                                                b2_ptr, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC,
+                                                PRECISION=PRECISION)
             tl.store(out_ptr + n * tl.num_programs(1) * R * D + offsets, part, mask=row_ok[:, None])
         else:
             morphed = tl.zeros((BLOCK_R, D), dtype=tl.float32)
             for n in tl.static_range(N):
                 share = tl.sum(tl.where(ncols[None, :] == n, gate, 0.0), axis=1)
                 morphed += share[:, None] * _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr,
-                                                        w2_ptr, b2_ptr, pre_c_ptr, pre_r_ptr, cand, crow, D=D, H=H,
-                                                        N=N, L=L, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION,
-                                                        TABLE=TABLE, ROWPART=ROWPART)
+                                                        w2_ptr, b2_ptr, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC,
+                                                        PRECISION=PRECISION)
             tl.store(out_ptr + offsets, morphed, mask=row_ok[:, None])
 
 
@@ -251,9 +189,8 @@ if triton is not None:
             s = s0 + s_local
             dcols = tl.arange(0, D)
             offsets = rows[:, None] * D + dcols[None, :]
-            out = _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, z_ptr, z_ptr,
-                              rows, rows, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION,
-                              TABLE=False, ROWPART=False)
+            out = _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D=D, H=H, N=N,
+                              L=L, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
             tl.store(out_ptr + offsets, out, mask=row_ok[:, None])
 
 
@@ -285,14 +222,11 @@ _DTYPES = {"float32": (torch.float32, "ieee"), "tfloat32": (torch.float32, "tf32
            "bfloat16": (torch.bfloat16, "ieee")}
 
 
-def morph(model, s0: int, s1: int, z: torch.Tensor, tables: Optional[FirstLayerTables] = None,
-          sum_steps: bool = False) -> torch.Tensor:
+def morph(model, s0: int, s1: int, z: torch.Tensor, sum_steps: bool = False) -> torch.Tensor:
     """The morphed codewords of steps s0..s1-1: z (S', R, d) float32 -> (S', R, d) float32, as
     ``RQMoE._morph`` computes them: for dense experts one fused kernel launch (then a sum over the experts'
     partial outputs, where it splits them over programs); under top-1 routing, the gate in torch and one
-    launch for the experts. tables: z's first layer as table rows (one step, candidate morphs of an
-    encode), read instead of multiplied where CONFIG["tables"] is on and the experts are dense.
-    sum_steps: return their sum over the steps instead, (R, d) float32 (a decode's share of the
+    launch for the experts. sum_steps: return their sum over the steps instead, (R, d) float32 (a decode's share of the
     reconstruction), summed with the experts' partial outputs in one pass where the launch splits them."""
     if triton is None:
         raise RuntimeError("the fused kernel needs Triton (pip install triton) and a CUDA device")
@@ -316,23 +250,14 @@ def morph(model, s0: int, s1: int, z: torch.Tensor, tables: Optional[FirstLayerT
     target = z.new_empty(c.n_experts, S_, R, c.d) if split else out
     experts_inner = split and CONFIG["experts_inner"]
     grid = (blocks * c.n_experts, S_) if experts_inner else (blocks, S_, c.n_experts) if split else (blocks, S_)
-    use_tables = tables is not None and CONFIG["tables"]
-    if use_tables and S_ != 1:
-        raise ValueError(f"first-layer tables serve the morphs of one step, got {S_} steps")
-    pre_c = tables.codeword.contiguous() if use_tables else z
-    pre_r = tables.rows.contiguous() if use_tables and tables.rows is not None else pre_c
-    cand = tables.candidates.contiguous() if use_tables and tables.candidates is not None else z
     launch = dict(D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD, BLOCK_R=CONFIG["BLOCK_R"], HC=chunk,
                   PRECISION=precision, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
-    gate_in = split and CONFIG["gate_once"] and not use_tables
+    gate_in = split and CONFIG["gate_once"]
     gate = z.new_empty(S_, R, N_PAD) if gate_in else z
     if gate_in:
         _gate_kernel[(blocks, S_)](z, gate, R, s0, *weights[4:], **launch)
-    _morph_kernel[grid](z, target, R, s0, c.n_morph_steps, *weights, pre_c, pre_r, cand,
-                        tables.per_row if use_tables else 1, gate, L=c.n_layers, SPLIT=split, TABLE=use_tables,
-                        ROWPART=use_tables and tables.rows is not None,
-                        GATHER=use_tables and tables.candidates is not None, EXPERTS_INNER=experts_inner,
-                        GATE_IN=gate_in, **launch)
+    _morph_kernel[grid](z, target, R, s0, c.n_morph_steps, *weights, gate, L=c.n_layers, SPLIT=split,
+                        EXPERTS_INNER=experts_inner, GATE_IN=gate_in, **launch)
     if sum_steps:
         return target.sum(dim=(0, 1)) if split else out.sum(0)
     return torch.sum(target, dim=0, out=out) if split else out

@@ -501,8 +501,9 @@ class RQMoE(nn.Module):
         conditioning enter linearly, so their shares of z and of the first
         layer are computed apart (K rows and u rows) and only added per
         candidate: on the torch path no candidate pays the (d, (N+1)H)
-        product. The fused kernel computes it on tensor cores, which measured
-        faster than adding the table rows inside it (kernels.CONFIG["tables"]).
+        product. The fused kernel computes that product on tensor cores, which
+        measured faster than adding table rows inside it (docs/experiments.md,
+        section 1g).
         """
         c = self.config
         s = m - c.first_morphed
@@ -514,17 +515,13 @@ class RQMoE(nn.Module):
             z = z + z_r.unsqueeze(1)
         A = z.shape[1]
         z = z.expand(u, A, c.d).reshape(1, u * A, c.d)
-        if self._use_triton(z.device):  # the kernel's own first layer, or (an option) the tables' rows added in it
+        if self._use_triton(z.device):  # the kernel computes the first layer itself: no (u, A, (N+1)H) table
             from . import kernels
-            tables = None
-            if kernels.CONFIG["tables"]:
-                pre_r = None if z_r is None else z_r @ self._first_layer(s, s + 1)[0][0]
-                tables = kernels.FirstLayerTables(pre_c, pre_r, None if candidates is None else candidates.reshape(-1),
-                                                  A)
-            return kernels.morph(self, s, s + 1, z.contiguous(), tables)[0].reshape(u, A, c.d)
+            return kernels.morph(self, s, s + 1, z.contiguous())[0].reshape(u, A, c.d)
         pre = pre_c.unsqueeze(0) if candidates is None else pre_c[candidates]
         if z_r is not None:
-            pre = pre + (z_r @ self._first_layer(s, s + 1)[0][0]).unsqueeze(1)
+            w_in, _ = self._first_layer(s, s + 1)
+            pre = pre + (z_r @ w_in[0]).unsqueeze(1)
         # the relu makes a new tensor: pre may still be the cached table itself
         pre = torch.relu(pre.expand(u, A, pre.shape[-1]).reshape(1, u * A, -1))
         return (z + self._morph_delta(s, s + 1, z, pre=pre))[0].reshape(u, A, c.d)
@@ -621,9 +618,10 @@ class RQMoE(nn.Module):
         with torch.inference_mode():
             if not sequential and self._graphed_decode(codes, ctx_s, out) is not None:
                 return out
-            bs = self.rows_per_chunk(max(1, c.n_morph_steps))
+            rows_per_code = max(1, c.n_morph_steps)
+            bs = self.rows_per_chunk(rows_per_code)
             if codes.device.type == "cpu" and c.top_k is None:  # dense experts only: routing splits rows further
-                bs = min(bs, max(1, CPU_DECODE_CHUNK_BYTES // (max(1, c.n_morph_steps) * self._morph_bytes_per_row())))
+                bs = min(bs, max(1, CPU_DECODE_CHUNK_BYTES // (rows_per_code * self._morph_bytes_per_row())))
             for i0 in range(0, codes.shape[0], bs):
                 chunk = codes[i0:i0 + bs]
                 ctx_chunk = None if ctx_s is None else ctx_s[i0:i0 + bs]

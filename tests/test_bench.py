@@ -144,7 +144,7 @@ def test_a_decode_profile_splits_the_call_into_its_operators_own_times():
     largest first, with shares of their sum that add up to at most 1 (the top 12 of them)."""
     from faiss_rqmoe.bench.speed import profile_decode
 
-    profile = profile_decode(torch.device("cpu"), 64, "torch", "float32", calls=2)
+    profile = profile_decode(torch.device("cpu"), 64, "torch", "float32", repeats=2)
     top = profile["top"]
     assert top and [row["ms"] for row in top] == sorted((row["ms"] for row in top), reverse=True)
     assert 0 < sum(row["share"] for row in top) <= 1 + 1e-9

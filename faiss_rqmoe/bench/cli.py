@@ -96,11 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder holding qinco_v1/model_qinco.py and rqmoe_ref/model_rqmoe.py (public code) to "
                             "measure beside ours")
     speed.add_argument("--sweep", action="store_true",
-                       help="first time the fused kernel at several tile sizes, and encoding with and without its "
-                            "first-layer tables (on the first device, a GPU)")
+                       help="first time the fused kernel at several tile sizes (on the first device, a GPU)")
     speed.add_argument("--profile-batch", type=int, default=None,
                        help="also profile one batch size's decode on the first device (torch.profiler; on CUDA "
-                            "the last --kernels and --precisions): each kernel's or operator's own time a call, "
+                            "the last --kernels and --precisions): each kernel's or operator's own time in one decode, "
                             "written under 'profile'")
     speed.add_argument("--threads", type=int, default=None, help="CPU threads for torch and faiss")
     speed.add_argument("--no-tf32", action="store_true", help="keep torch's float32 matmuls exact on CUDA")

@@ -228,7 +228,8 @@ TILE_SWEEP = ((64, 64, 4, 3, True, False, False), (64, 64, 4, 3, True, True, Fal
 
 def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str) -> List[dict]:
     """Decode vectors/s of the fused kernel for several launch settings (kernels.CONFIG: rows a program,
-    hidden chunk, warps, stages, split, experts_inner, gate_once), on byte codes (no range check: the kernel's time, not a host wait)."""
+    hidden chunk, warps, stages, split, experts_inner, gate_once), on byte codes (no range check: the
+    kernel's time, not a host wait)."""
     from .. import kernels
 
     config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
@@ -250,57 +251,33 @@ def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str)
     return rows
 
 
-def sweep_encode_tables(device: torch.device, precision: str, n_encode: int) -> List[dict]:
-    """Encode vectors/s of the fused kernel with the candidates' first layer computed as a product (the
-    default) and read from tables (kernels.CONFIG["tables"]), in one run."""
-    from .. import kernels
-
-    config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
-    model = random_model(config, device).set_execution(kernel="triton", dtype=precision)
-    x = torch.randn(n_encode, config.d, device=device) * 0.1
-    saved, rows = dict(kernels.CONFIG), []
-    try:
-        for tables in (False, True):
-            kernels.CONFIG.update(tables=tables)
-            encode = {}
-            with torch.inference_mode():
-                for label, (candidates, beam) in ENCODINGS.items():
-                    n = n_encode if candidates is not None else max(1, n_encode // 4)
-                    encode[label] = _vps(n, lambda: encode_scaled(model, x[:n], candidates, beam), device,
-                                         min_seconds=0.5)
-            rows.append({"tables": tables, "precision": precision, "encode_vps": encode})
-            logger.info("%s", rows[-1])
-    finally:
-        kernels.CONFIG.update(saved)
-    return rows
-
-
-def profile_decode(device: torch.device, batch: int, kernel: str, precision: str, calls: int = 5) -> dict:
-    """Where a decode of ``batch`` codes spends its time (torch.profiler over ``calls`` decodes of the default
-    RQ-MoE, d=128, 8 bytes, N=4, L=2, H=256, whatever the run's other flags; eager, after a warm-up): the wall time a call, and each kernel's (on CUDA) or operator's (on a CPU) own
-    time a call and its share of their sum, largest first. A diagnostic: it shows whether the fused kernel or
-    the operations around it bound a batch."""
+def profile_decode(device: torch.device, batch: int, kernel: str, precision: str, repeats: int = 5) -> dict:
+    """Where a decode of ``batch`` codes spends its time (torch.profiler over ``repeats`` decodes of the default
+    RQ-MoE, d=128, 8 bytes, N=4, L=2, H=256, whatever the run's other flags; eager, after a warm-up): the wall
+    time of one decode, and each kernel's (on CUDA) or operator's (on a CPU) own time in one decode and its
+    share of their sum, largest first. A diagnostic: it shows whether the fused kernel or the operations
+    around it bound a batch."""
     from torch.profiler import ProfilerActivity, profile
 
     config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
     # no CUDA graphs: replaying one recorded before the profiler starts is not safe, and it would show its copies
     model = random_model(config, device).set_execution(kernel=kernel, dtype=precision, cuda_graphs=False)
-    codes = torch.randint(0, config.K, (batch, config.M), device=device)
-    if device.type == "cuda":
-        codes = codes.to(torch.uint8)  # as an index stores them: no range check
     cuda = device.type == "cuda"
+    codes = torch.randint(0, config.K, (batch, config.M), device=device)
+    if cuda:
+        codes = codes.to(torch.uint8)  # as an index stores them: no range check
     with torch.inference_mode():
-        _, wall_s = timed(lambda: model.decode(codes), device, repeats=calls)
+        _, wall_s = timed(lambda: model.decode(codes), device, repeats=repeats)
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            for _ in range(calls):
+            for _ in range(repeats):
                 model.decode(codes)
             sync(device)
     # own times: an operator's total would count the kernels it launched a second time
-    own = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / calls / 1e3)
+    own = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / repeats / 1e3)
            for e in prof.key_averages()]
     own = sorted(((name, ms) for name, ms in own if ms > 0), key=lambda item: -item[1])
     total_ms = sum(ms for _, ms in own)
-    return {"config": config.to_dict(), "batch": batch, "kernel": kernel, "precision": precision, "calls": calls,
+    return {"config": config.to_dict(), "batch": batch, "kernel": kernel, "precision": precision, "repeats": repeats,
             "cuda_graphs": False, "wall_ms": wall_s * 1e3,
             "profiled_ms": total_ms, "top": [{"name": name[:120], "ms": ms, "share": ms / total_ms}
                                              for name, ms in own[:12]]}
@@ -313,8 +290,6 @@ def run_speed(args) -> dict:
     if args.sweep:
         result["tile_sweep"] = [row for precision in args.precisions if precision != "float32"
                                 for row in sweep_kernel_tiles(devices[0], args.batches, precision)]
-        result["encode_tables"] = [row for precision in args.precisions if precision != "float32"
-                                   for row in sweep_encode_tables(devices[0], precision, args.n_encode)]
         write_result(result, args.out)
     if args.profile_batch:
         cuda = devices[0].type == "cuda"
