@@ -37,8 +37,19 @@ except ImportError:  # CI and CPU-only installs: the torch path is used
 # gate_once: the split launch reads the gates from one launch before it (_gate_kernel) instead of every
 # expert's program computing them again: by diagnostic timings on an H100 in bfloat16 (docs/experiments.md,
 # section 1g) 1.05x faster at decode batch 100 000, 1.03x at greedy and beam encoding.
+# By `bench speed --sweep` on an H100 in bfloat16, byte codes (notebooks/results/speed_h100_z_from_tables.json
+# and speed_h100_steps_in_program.json, docs/experiments.md section 1h):
+# steps_in_program_min_rows: a decode of at least this many codes sums the steps inside each program (out
+# (N, R, d) instead of (N, S, R, d)): 1.06-1.08x from 8 192 codes, 0.75x at 1 024 (too few programs).
+# z_from_tables: a decode's programs sum each step's input z from table rows (RQMoE.decode_tables) instead of
+# reading z from the base gather, the cumulative sum of the instructions and the projection's products
+# before the launch: 1.29-1.43x from 8 192 codes (23.9 M vectors/s at 8 192, 26.3 M at 32 768).
+# gathered_gate_once_max_rows: such a decode computes the gates in a launch before the split one only up to
+# this many codes; above it (batch 100 000: a 45 MB gate buffer) every expert's program computes them
+# (24.1 M against 20.3 M).
 CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 3, "split": True, "experts_inner": True,
-          "gate_once": True}
+          "gate_once": True, "steps_in_program_min_rows": 8192, "z_from_tables": True,
+          "gathered_gate_once_max_rows": 32768}
 N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at least
 
 
@@ -62,17 +73,15 @@ def supports(config) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D: tl.constexpr,
-                    H: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr,
-                    PRECISION: tl.constexpr):
-        # expert n of step s on a tile of rows z (BLOCK_R, D), read at offsets: y_L with y_0 = z and
+    def _expert_out(y, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D: tl.constexpr, H: tl.constexpr,
+                    N: tl.constexpr, L: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr):
+        # expert n of step s on a tile of rows y = z (BLOCK_R, D) float32: y_L with y_0 = z and
         # y_{l+1} = y_l + relu(y_l W1 + b1) W2 + b2. Each layer's products read a copy of y_l in the
         # weights' dtype, so the second products add straight into y: the live tiles are y (float32),
         # that copy and one chunk of hidden units. Matmul inputs in the weights' dtype, float32 sums.
         dcols = tl.arange(0, D)
         hcols = tl.arange(0, HC)
         wtype = w1_ptr.dtype.element_ty
-        y = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0)
         for layer in tl.static_range(L):
             block = (layer * S_total + s) * N + n
             yw = y.to(wtype)
@@ -87,15 +96,15 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _gate_shares(z_ptr, offsets, row_ok, s, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D: tl.constexpr, H: tl.constexpr,
-                     NP: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr):
-        # the gate of step s on a tile of rows: softmax(relu(z G1 + g1) G2 + g2) (BLOCK_R, NP) float32, the
-        # padded experts at 0 (their bias is -1e30)
+    def _gate_shares(z, s, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D: tl.constexpr, H: tl.constexpr, NP: tl.constexpr,
+                     BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr):
+        # the gate of step s on a tile of rows z (BLOCK_R, D) float32: softmax(relu(z G1 + g1) G2 + g2)
+        # (BLOCK_R, NP) float32, the padded experts at 0 (their bias is -1e30)
         dcols = tl.arange(0, D)
         hcols = tl.arange(0, HC)
         ncols = tl.arange(0, NP)
         wtype = g1_ptr.dtype.element_ty
-        zw = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0).to(wtype)
+        zw = z.to(wtype)
         logits = tl.zeros((BLOCK_R, NP), dtype=tl.float32)
         for h0 in range(0, H, HC):
             g1 = tl.load(g1_ptr + s * D * H + dcols[:, None] * H + (h0 + hcols)[None, :])
@@ -109,64 +118,129 @@ if triton is not None:
         return weights / tl.sum(weights, axis=1)[:, None]
 
     @triton.jit
+    def _z_tile(z_ptr, codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, R, M, K, rows, row_ok, s_local, s,
+                D: tl.constexpr, DC: tl.constexpr, BLOCK_R: tl.constexpr, Z_GATHER: tl.constexpr,
+                HAS_CTX: tl.constexpr, CTX_PRECISION: tl.constexpr):
+        # the networks' input z of step s on a tile of rows, (BLOCK_R, D) float32: read from z (S', R, D), or
+        # (Z_GATHER) summed from table rows, one a code it depends on (decode_tables: the projection of the
+        # step's codeword and of the instruction codewords before it), plus the context's share
+        # ctx (R, DC) @ pq[s] (DC, D) where HAS_CTX (float32 inputs: CTX_PRECISION "ieee" or "tf32")
+        dcols = tl.arange(0, D)
+        if Z_GATHER:
+            z = tl.zeros((BLOCK_R, D), dtype=tl.float32)
+            for t in range(tl.load(toff_ptr + s), tl.load(toff_ptr + s + 1)):
+                code = tl.load(codes_ptr + rows.to(tl.int64) * M + tl.load(tcol_ptr + t), mask=row_ok, other=0)
+                z += tl.load(tab_ptr + (t * K + code.to(tl.int64))[:, None] * D + dcols[None, :])
+            if HAS_CTX:  # in slices of 16 context columns: a whole (DC, D) float32 slice a pipeline stage
+                # would outgrow the shared memory
+                ccols = tl.arange(0, 16)
+                for c0 in tl.static_range(0, DC, 16):
+                    ctx = tl.load(ctx_ptr + rows.to(tl.int64)[:, None] * DC + c0 + ccols[None, :],
+                                  mask=row_ok[:, None], other=0.0)
+                    pq = tl.load(pq_ptr + s * DC * D + (c0 + ccols)[:, None] * D + dcols[None, :])
+                    z = tl.dot(ctx, pq, acc=z, input_precision=CTX_PRECISION)
+        else:
+            z = tl.load(z_ptr + (s_local * R + rows)[:, None] * D + dcols[None, :], mask=row_ok[:, None], other=0.0)
+        return z
+
+    @triton.jit
     def _gate_kernel(z_ptr, gate_ptr, R, s0, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
-                     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_R: tl.constexpr,
-                     HC: tl.constexpr, PRECISION: tl.constexpr):
+                     codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, M, K,
+                     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, DC: tl.constexpr,
+                     BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, Z_GATHER: tl.constexpr,
+                     HAS_CTX: tl.constexpr, CTX_PRECISION: tl.constexpr):
         # the gates of a (row block, step) into gate (S', R, NP), for the split launch to read (GATE_IN)
         pid = tl.program_id(0)
         s_local = tl.program_id(1)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
-        offsets = (s_local * R + rows)[:, None] * D + tl.arange(0, D)[None, :]
-        gate = _gate_shares(z_ptr, offsets, row_ok, s0 + s_local, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D=D, H=H, NP=NP,
-                            BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
+        z = _z_tile(z_ptr, codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, R, M, K, rows, row_ok, s_local,
+                    s0 + s_local, D=D, DC=DC, BLOCK_R=BLOCK_R, Z_GATHER=Z_GATHER, HAS_CTX=HAS_CTX,
+                    CTX_PRECISION=CTX_PRECISION)
+        gate = _gate_shares(z, s0 + s_local, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D=D, H=H, NP=NP, BLOCK_R=BLOCK_R,
+                            HC=HC, PRECISION=PRECISION)
         ncols = tl.arange(0, NP)
         tl.store(gate_ptr + (s_local * R + rows)[:, None] * NP + ncols[None, :], gate, mask=row_ok[:, None])
 
     @triton.jit
-    def _morph_kernel(z_ptr, out_ptr, R, s0, S_total,
-                      w1_ptr, b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
-                      gate_ptr, D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
-                      BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-                      EXPERTS_INNER: tl.constexpr, GATE_IN: tl.constexpr):
-        # SPLIT: one program a (row block, step, expert), each storing its gate-weighted expert output
-        # into out[n] (N, S', R, D) for a sum over n outside; else one program a (row block, step).
-        # GATE_IN: the gates were computed once by _gate_kernel into gate_ptr (S', R, NP), not by every expert.
-        # the grid: (row blocks, steps[, experts]), or (row blocks x experts, steps) where EXPERTS_INNER
-        if EXPERTS_INNER:
-            pid = tl.program_id(0) // N
-        else:
-            pid = tl.program_id(0)
-        s_local = tl.program_id(1)
-        s = s0 + s_local
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < R
-        dcols = tl.arange(0, D)
+    def _step_part(z, gate_ptr, R, rows, row_ok, s_local, s, S_total, n,
+                   w1_ptr, b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
+                   D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
+                   BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+                   GATE_IN: tl.constexpr):
+        # step s on a tile of rows z: expert n's gate-weighted output (SPLIT) or the gate-weighted sum of every
+        # expert's, (BLOCK_R, D) float32. GATE_IN: the gates come from _gate_kernel's (S', R, NP)
         ncols = tl.arange(0, NP)
-        offsets = (s_local * R + rows)[:, None] * D + dcols[None, :]
         if GATE_IN:
             gate = tl.load(gate_ptr + (s_local * R + rows)[:, None] * NP + ncols[None, :], mask=row_ok[:, None],
                            other=0.0)
         else:
-            gate = _gate_shares(z_ptr, offsets, row_ok, s, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D=D, H=H, NP=NP,
-                                BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
+            gate = _gate_shares(z, s, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D=D, H=H, NP=NP, BLOCK_R=BLOCK_R, HC=HC,
+                                PRECISION=PRECISION)
         # the experts: z + Σ_n a_n (y_L^n - z) = Σ_n a_n y_L^n, the gate's shares summing to 1
         if SPLIT:
-            n = tl.program_id(0) % N if EXPERTS_INNER else tl.program_id(2)
             share = tl.sum(tl.where(ncols[None, :] == n, gate, 0.0), axis=1)
-            part = share[:, None] * _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr,
-                                                b2_ptr, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC,
-                                                PRECISION=PRECISION)
-            tl.store(out_ptr + n * tl.num_programs(1) * R * D + offsets, part, mask=row_ok[:, None])
+            morphed = share[:, None] * _expert_out(z, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D=D, H=H, N=N,
+                                                   L=L, HC=HC, PRECISION=PRECISION)
         else:
             morphed = tl.zeros((BLOCK_R, D), dtype=tl.float32)
-            for n in tl.static_range(N):
-                share = tl.sum(tl.where(ncols[None, :] == n, gate, 0.0), axis=1)
-                morphed += share[:, None] * _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr,
-                                                        w2_ptr, b2_ptr, D=D, H=H, N=N, L=L, BLOCK_R=BLOCK_R, HC=HC,
-                                                        PRECISION=PRECISION)
-            tl.store(out_ptr + offsets, morphed, mask=row_ok[:, None])
+            for e in tl.static_range(N):
+                share = tl.sum(tl.where(ncols[None, :] == e, gate, 0.0), axis=1)
+                morphed += share[:, None] * _expert_out(z, s, e, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D=D, H=H,
+                                                        N=N, L=L, HC=HC, PRECISION=PRECISION)
+        return morphed
 
+    @triton.jit
+    def _morph_kernel(z_ptr, out_ptr, R, s0, S_span, S_total,
+                      w1_ptr, b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, gate_ptr,
+                      codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, M, K,
+                      D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
+                      DC: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr,
+                      SPLIT: tl.constexpr, EXPERTS_INNER: tl.constexpr, GATE_IN: tl.constexpr,
+                      SUM_STEPS: tl.constexpr, Z_GATHER: tl.constexpr, HAS_CTX: tl.constexpr,
+                      CTX_PRECISION: tl.constexpr):
+        # z (S_span, R, D) holds steps s0..s0+S_span-1, or (Z_GATHER) the programs sum each z from tables
+        # (_z_tile). SPLIT: one program a (row block, step, expert), each storing its gate-weighted expert
+        # output into out[n] for a sum over n outside; else one program a (row block, step). SUM_STEPS: a
+        # program loops over the S_span steps and stores their sum instead, so out is (N, R, D) (SPLIT) or
+        # (R, D), and the grid's steps axis is 1.
+        # the grid: (row blocks, steps[, experts]), or (row blocks x experts, steps) where EXPERTS_INNER
+        if EXPERTS_INNER:
+            pid = tl.program_id(0) // N
+            n = tl.program_id(0) % N
+        else:
+            pid = tl.program_id(0)
+            if SPLIT:
+                n = tl.program_id(2)
+            else:
+                n = 0
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        dcols = tl.arange(0, D)
+        if SUM_STEPS:
+            part = tl.zeros((BLOCK_R, D), dtype=tl.float32)
+            for s_local in range(0, S_span):
+                z = _z_tile(z_ptr, codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, R, M, K, rows, row_ok,
+                            s_local, s0 + s_local, D=D, DC=DC, BLOCK_R=BLOCK_R, Z_GATHER=Z_GATHER, HAS_CTX=HAS_CTX,
+                    CTX_PRECISION=CTX_PRECISION)
+                part += _step_part(z, gate_ptr, R, rows, row_ok, s_local, s0 + s_local, S_total, n, w1_ptr, b1_ptr,
+                                   w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D=D, H=H, N=N, NP=NP, L=L,
+                                   BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION, SPLIT=SPLIT, GATE_IN=GATE_IN)
+            target = rows  # out (N, R, D) or (R, D)
+            expert_stride = R
+        else:
+            s_local = tl.program_id(1)
+            z = _z_tile(z_ptr, codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, R, M, K, rows, row_ok,
+                        s_local, s0 + s_local, D=D, DC=DC, BLOCK_R=BLOCK_R, Z_GATHER=Z_GATHER, HAS_CTX=HAS_CTX,
+                    CTX_PRECISION=CTX_PRECISION)
+            part = _step_part(z, gate_ptr, R, rows, row_ok, s_local, s0 + s_local, S_total, n, w1_ptr, b1_ptr,
+                              w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D=D, H=H, N=N, NP=NP, L=L,
+                              BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION, SPLIT=SPLIT, GATE_IN=GATE_IN)
+            target = s_local * R + rows  # out (N, S_span, R, D) or (S_span, R, D)
+            expert_stride = S_span * R
+        if SPLIT:
+            target += n * expert_stride
+        tl.store(out_ptr + target[:, None] * D + dcols[None, :], part, mask=row_ok[:, None])
 
     @triton.jit
     def _routed_kernel(z_ptr, out_ptr, order_ptr, ends_ptr, counts_ptr, starts_ptr, G, s0, S_total,
@@ -189,8 +263,9 @@ if triton is not None:
             s = s0 + s_local
             dcols = tl.arange(0, D)
             offsets = rows[:, None] * D + dcols[None, :]
-            out = _expert_out(z_ptr, offsets, row_ok, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D=D, H=H, N=N,
-                              L=L, BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION)
+            z = tl.load(z_ptr + offsets, mask=row_ok[:, None], other=0.0)
+            out = _expert_out(z, s, n, S_total, w1_ptr, b1_ptr, w2_ptr, b2_ptr, D=D, H=H, N=N, L=L, HC=HC,
+                              PRECISION=PRECISION)
             tl.store(out_ptr + offsets, out, mask=row_ok[:, None])
 
 
@@ -226,40 +301,94 @@ def morph(model, s0: int, s1: int, z: torch.Tensor, sum_steps: bool = False) -> 
     """The morphed codewords of steps s0..s1-1: z (S', R, d) float32 -> (S', R, d) float32, as
     ``RQMoE._morph`` computes them: for dense experts one fused kernel launch (then a sum over the experts'
     partial outputs, where it splits them over programs); under top-1 routing, the gate in torch and one
-    launch for the experts. sum_steps: return their sum over the steps instead, (R, d) float32 (a decode's share of the
-    reconstruction), summed with the experts' partial outputs in one pass where the launch splits them."""
+    launch for the experts. sum_steps: return their sum over the steps instead, (R, d) float32 (a decode's
+    share of the reconstruction), summed with the experts' partial outputs in one pass where the launch
+    splits them."""
     if triton is None:
         raise RuntimeError("the fused kernel needs Triton (pip install triton) and a CUDA device")
     c = model.config
-    dtype, precision = _DTYPES[model.execution.dtype]
     z = z.contiguous()
     S_, R, _ = z.shape
     if R == 0:
         out = torch.empty_like(z)
         return out.sum(0) if sum_steps else out
-    weights = _prepared_weights(model, dtype)
-    chunk = _hidden_chunk(c.hidden)
     if c.top_k == 1:
-        out = _routed_morph(model, s0, s1, z, torch.empty_like(z), weights, precision, chunk)
+        dtype, precision = _DTYPES[model.execution.dtype]
+        out = _routed_morph(model, s0, s1, z, torch.empty_like(z), _prepared_weights(model, dtype), precision,
+                            _hidden_chunk(c.hidden))
         return out.sum(0) if sum_steps else out
+    return _dense_launch(model, s0, S_, R, z, None, sum_steps)
+
+
+def gathers_z(config) -> bool:
+    """Whether a decode of this architecture can build the networks' inputs inside the kernel from tables
+    (CONFIG["z_from_tables"], dense experts, condition 'instruction', an instruction width the kernel's
+    product takes)."""
+    from .config import Condition
+
+    De = config.cond_dim
+    return (CONFIG["z_from_tables"] and config.top_k is None and config.mode is Condition.INSTRUCTION
+            and (De == 0 or (De >= 16 and De & (De - 1) == 0)))
+
+
+def decode_sum(model, codes: torch.Tensor, ctx_cond) -> torch.Tensor:
+    """The morphed steps' share of a decode, summed over the steps: codes (R, M) int64, ctx_cond (R, De) float32
+    or None (the context's share of the instructions) -> (R, d) float32, as ``RQMoE.decode_steps`` computes it.
+    The programs sum each row's network input from ``RQMoE.decode_tables`` (one table row a code it depends
+    on) and the context's product, instead of reading a projected (S, R, d) tensor."""
+    R = codes.shape[0]
+    if R == 0:
+        return codes.new_zeros(0, model.config.d, dtype=torch.float32)
+    return _dense_launch(model, 0, model.config.n_morph_steps, R, None, (codes.contiguous(), ctx_cond), True)
+
+
+def _dense_launch(model, s0: int, S_: int, R: int, z, gathered, sum_steps: bool) -> torch.Tensor:
+    """morph() and decode_sum() for dense experts: z (S_, R, d) float32, or gathered = (codes, ctx_cond) whose
+    z the programs sum from tables; returns (S_, R, d), or (R, d) with sum_steps."""
+    c = model.config
+    dtype, precision = _DTYPES[model.execution.dtype]
+    weights = _prepared_weights(model, dtype)
     blocks = triton.cdiv(R, CONFIG["BLOCK_R"])
     # the partial outputs are addressed with int32 offsets: a launch past 2**31 of them runs unsplit
-    split = splits_experts(c) and c.n_experts * z.numel() < 2 ** 31
+    split = splits_experts(c) and c.n_experts * S_ * R * c.d < 2 ** 31
+    # a decode of many rows sums the steps inside the programs: no (S', R, d) partial outputs to write and read
+    steps_in_program = sum_steps and R >= CONFIG["steps_in_program_min_rows"]
+    spans = 1 if steps_in_program else S_
+    empty = functools.partial(torch.empty, device=weights[0].device, dtype=torch.float32)
     # the (S', R, d) output exists only where it is returned or the unsplit launch writes it
-    out = None if split and sum_steps else torch.empty_like(z)
-    target = z.new_empty(c.n_experts, S_, R, c.d) if split else out
+    out = empty(S_, R, c.d) if not sum_steps else None
+    target = empty(c.n_experts, spans, R, c.d) if split else out if out is not None else empty(spans, R, c.d)
     experts_inner = split and CONFIG["experts_inner"]
-    grid = (blocks * c.n_experts, S_) if experts_inner else (blocks, S_, c.n_experts) if split else (blocks, S_)
-    launch = dict(D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD, BLOCK_R=CONFIG["BLOCK_R"], HC=chunk,
-                  PRECISION=precision, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
-    gate_in = split and CONFIG["gate_once"]
-    gate = z.new_empty(S_, R, N_PAD) if gate_in else z
+    grid = (blocks * c.n_experts, spans) if experts_inner else (blocks, spans, c.n_experts) if split else \
+        (blocks, spans)
+    if gathered is None:
+        tables, has_ctx, M, K, DC = (z,) * 6, False, 0, 0, 16  # the tables' pointers go unread
+    else:
+        codes, ctx = gathered
+        tab, toff, tcol, pq = model.decode_tables()
+        has_ctx = ctx is not None
+        tables = (codes, tab, toff, tcol, ctx.contiguous() if has_ctx else tab, pq if has_ctx else tab)
+        z, M, K, DC = tab, c.M, c.K, max(16, c.cond_dim)  # z's pointer goes unread
+    # the context's product takes float32 inputs: exact for float32 decodes, TF32 for the others
+    source = dict(M=M, K=K, DC=DC, Z_GATHER=gathered is not None, HAS_CTX=has_ctx,
+                  CTX_PRECISION="ieee" if model.execution.dtype == "float32" else "tf32")
+    # the table rows' loads are pipelined too: with float32 weights three stages of them, the weights' tiles
+    # included, outgrow a Hopper chip's shared memory (288 KiB asked, 227 KiB there), so those take two
+    stages = CONFIG["num_stages"] if gathered is None or dtype != torch.float32 else min(2, CONFIG["num_stages"])
+    launch = dict(D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD, BLOCK_R=CONFIG["BLOCK_R"],
+                  HC=_hidden_chunk(c.hidden), PRECISION=precision, num_warps=CONFIG["num_warps"],
+                  num_stages=stages)
+    gate_in = split and CONFIG["gate_once"] and (gathered is None or R <= CONFIG["gathered_gate_once_max_rows"])
+    gate = empty(S_, R, N_PAD) if gate_in else target
     if gate_in:
-        _gate_kernel[(blocks, S_)](z, gate, R, s0, *weights[4:], **launch)
-    _morph_kernel[grid](z, target, R, s0, c.n_morph_steps, *weights, gate, L=c.n_layers, SPLIT=split,
-                        EXPERTS_INNER=experts_inner, GATE_IN=gate_in, **launch)
+        _gate_kernel[(blocks, S_)](z, gate, R, s0, *weights[4:], *tables, **source, **launch)
+    _morph_kernel[grid](z, target, R, s0, S_, c.n_morph_steps, *weights, gate, *tables, L=c.n_layers, SPLIT=split,
+                        EXPERTS_INNER=experts_inner, GATE_IN=gate_in, SUM_STEPS=steps_in_program, **source,
+                        **launch)
     if sum_steps:
-        return target.sum(dim=(0, 1)) if split else out.sum(0)
+        if split:
+            return target.sum(dim=(0, 1))
+        return target[0] if steps_in_program else target.sum(0)
     return torch.sum(target, dim=0, out=out) if split else out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -491,6 +492,39 @@ class RQMoE(nn.Module):
             self._fused_cache[key] = (weights, tables)
         return tables
 
+    def decode_tables(self):
+        """What a decode's step inputs z are made of, for the fused kernel to sum per row (inference).
+
+        z of morphed step s (code step m = s + first_morphed) is linear in the codes:
+        C_m[i_m] P_s + b_s + (sum_{j<m} E_j[i_j] + ctx share) Q_s. Returns tab (T, K, d) float32, the
+        tables C_m P_s + b_s and E_j Q_s, step after step; toff (S + 1,) int32, where each step's tables
+        start in tab; tcol (T,) int32, the code column each table is indexed by; and Q (S, De, d) float32
+        (proj_cond) for the context's share, or None without instructions. Cached while the parameters do
+        not change.
+        """
+        c = self.config
+        params = (self.codebooks, self.proj_code, self.proj_bias, self.instr_codebooks, self.proj_cond)
+        weights = stamp([t for t in params if t is not None])
+        key = ("decode_tables",)
+        if self._cache_weights and key in self._fused_cache and self._fused_cache[key][0] == weights:
+            return self._fused_cache[key][1]
+        tabs, toff, tcol = [], [0], []
+        with torch.no_grad():
+            for s in range(c.n_morph_steps):
+                m = s + c.first_morphed
+                tabs.append(torch.addmm(self.proj_bias[s], self.codebooks[m], self.proj_code[s]))
+                tcol.append(m)
+                for j in range(m if c.De > 0 else 0):
+                    tabs.append(self.instr_codebooks[j] @ self.proj_cond[s])
+                    tcol.append(j)
+                toff.append(len(tcol))
+            as_index = functools.partial(torch.tensor, dtype=torch.int32, device=self.device)
+            tables = (torch.stack(tabs).contiguous(), as_index(toff), as_index(tcol),
+                      self.proj_cond.detach().contiguous() if c.De > 0 else None)
+        if self._cache_weights:
+            self._fused_cache[key] = (weights, tables)
+        return tables
+
     def morph_candidates(self, m: int, candidates: Optional[torch.Tensor], cond: Optional[torch.Tensor],
                          n_rows: Optional[int] = None) -> torch.Tensor:
         """Morphed candidate codewords of step m for several conditioning rows (inference only).
@@ -538,6 +572,13 @@ class RQMoE(nn.Module):
         steps for condition 'instruction'/'none', sequential for 'reconstruction'.
         """
         c = self.config
+        if sum_steps and c.n_morph_steps > 0 and self._use_triton(codes.device):
+            from . import kernels
+            if kernels.gathers_z(c):  # the kernel sums each step's input from tables: no (S, n, d) tensors
+                f = c.first_morphed
+                ctx_cond = self.ctx_cond(ctx)
+                morphed_sum = kernels.decode_sum(self, codes, ctx_cond if c.De > 0 else None)
+                return morphed_sum + step_rows(self.codebooks[:f], codes[:, :f]).sum(1) if f else morphed_sum
         base = step_rows(self.codebooks, codes)  # (n, M, d)
         if c.n_morph_steps == 0:
             return base.sum(1) if sum_steps else base

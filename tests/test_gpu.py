@@ -101,10 +101,18 @@ def test_fused_kernel_equals_the_torch_path(condition, ctx):
         error = float((fused - reference).norm() / reference.norm())
         assert error < tolerance, (dtype, error)
     saved = dict(kernels.CONFIG)
-    try:  # the launch that loops over the experts in one program, beside the default split one
-        kernels.CONFIG.update(split=not saved["split"])
-        other = model.set_execution(kernel="triton", dtype="bfloat16").decode(codes, ctx=ctx_vectors)
-        assert float((other - reference).norm() / reference.norm()) < 2e-2
+    try:  # the launch that loops over the experts in one program, beside the default split one, and both
+        # summing the steps inside their programs
+        # (and the step inputs summed from tables inside the programs)
+        for split, min_rows, tables in ((not saved["split"], saved["steps_in_program_min_rows"], False),
+                                        (True, 0, False), (False, 0, False), (True, 0, True),
+                                        (True, saved["steps_in_program_min_rows"], True)):
+            kernels.CONFIG.update(split=split, steps_in_program_min_rows=min_rows, z_from_tables=tables)
+            other = model.set_execution(kernel="triton", dtype="bfloat16").decode(codes, ctx=ctx_vectors)
+            assert float((other - reference).norm() / reference.norm()) < 2e-2, (split, min_rows, tables)
+        kernels.CONFIG.update(saved, z_from_tables=True)
+        exact = model.set_execution(kernel="triton", dtype="float32").decode(codes, ctx=ctx_vectors)
+        assert float((exact - reference).norm() / reference.norm()) < 1e-4
     finally:
         kernels.CONFIG.update(saved)
     model.set_execution(kernel="triton", dtype="float32")
@@ -130,13 +138,28 @@ import torch
 from faiss_rqmoe import RQMoE, RQMoEConfig, kernels
 # dense experts in the split launch (one program per expert, outputs summed outside the kernel) and not
 # (and the split launch reading gates computed once by a launch before it)
-cases = ((1, 0, "dense", "instruction", True, False), (2, 32, "dense", "instruction", True, True),
-         (3, 0, "dense", "instruction", True, False), (1, 0, "dense", "instruction", False, False),
-         (2, 32, "dense", "instruction", False, False), (2, 0, "dense", "reconstruction", True, True),
-         (1, 0, "top1", "instruction", True, False), (2, 32, "top1", "instruction", True, False),
-         (2, 0, "top1", "reconstruction", True, False))
-for layers, ctx, routing, condition, split, gate_once in cases:
-    kernels.CONFIG.update(split=split, gate_once=gate_once)
+# (and a decode summing the steps inside the programs: steps_in_program_min_rows 0; and one summing each
+# step's input from tables inside the programs: z_from_tables)
+EVERY, NEVER = 0, 1 << 62
+cases = ((1, 0, "dense", "instruction", True, False, NEVER, False),
+         (2, 32, "dense", "instruction", True, True, NEVER, False),
+         (3, 0, "dense", "instruction", True, False, NEVER, False),
+         (1, 0, "dense", "instruction", False, False, NEVER, False),
+         (2, 32, "dense", "instruction", False, False, NEVER, False),
+         (2, 0, "dense", "reconstruction", True, True, NEVER, False),
+         (2, 32, "dense", "instruction", True, True, EVERY, False),
+         (1, 0, "dense", "instruction", True, False, EVERY, False),
+         (2, 32, "dense", "instruction", False, False, EVERY, False),
+         (2, 32, "dense", "instruction", True, True, EVERY, True),
+         (2, 0, "dense", "instruction", True, True, NEVER, True),
+         (1, 32, "dense", "instruction", False, False, NEVER, True),
+         (2, 32, "dense", "instruction", True, False, EVERY, True),
+         (1, 0, "top1", "instruction", True, False, NEVER, False),
+         (2, 32, "top1", "instruction", True, False, NEVER, False),
+         (2, 0, "top1", "reconstruction", True, False, NEVER, False))
+for layers, ctx, routing, condition, split, gate_once, min_rows, tables in cases:
+    kernels.CONFIG.update(split=split, gate_once=gate_once, steps_in_program_min_rows=min_rows,
+                          z_from_tables=tables)
     model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=layers, hidden=48, ctx_dim=ctx, routing=routing,
                               condition=condition))
     generator = torch.Generator().manual_seed(layers)
@@ -175,11 +198,15 @@ def test_fused_kernel_in_the_triton_interpreter():
     assert run.returncode == 0 and "kernel ok" in run.stdout, run.stderr[-2000:]
 
 
+HOPPER_SHARED_BYTES = 232_448  # shared memory a program may use on an H100 or H200 (227 KiB)
+
+
 def test_fused_kernels_compile_for_hopper():
     """Every launch variant of the fused kernels compiles to Hopper machine code (sm_90, wgmma) without a GPU:
     Triton's front end, its passes and the ptxas it ships run on the CPU. The interpreter test checks their
     arithmetic; this one catches what only compilation sees (types, constexpr branches, layouts). Skipped
-    where Triton is not installed (CI)."""
+    where Triton is not installed (CI). Each must also fit a Hopper chip's shared memory, which only a launch
+    would otherwise check."""
     pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as compile_kernel
@@ -191,15 +218,30 @@ def test_fused_kernels_compile_for_hopper():
         signature = dict(pointers, **{name: "constexpr" for name in constexprs})
         return compile_kernel(ASTSource(fn, signature, constexprs), target=target, options=options)
 
-    pointers = dict(z_ptr="*fp32", out_ptr="*fp32", R="i32", s0="i32", S_total="i32", w1_ptr="*bf16",
-                    b1_ptr="*fp32", w2_ptr="*bf16", b2_ptr="*fp32", g1_ptr="*bf16", gb1_ptr="*fp32", g2_ptr="*bf16",
-                    gb2_ptr="*fp32", gate_ptr="*fp32")
-    flags = ("SPLIT", "EXPERTS_INNER", "GATE_IN")
-    for values in ((1, 1, 0), (1, 1, 1), (1, 0, 0), (1, 0, 1), (0, 0, 0)):
-        compiled = build(kernels._morph_kernel, pointers, dict(shape, L=2, **dict(zip(flags, map(bool, values)))))
+    tables = dict(codes_ptr="*i64", tab_ptr="*fp32", toff_ptr="*i32", tcol_ptr="*i32", ctx_ptr="*fp32",
+                  pq_ptr="*fp32", M="i32", K="i32")
+    pointers = dict(z_ptr="*fp32", out_ptr="*fp32", R="i32", s0="i32", S_span="i32", S_total="i32",
+                    w1_ptr="*bf16", b1_ptr="*fp32", w2_ptr="*bf16", b2_ptr="*fp32", g1_ptr="*bf16", gb1_ptr="*fp32",
+                    g2_ptr="*bf16", gb2_ptr="*fp32", gate_ptr="*fp32", **tables)
+    flags = ("SPLIT", "EXPERTS_INNER", "GATE_IN", "SUM_STEPS", "Z_GATHER", "HAS_CTX")
+    source = dict(DC=128, CTX_PRECISION="tf32")
+    for values in ((1, 1, 0, 0, 0, 0), (1, 1, 1, 0, 0, 0), (1, 0, 0, 0, 0, 0), (1, 0, 1, 0, 0, 0), (0, 0, 0, 0, 0, 0),
+                   (1, 1, 1, 1, 0, 0), (0, 0, 0, 1, 0, 0), (1, 1, 1, 1, 1, 1), (1, 1, 1, 0, 1, 0), (0, 0, 0, 1, 1, 1)):
+        constexprs = dict(shape, L=2, **source, **dict(zip(flags, map(bool, values))))
+        compiled = build(kernels._morph_kernel, pointers, constexprs)
         assert "wgmma.mma_async" in compiled.asm["ptx"] and compiled.asm["cubin"], values
-    build(kernels._gate_kernel, dict(z_ptr="*fp32", gate_ptr="*fp32", R="i32", s0="i32", g1_ptr="*bf16",
-                                     gb1_ptr="*fp32", g2_ptr="*bf16", gb2_ptr="*fp32"), shape)
+        assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, (values, compiled.metadata.shared)
+    # float32 weights (a float32 or TF32 decode) take twice the shared memory a pipeline stage
+    fp32_pointers = {name: "*fp32" if kind == "*bf16" else kind for name, kind in pointers.items()}
+    for values in ((1, 1, 1, 1, 1, 1), (0, 0, 0, 0, 1, 1)):
+        constexprs = dict(shape, L=2, **dict(source, CTX_PRECISION="ieee"), **dict(zip(flags, map(bool, values))))
+        compiled = build(kernels._morph_kernel, fp32_pointers, constexprs)
+        assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, ("float32", values, compiled.metadata.shared)
+    gate_pointers = dict(z_ptr="*fp32", gate_ptr="*fp32", R="i32", s0="i32", g1_ptr="*bf16", gb1_ptr="*fp32",
+                         g2_ptr="*bf16", gb2_ptr="*fp32", **tables)
+    for gather in (False, True):
+        compiled = build(kernels._gate_kernel, gate_pointers, dict(shape, **source, Z_GATHER=gather, HAS_CTX=gather))
+        assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, (gather, compiled.metadata.shared)
     routed = dict(z_ptr="*fp32", out_ptr="*fp32", order_ptr="*i32", ends_ptr="*i32", counts_ptr="*i32",
                   starts_ptr="*i32", G="i32", s0="i32", S_total="i32", w1_ptr="*bf16", b1_ptr="*fp32", w2_ptr="*bf16",
                   b2_ptr="*fp32")

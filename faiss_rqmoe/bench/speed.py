@@ -219,26 +219,29 @@ def interleaved_decode(configs: Dict[str, RQMoEConfig], device: torch.device, ba
     return {"batch": batch, "rounds": rounds, "decode_vps": medians}
 
 
-# (rows a program, hidden units a chunk, warps, pipeline stages, one program per expert, the expert the
-# fastest-varying program index, the gates computed once before the split launch) that --sweep tries
-TILE_SWEEP = ((64, 64, 4, 3, True, False, False), (64, 64, 4, 3, True, True, False),
-              (64, 64, 4, 3, True, True, True), (64, 64, 4, 3, False, False, False),
-              (128, 64, 8, 3, True, True, True), (64, 128, 4, 2, True, True, True))
+# the launch settings --sweep tries, each as changes to kernels.CONFIG's defaults (rows a program, hidden
+# units a chunk, warps, pipeline stages, one program per expert, the expert the fastest-varying program index,
+# the gates computed once before the split launch, from how many rows a decode sums the steps inside the
+# programs, a decode's step inputs summed from tables inside the programs)
+NEVER = 1 << 62
+TILE_SWEEP = (dict(steps_in_program_min_rows=NEVER, z_from_tables=False),
+              dict(z_from_tables=False),
+              dict(z_from_tables=True, gathered_gate_once_max_rows=NEVER),
+              dict(z_from_tables=True, gate_once=False),
+              dict(z_from_tables=True))
 
 
 def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str) -> List[dict]:
-    """Decode vectors/s of the fused kernel for several launch settings (kernels.CONFIG: rows a program,
-    hidden chunk, warps, stages, split, experts_inner, gate_once), on byte codes (no range check: the
-    kernel's time, not a host wait)."""
+    """Decode vectors/s of the fused kernel for each launch setting of TILE_SWEEP, on byte codes (no range
+    check: the kernel's time, not a host wait)."""
     from .. import kernels
 
     config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
     model = random_model(config, device).set_execution(kernel="triton", dtype=precision)
     saved, rows = dict(kernels.CONFIG), []
     try:
-        for block_r, chunk, warps, stages, split, experts_inner, gate_once in TILE_SWEEP:
-            kernels.CONFIG.update(BLOCK_R=block_r, HC=chunk, num_warps=warps, num_stages=stages, split=split,
-                                  experts_inner=experts_inner, gate_once=gate_once)
+        for changes in TILE_SWEEP:
+            kernels.CONFIG.update(saved, **changes)
             for batch in batches:
                 codes = torch.randint(0, config.K, (batch, config.M), device=device).to(torch.uint8)
                 with torch.inference_mode():
