@@ -47,9 +47,11 @@ except ImportError:  # CI and CPU-only installs: the torch path is used
 # gathered_gate_once_max_rows: such a decode computes the gates in a launch before the split one only up to
 # this many codes; above it (batch 100 000: a 45 MB gate buffer) every expert's program computes them
 # (24.1 M against 20.3 M).
+# decode_tables_max_bytes: a larger architecture's tables (about M²/2 of (K, d), 4.5 GB at 16 steps of 16
+# bits) are not built: its decode reads z as before.
 CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 3, "split": True, "experts_inner": True,
           "gate_once": True, "steps_in_program_min_rows": 8192, "z_from_tables": True,
-          "gathered_gate_once_max_rows": 32768}
+          "gathered_gate_once_max_rows": 32768, "decode_tables_max_bytes": 64 << 20}
 N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at least
 
 
@@ -323,12 +325,21 @@ def morph(model, s0: int, s1: int, z: torch.Tensor, sum_steps: bool = False) -> 
 def gathers_z(config) -> bool:
     """Whether a decode of this architecture can build the networks' inputs inside the kernel from tables
     (CONFIG["z_from_tables"], dense experts, condition 'instruction', an instruction width the kernel's
-    product takes)."""
+    product takes, tables within CONFIG["decode_tables_max_bytes"])."""
     from .config import Condition
 
     De = config.cond_dim
     return (CONFIG["z_from_tables"] and config.top_k is None and config.mode is Condition.INSTRUCTION
-            and (De == 0 or (De >= 16 and De & (De - 1) == 0)))
+            and (De == 0 or (De >= 16 and De & (De - 1) == 0))
+            and decode_tables_bytes(config) <= CONFIG["decode_tables_max_bytes"])
+
+
+def decode_tables_bytes(config) -> int:
+    """Bytes of ``RQMoE.decode_tables`` for this architecture: one (K, d) float32 table a morphed step and one
+    a (step, earlier instruction), about M²/2 of them (4.6 MB at d=128, 8 bytes of 8 bits)."""
+    steps = range(config.first_morphed, config.M)
+    tables = sum(1 + (m if config.De > 0 else 0) for m in steps) if config.n_morph_steps else 0
+    return tables * config.K * config.d * 4
 
 
 def decode_sum(model, codes: torch.Tensor, ctx_cond) -> torch.Tensor:
@@ -336,6 +347,8 @@ def decode_sum(model, codes: torch.Tensor, ctx_cond) -> torch.Tensor:
     or None (the context's share of the instructions) -> (R, d) float32, as ``RQMoE.decode_steps`` computes it.
     The programs sum each row's network input from ``RQMoE.decode_tables`` (one table row a code it depends
     on) and the context's product, instead of reading a projected (S, R, d) tensor."""
+    if not gathers_z(model.config):
+        raise ValueError("decode_sum: this architecture's decode reads z (kernels.gathers_z is False)")
     R = codes.shape[0]
     if R == 0:
         return codes.new_zeros(0, model.config.d, dtype=torch.float32)

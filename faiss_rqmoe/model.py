@@ -509,18 +509,20 @@ class RQMoE(nn.Module):
         if self._cache_weights and key in self._fused_cache and self._fused_cache[key][0] == weights:
             return self._fused_cache[key][1]
         tabs, toff, tcol = [], [0], []
-        with torch.no_grad():
+        # in float64, outside any autocast: the cache outlives both the autocast and the TF32 switch
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             for s in range(c.n_morph_steps):
                 m = s + c.first_morphed
-                tabs.append(torch.addmm(self.proj_bias[s], self.codebooks[m], self.proj_code[s]))
+                tabs.append(torch.addmm(self.proj_bias[s].double(), self.codebooks[m].double(),
+                                        self.proj_code[s].double()))
                 tcol.append(m)
                 for j in range(m if c.De > 0 else 0):
-                    tabs.append(self.instr_codebooks[j] @ self.proj_cond[s])
+                    tabs.append(self.instr_codebooks[j].double() @ self.proj_cond[s].double())
                     tcol.append(j)
                 toff.append(len(tcol))
             as_index = functools.partial(torch.tensor, dtype=torch.int32, device=self.device)
-            tables = (torch.stack(tabs).contiguous(), as_index(toff), as_index(tcol),
-                      self.proj_cond.detach().contiguous() if c.De > 0 else None)
+            tables = (torch.stack(tabs).float().contiguous(), as_index(toff), as_index(tcol),
+                      self.proj_cond.detach().float().contiguous() if c.De > 0 else None)
         if self._cache_weights:
             self._fused_cache[key] = (weights, tables)
         return tables
@@ -577,7 +579,8 @@ class RQMoE(nn.Module):
             if kernels.gathers_z(c):  # the kernel sums each step's input from tables: no (S, n, d) tensors
                 f = c.first_morphed
                 ctx_cond = self.ctx_cond(ctx)
-                morphed_sum = kernels.decode_sum(self, codes, ctx_cond if c.De > 0 else None)
+                ctx_cond = ctx_cond.float() if ctx_cond is not None and c.De > 0 else None  # (autocast)
+                morphed_sum = kernels.decode_sum(self, codes, ctx_cond)
                 return morphed_sum + step_rows(self.codebooks[:f], codes[:, :f]).sum(1) if f else morphed_sum
         base = step_rows(self.codebooks, codes)  # (n, M, d)
         if c.n_morph_steps == 0:

@@ -180,6 +180,19 @@ for layers, ctx, routing, condition, split, gate_once, min_rows, tables in cases
             want = model.set_execution(kernel="torch").encode(some, candidates, beam, ctx=some_ctx)
             got = model.set_execution(kernel="triton").encode(some, candidates, beam, ctx=some_ctx)
             assert float((got == want).all(1).float().mean()) >= 0.99, (layers, candidates, beam)
+# a decode's inputs from tables at other instruction widths (16 < d, none) and in the unsplit launch
+for instr, ctx, split in ((16, 32, False), (16, 0, True), (0, 0, True)):
+    kernels.CONFIG.update(split=split, gate_once=split, steps_in_program_min_rows=EVERY, z_from_tables=True)
+    model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=48, ctx_dim=ctx, instr_dim=instr))
+    generator = torch.Generator().manual_seed(instr + ctx)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    codes = torch.randint(0, 32, (150, 4), generator=generator)
+    ctx_vectors = torch.randn(150, 32, generator=generator) if ctx else None
+    reference = model.set_execution(kernel="torch").decode(codes, ctx=ctx_vectors)
+    fused = model.set_execution(kernel="triton").decode(codes, ctx=ctx_vectors)
+    assert float((fused - reference).abs().max()) < 1e-4 * float(reference.abs().max()), (instr, ctx, split)
 print("kernel ok")
 """
 
@@ -214,9 +227,10 @@ def test_fused_kernels_compile_for_hopper():
     target, options = GPUTarget("cuda", 90, 32), dict(num_warps=4, num_stages=3)
     shape = dict(D=128, H=256, N=4, NP=kernels.N_PAD, BLOCK_R=64, HC=64, PRECISION="ieee")
 
-    def build(fn, pointers, constexprs):
+    def build(fn, pointers, constexprs, stages=3):
         signature = dict(pointers, **{name: "constexpr" for name in constexprs})
-        return compile_kernel(ASTSource(fn, signature, constexprs), target=target, options=options)
+        return compile_kernel(ASTSource(fn, signature, constexprs), target=target,
+                              options=dict(options, num_stages=stages))
 
     tables = dict(codes_ptr="*i64", tab_ptr="*fp32", toff_ptr="*i32", tcol_ptr="*i32", ctx_ptr="*fp32",
                   pq_ptr="*fp32", M="i32", K="i32")
@@ -231,17 +245,23 @@ def test_fused_kernels_compile_for_hopper():
         compiled = build(kernels._morph_kernel, pointers, constexprs)
         assert "wgmma.mma_async" in compiled.asm["ptx"] and compiled.asm["cubin"], values
         assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, (values, compiled.metadata.shared)
-    # float32 weights (a float32 or TF32 decode) take twice the shared memory a pipeline stage
+    # float32 weights (a float32 or TF32 decode) take twice the shared memory a pipeline stage: a decode
+    # from tables launches them with two stages, the other launches with three
     fp32_pointers = {name: "*fp32" if kind == "*bf16" else kind for name, kind in pointers.items()}
-    for values in ((1, 1, 1, 1, 1, 1), (0, 0, 0, 0, 1, 1)):
+    for values, stages in (((1, 1, 1, 1, 1, 1), 2), ((0, 0, 0, 0, 1, 1), 2), ((1, 1, 1, 0, 1, 1), 2),
+                           ((1, 1, 1, 1, 0, 0), 3), ((1, 1, 1, 0, 0, 0), 3)):
         constexprs = dict(shape, L=2, **dict(source, CTX_PRECISION="ieee"), **dict(zip(flags, map(bool, values))))
-        compiled = build(kernels._morph_kernel, fp32_pointers, constexprs)
+        compiled = build(kernels._morph_kernel, fp32_pointers, constexprs, stages)
         assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, ("float32", values, compiled.metadata.shared)
     gate_pointers = dict(z_ptr="*fp32", gate_ptr="*fp32", R="i32", s0="i32", g1_ptr="*bf16", gb1_ptr="*fp32",
                          g2_ptr="*bf16", gb2_ptr="*fp32", **tables)
     for gather in (False, True):
         compiled = build(kernels._gate_kernel, gate_pointers, dict(shape, **source, Z_GATHER=gather, HAS_CTX=gather))
         assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, (gather, compiled.metadata.shared)
+    fp32_gate = {name: "*fp32" if kind == "*bf16" else kind for name, kind in gate_pointers.items()}
+    compiled = build(kernels._gate_kernel, fp32_gate, dict(shape, **dict(source, CTX_PRECISION="ieee"), Z_GATHER=True,
+                                                           HAS_CTX=True), stages=2)
+    assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, ("float32 gate", compiled.metadata.shared)
     routed = dict(z_ptr="*fp32", out_ptr="*fp32", order_ptr="*i32", ends_ptr="*i32", counts_ptr="*i32",
                   starts_ptr="*i32", G="i32", s0="i32", S_total="i32", w1_ptr="*bf16", b1_ptr="*fp32", w2_ptr="*bf16",
                   b2_ptr="*fp32")
