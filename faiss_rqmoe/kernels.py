@@ -165,13 +165,18 @@ if triton is not None:
         tl.store(gate_ptr + (s_local * R + rows)[:, None] * NP + ncols[None, :], gate, mask=row_ok[:, None])
 
     @triton.jit
-    def _step_part(z, gate_ptr, R, rows, row_ok, s_local, s, S_total, n,
+    def _step_part(z_ptr, gate_ptr, R, rows, row_ok, s_local, s, S_total, n,
                    w1_ptr, b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
+                   codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, M, K,
                    D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
-                   BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-                   GATE_IN: tl.constexpr):
-        # step s on a tile of rows z: expert n's gate-weighted output (SPLIT) or the gate-weighted sum of every
-        # expert's, (BLOCK_R, D) float32. GATE_IN: the gates come from _gate_kernel's (S', R, NP)
+                   DC: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr,
+                   SPLIT: tl.constexpr, GATE_IN: tl.constexpr, Z_GATHER: tl.constexpr, HAS_CTX: tl.constexpr,
+                   CTX_PRECISION: tl.constexpr):
+        # step s on a tile of rows (its z from _z_tile): expert n's gate-weighted output (SPLIT) or the
+        # gate-weighted sum of every expert's, (BLOCK_R, D) float32. GATE_IN: the gates come from
+        # _gate_kernel's (S', R, NP)
+        z = _z_tile(z_ptr, codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, R, M, K, rows, row_ok, s_local, s,
+                    D=D, DC=DC, BLOCK_R=BLOCK_R, Z_GATHER=Z_GATHER, HAS_CTX=HAS_CTX, CTX_PRECISION=CTX_PRECISION)
         ncols = tl.arange(0, NP)
         if GATE_IN:
             gate = tl.load(gate_ptr + (s_local * R + rows)[:, None] * NP + ncols[None, :], mask=row_ok[:, None],
@@ -222,22 +227,20 @@ if triton is not None:
         if SUM_STEPS:
             part = tl.zeros((BLOCK_R, D), dtype=tl.float32)
             for s_local in range(0, S_span):
-                z = _z_tile(z_ptr, codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, R, M, K, rows, row_ok,
-                            s_local, s0 + s_local, D=D, DC=DC, BLOCK_R=BLOCK_R, Z_GATHER=Z_GATHER, HAS_CTX=HAS_CTX,
-                    CTX_PRECISION=CTX_PRECISION)
-                part += _step_part(z, gate_ptr, R, rows, row_ok, s_local, s0 + s_local, S_total, n, w1_ptr, b1_ptr,
-                                   w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D=D, H=H, N=N, NP=NP, L=L,
-                                   BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION, SPLIT=SPLIT, GATE_IN=GATE_IN)
+                part += _step_part(z_ptr, gate_ptr, R, rows, row_ok, s_local, s0 + s_local, S_total, n, w1_ptr,
+                                   b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, codes_ptr, tab_ptr,
+                                   toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, M, K, D=D, H=H, N=N, NP=NP, L=L, DC=DC,
+                                   BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION, SPLIT=SPLIT, GATE_IN=GATE_IN,
+                                   Z_GATHER=Z_GATHER, HAS_CTX=HAS_CTX, CTX_PRECISION=CTX_PRECISION)
             target = rows  # out (N, R, D) or (R, D)
             expert_stride = R
         else:
             s_local = tl.program_id(1)
-            z = _z_tile(z_ptr, codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, R, M, K, rows, row_ok,
-                        s_local, s0 + s_local, D=D, DC=DC, BLOCK_R=BLOCK_R, Z_GATHER=Z_GATHER, HAS_CTX=HAS_CTX,
-                    CTX_PRECISION=CTX_PRECISION)
-            part = _step_part(z, gate_ptr, R, rows, row_ok, s_local, s0 + s_local, S_total, n, w1_ptr, b1_ptr,
-                              w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D=D, H=H, N=N, NP=NP, L=L,
-                              BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION, SPLIT=SPLIT, GATE_IN=GATE_IN)
+            part = _step_part(z_ptr, gate_ptr, R, rows, row_ok, s_local, s0 + s_local, S_total, n, w1_ptr, b1_ptr,
+                              w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, codes_ptr, tab_ptr, toff_ptr,
+                              tcol_ptr, ctx_ptr, pq_ptr, M, K, D=D, H=H, N=N, NP=NP, L=L, DC=DC, BLOCK_R=BLOCK_R,
+                              HC=HC, PRECISION=PRECISION, SPLIT=SPLIT, GATE_IN=GATE_IN, Z_GATHER=Z_GATHER,
+                              HAS_CTX=HAS_CTX, CTX_PRECISION=CTX_PRECISION)
             target = s_local * R + rows  # out (N, S_span, R, D) or (S_span, R, D)
             expert_stride = S_span * R
         if SPLIT:
@@ -337,9 +340,9 @@ def gathers_z(config) -> bool:
 def decode_tables_bytes(config) -> int:
     """Bytes of ``RQMoE.decode_tables`` for this architecture: one (K, d) float32 table a morphed step and one
     a (step, earlier instruction), about M²/2 of them (4.6 MB at d=128, 8 bytes of 8 bits)."""
-    steps = range(config.first_morphed, config.M)
-    tables = sum(1 + (m if config.De > 0 else 0) for m in steps) if config.n_morph_steps else 0
-    return tables * config.K * config.d * 4
+    from .model import decode_table_columns
+
+    return sum(map(len, decode_table_columns(config))) * config.K * config.d * 4
 
 
 def decode_sum(model, codes: torch.Tensor, ctx_cond) -> torch.Tensor:

@@ -511,14 +511,12 @@ class RQMoE(nn.Module):
         tabs, toff, tcol = [], [0], []
         # in float64, outside any autocast: the cache outlives both the autocast and the TF32 switch
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            for s in range(c.n_morph_steps):
-                m = s + c.first_morphed
+            for s, columns in enumerate(decode_table_columns(c)):
+                m = columns[0]
                 tabs.append(torch.addmm(self.proj_bias[s].double(), self.codebooks[m].double(),
                                         self.proj_code[s].double()))
-                tcol.append(m)
-                for j in range(m if c.De > 0 else 0):
-                    tabs.append(self.instr_codebooks[j].double() @ self.proj_cond[s].double())
-                    tcol.append(j)
+                tabs.extend(self.instr_codebooks[j].double() @ self.proj_cond[s].double() for j in columns[1:])
+                tcol.extend(columns)
                 toff.append(len(tcol))
             as_index = functools.partial(torch.tensor, dtype=torch.int32, device=self.device)
             tables = (torch.stack(tabs).float().contiguous(), as_index(toff), as_index(tcol),
@@ -577,11 +575,9 @@ class RQMoE(nn.Module):
         if sum_steps and c.n_morph_steps > 0 and self._use_triton(codes.device):
             from . import kernels
             if kernels.gathers_z(c):  # the kernel sums each step's input from tables: no (S, n, d) tensors
-                f = c.first_morphed
                 ctx_cond = self.ctx_cond(ctx)
                 ctx_cond = ctx_cond.float() if ctx_cond is not None and c.De > 0 else None  # (autocast)
-                morphed_sum = kernels.decode_sum(self, codes, ctx_cond)
-                return morphed_sum + step_rows(self.codebooks[:f], codes[:, :f]).sum(1) if f else morphed_sum
+                return self._plus_unmorphed(kernels.decode_sum(self, codes, ctx_cond), codes)
         base = step_rows(self.codebooks, codes)  # (n, M, d)
         if c.n_morph_steps == 0:
             return base.sum(1) if sum_steps else base
@@ -596,10 +592,14 @@ class RQMoE(nn.Module):
             cond = cond.transpose(0, 1)  # (S, n, De)
         z = self._project(0, S, base[:, f:].transpose(0, 1), cond)
         if sum_steps:
-            morphed_sum = self._morph(0, S, z, sum_steps=True)  # (n, d)
-            return morphed_sum + base[:, :f].sum(1) if f else morphed_sum
+            return self._plus_unmorphed(self._morph(0, S, z, sum_steps=True), codes)
         morphed = self._morph(0, S, z)  # (S, n, d)
         return torch.cat([base[:, :f], morphed.transpose(0, 1)], dim=1)
+
+    def _plus_unmorphed(self, morphed_sum: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """A decode's sum over the morphed steps (n, d) plus the codewords of the steps before them."""
+        f = self.config.first_morphed
+        return morphed_sum + step_rows(self.codebooks[:f], codes[:, :f]).sum(1) if f else morphed_sum
 
     def _decode_steps_sequential(self, codes: torch.Tensor, base: torch.Tensor,
                                  ctx_cond: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -742,6 +742,14 @@ def routed_gate(gate: torch.Tensor, k: int) -> torch.Tensor:
     weights still pass a gradient to the gate, also when k = 1 (their value is then exactly 1)."""
     top_w, top_n = torch.topk(gate, k, dim=-1)
     return torch.zeros_like(gate).scatter(-1, top_n, top_w / top_w.sum(-1, keepdim=True).detach())
+
+
+def decode_table_columns(config: RQMoEConfig) -> list:
+    """The code columns each morphed step's input z depends on, one list a step (``RQMoE.decode_tables`` keeps a
+    table for each): the step's own code m first, then the earlier codes 0..m-1 whose instruction codewords
+    condition it (none without instructions)."""
+    return [[m] + list(range(m if config.De > 0 else 0)) for m in range(config.first_morphed, config.M)] \
+        if config.n_morph_steps else []
 
 
 def step_rows(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
