@@ -26,9 +26,9 @@ def encode_scaled(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int] = 
     c = model.config
     preselect = n_candidates is not None and n_candidates < c.K
     A = n_candidates if preselect else c.K
-    bs = model.rows_per_chunk(A * beam_size)
-    if beam_size > 1:  # plain codewords are scored K at a time per hypothesis: ~3 (K, d) float temporaries
-        bs = min(bs, max(1, model.mem_budget_bytes // (beam_size * c.K * c.d * 4 * 3)))
+    bs = model.rows_per_chunk(A * beam_size, scored=True)
+    if beam_size > 1:  # plain codewords are scored K at a time per hypothesis: ~3 (K,) float temporaries
+        bs = min(bs, max(1, model.mem_budget_bytes // (beam_size * c.K * 4 * 3)))
     codes = torch.empty(xs.shape[0], c.M, dtype=torch.int64, device=xs.device)
     for i0 in range(0, xs.shape[0], bs):
         chunk = xs[i0:i0 + bs]
@@ -55,10 +55,10 @@ def _greedy_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int],
     ctx_cond = model.ctx_cond(ctx)
     instr = ctx_cond if c.mode is Condition.INSTRUCTION else None
     # in the exact branch, rows with the same context share their morphed codebooks (see _select_all)
-    groups = None
+    groups, n_groups = None, 1
     if ctx is not None and n_candidates is None:
-        groups = torch.unique(ctx, dim=0, return_inverse=True)[1]
-    rows = torch.arange(b, device=xs.device)
+        distinct, groups = torch.unique(ctx, dim=0, return_inverse=True)
+        n_groups = distinct.shape[0]
     for m in range(c.M):
         book = model.codebooks[m]  # (K, d)
         if m < c.first_morphed or c.n_morph_steps == 0:
@@ -67,13 +67,9 @@ def _greedy_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int],
         else:
             cond = instr if c.mode is Condition.INSTRUCTION else recon_cond(xs - residual, ctx_cond)
             if n_candidates is None:
-                idx, chosen = _select_all(model, m, codes[:, :m], residual, cond, groups)
+                idx, chosen = _select_all(model, m, codes[:, :m], residual, cond, groups, n_groups)
             else:
-                candidates = _base_scores(book, residual).topk(n_candidates, dim=1, largest=False).indices
-                morphed = model.morph_candidates(m, candidates, cond)  # (b, A, d)
-                best = _residual_scores(morphed, residual).argmin(1)
-                idx = candidates[rows, best]
-                chosen = morphed[rows, best]
+                idx, chosen = _select_candidates(model, m, book, residual, cond, n_candidates)
         codes[:, m] = idx
         residual = residual - chosen
         if c.mode is Condition.INSTRUCTION and m < c.M - 1:
@@ -81,38 +77,85 @@ def _greedy_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int],
     return codes
 
 
+def _select_candidates(model: RQMoE, m: int, book: torch.Tensor, residual: torch.Tensor,
+                       cond: Optional[torch.Tensor], n_candidates: int):
+    """Greedy choice at step m among the n_candidates base codewords of book (K, d) nearest each residual
+    (b, d), by their morphed words' scores. Returns idx (b,) int64 and the chosen morphed codewords (b, d)
+    (the step's partial outputs are freed on return, before the next step's)."""
+    candidates = _base_scores(book, residual).topk(n_candidates, dim=1, largest=False).indices
+    scores, words = score_candidates(model, m, candidates, cond, residual)  # (b, A)
+    best = scores.argmin(1)
+    rows = torch.arange(residual.shape[0], device=residual.device)
+    return candidates[rows, best], words(rows, best)
+
+
 def _residual_scores(words: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """||w||² - 2 <r, w> for candidate words (b, A, d) and residuals (b, d): (b, A)."""
     return (words * words).sum(-1) - 2 * torch.bmm(words, residual.unsqueeze(-1)).squeeze(-1)
 
 
+def score_candidates(model: RQMoE, m: int, candidates: Optional[torch.Tensor], cond: Optional[torch.Tensor],
+                     residual: torch.Tensor, owner: Optional[torch.Tensor] = None, n_rows: Optional[int] = None):
+    """Scores ||w||² - 2 <r, w> of step m's morphed candidate words w against residual rows.
+
+    candidates: (u, A) int64 codeword indices a conditioning row, or None for all K; cond: (u, Dc) or None;
+    residual: (b, d); owner: (b,) int64, the conditioning row each residual row is scored with, from
+    torch.unique's inverse (a permutation where u == b), or None: row i with row i (b = u); n_rows: u where
+    neither candidates nor cond says it. Returns scores (b, A) float32 and words(rows, which), the morphed
+    words of conditioning rows ``rows`` and candidate columns ``which`` (int64, one shape) -> (*shape, d).
+    Where the fused kernel runs dense experts, it scores inside (kernels.candidate_scores) and words() sums
+    the kept rows' partial outputs; elsewhere every candidate is morphed (RQMoE.morph_candidates).
+    """
+    if model.config.top_k is None and model._use_triton(residual.device):
+        from . import kernels
+        s = m - model.config.first_morphed
+        z_words, z_cond = model.candidate_inputs(s, cond)
+        scores, parts = kernels.candidate_scores(model, s, z_words, z_cond, candidates, residual, owner, n_rows)
+        A = scores.shape[1]
+        return scores, lambda rows, which: parts[:, rows * A + which].sum(0)
+    morphed = model.morph_candidates(m, candidates, cond, n_rows)  # (u, A, d)
+    if owner is None:
+        scores = _residual_scores(morphed, residual)
+    elif morphed.shape[0] == residual.shape[0]:  # every row its own words: score in their order, no (b, A, d) copy
+        first = torch.empty_like(owner).scatter_(0, owner, torch.arange(len(owner), device=owner.device))
+        scores = _residual_scores(morphed, residual[first])[owner]
+    else:
+        scores = (morphed * morphed).sum(-1)[owner] - 2 * torch.bmm(morphed[owner], residual.unsqueeze(-1)).squeeze(-1)
+    return scores, lambda rows, which: morphed[rows, which]
+
+
+DEDUP_KEYS_PER_ROW = 8  # _select_all looks for rows sharing a codebook only where a step has at most this many
+# possible (context, prefix) keys a row: with more, few rows share one, and the search's sort and wait on the
+# device cost more than the words it saves
+
+
 def _select_all(model: RQMoE, m: int, prefix: torch.Tensor, residual: torch.Tensor,
-                cond: Optional[torch.Tensor], groups: Optional[torch.Tensor] = None):
+                cond: Optional[torch.Tensor], groups: Optional[torch.Tensor] = None, n_groups: int = 1):
     """Exact greedy choice at step m over all K morphed codewords.
 
     The morphed codebook depends only on the code prefix (and the context),
-    so it is computed once per distinct (context group, prefix) in the chunk:
-    at step 2 without a context there are at most K of them, whatever the
-    batch size. prefix: (b, m) int64, residual: (b, d), cond: (b, Dc) or
-    None, groups: (b,) int64 context group of each row, or None.
-    Returns idx (b,) int64 and the chosen morphed codewords (b, d).
+    so where a step has few possible keys (n_groups · K^m at most
+    DEDUP_KEYS_PER_ROW a row) it is computed once per distinct (context
+    group, prefix) in the chunk: at step 1 without a context there are at
+    most K of them, whatever the batch size; later steps compute each row's
+    own. prefix: (b, m) int64, residual: (b, d), cond: (b, Dc) or None,
+    groups: (b,) int64 context group of each row, or None; n_groups: how
+    many groups. Returns idx (b,) int64 and the chosen morphed codewords (b, d).
     """
     b = prefix.shape[0]
+    if n_groups * model.config.K ** m > DEDUP_KEYS_PER_ROW * b:
+        scores, words = score_candidates(model, m, None, cond, residual, n_rows=b)  # (b, K)
+        idx = scores.argmin(1)
+        return idx, words(torch.arange(b, device=prefix.device), idx)
     key = prefix if groups is None else torch.cat([groups.unsqueeze(1), prefix], dim=1)
     unique_keys, inverse = torch.unique(key, dim=0, return_inverse=True)
     u = unique_keys.shape[0]
     first = torch.full((u,), b, dtype=torch.int64, device=prefix.device)
     first.scatter_reduce_(0, inverse, torch.arange(b, device=prefix.device), reduce="amin")
     cond_unique = None if cond is None else cond[first]
-    morphed = model.morph_candidates(m, None, cond_unique, n_rows=u)  # (u, K, d)
-    norms = (morphed * morphed).sum(-1)  # (u, K)
-    if u == b:  # every row its own codebook (later steps): score in key order, no copy of the (b, K, d) block
-        scores = norms - 2 * torch.bmm(morphed, residual[first].unsqueeze(-1)).squeeze(-1)
-        idx = scores.argmin(1)[inverse]
-        return idx, morphed[inverse, idx]
-    scores = norms[inverse] - 2 * torch.bmm(morphed[inverse], residual.unsqueeze(-1)).squeeze(-1)
+    scores, words = score_candidates(model, m, None, cond_unique, residual, owner=inverse, n_rows=u)  # (b, K)
     idx = scores.argmin(1)
-    return idx, morphed[inverse, idx]
+    return idx, words(inverse, idx)
 
 
 def _beam_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: int, beam_size: int,
@@ -156,15 +199,16 @@ def _beam_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: int, beam_size: in
             else:
                 cond = recon_cond(xs.unsqueeze(1) - residual, ctx_cond)
             cond = cond.reshape(b * h, cond.shape[-1])
-            words = model.morph_candidates(m, shared, cond, n_rows=b * h)  # (bh, A, d)
-            scores = res_norms + _residual_scores(words, flat)
-            n_cand = words.shape[1]
+            scores, words = score_candidates(model, m, shared, cond, flat, n_rows=b * h)  # (bh, A)
+            scores = res_norms + scores
+            n_cand = scores.shape[1]
         keep = min(beam_size, h * n_cand)
         best = scores.reshape(b, h * n_cand).topk(keep, dim=1, largest=False).indices  # (b, keep)
         parent, which = best // n_cand, best % n_cand
         flat_rows = vec_rows * h + parent  # rows of the (bh, ...) tensors
         idx = candidates[flat_rows, which]  # (b, keep)
-        chosen = book[idx] if words is None else words[flat_rows, which]  # (b, keep, d)
+        chosen = book[idx] if words is None else words(flat_rows, which)  # (b, keep, d)
+        words = None  # the step's partial outputs go before the next step's are made
         codes = torch.cat([codes[vec_rows, parent], idx.unsqueeze(-1)], dim=2)
         residual = residual[vec_rows, parent] - chosen
         if c.mode is Condition.INSTRUCTION and m < c.M - 1:

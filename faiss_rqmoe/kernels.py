@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 
@@ -121,14 +122,19 @@ if triton is not None:
 
     @triton.jit
     def _z_tile(z_ptr, codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, R, M, K, rows, row_ok, s_local, s,
-                D: tl.constexpr, DC: tl.constexpr, BLOCK_R: tl.constexpr, Z_GATHER: tl.constexpr,
+                D: tl.constexpr, DC: tl.constexpr, BLOCK_R: tl.constexpr, Z_SOURCE: tl.constexpr,
                 HAS_CTX: tl.constexpr, CTX_PRECISION: tl.constexpr):
-        # the networks' input z of step s on a tile of rows, (BLOCK_R, D) float32: read from z (S', R, D), or
-        # (Z_GATHER) summed from table rows, one a code it depends on (decode_tables: the projection of the
-        # step's codeword and of the instruction codewords before it), plus the context's share
-        # ctx (R, DC) @ pq[s] (DC, D) where HAS_CTX (float32 inputs: CTX_PRECISION "ieee" or "tf32")
+        # the networks' input z of step s on a tile of rows, (BLOCK_R, D) float32, by Z_SOURCE:
+        # Z_READ: read from z (S', R, D).
+        # Z_TABLES (a decode): summed from table rows, one a code it depends on (decode_tables: the projection of
+        # the step's codeword and of the instruction codewords before it), plus the context's share
+        # ctx (R, DC) @ pq[s] (DC, D) where HAS_CTX (float32 inputs: CTX_PRECISION "ieee" or "tf32").
+        # Z_ALL_CODEWORDS, Z_PICKED_CODEWORDS (an encode's candidates): row r is candidate r % K of conditioning
+        # row r // K (K: candidates a conditioning row); z = tab[w] + ctx[r // K] with tab the projected codewords
+        # (K', D), ctx the conditioning rows' share (u, D) where HAS_CTX, and w = r % K (all codewords) or
+        # codes[r] (picked ones: codes holds each candidate's codeword)
         dcols = tl.arange(0, D)
-        if Z_GATHER:
+        if Z_SOURCE == 1:
             z = tl.zeros((BLOCK_R, D), dtype=tl.float32)
             for t in range(tl.load(toff_ptr + s), tl.load(toff_ptr + s + 1)):
                 code = tl.load(codes_ptr + rows.to(tl.int64) * M + tl.load(tcol_ptr + t), mask=row_ok, other=0)
@@ -141,15 +147,42 @@ if triton is not None:
                                   mask=row_ok[:, None], other=0.0)
                     pq = tl.load(pq_ptr + s * DC * D + (c0 + ccols)[:, None] * D + dcols[None, :])
                     z = tl.dot(ctx, pq, acc=z, input_precision=CTX_PRECISION)
+        elif Z_SOURCE >= 2:
+            if Z_SOURCE == 3:
+                word = tl.load(codes_ptr + rows.to(tl.int64), mask=row_ok, other=0).to(tl.int64)
+            else:
+                word = (rows % K).to(tl.int64)
+            z = tl.load(tab_ptr + word[:, None] * D + dcols[None, :])
+            if HAS_CTX:
+                owner = (rows // K).to(tl.int64)
+                z += tl.load(ctx_ptr + owner[:, None] * D + dcols[None, :], mask=row_ok[:, None], other=0.0)
         else:
             z = tl.load(z_ptr + (s_local * R + rows)[:, None] * D + dcols[None, :], mask=row_ok[:, None], other=0.0)
         return z
 
     @triton.jit
+    def _score_kernel(parts_ptr, res_ptr, owner_ptr, scores_ptr, B, A, R, P: tl.constexpr, D: tl.constexpr,
+                      BLOCK_R: tl.constexpr, HAS_OWNER: tl.constexpr):
+        # scores (B, A) of candidate words against residuals res (B, D): ||w||^2 - 2 <r, w>, where the word of
+        # (b, k) is the sum over p of parts (P, R, D) at row owner[b] * A + k (b * A + k without owners)
+        q = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = q < B * A
+        b = (q // A).to(tl.int64)
+        k = (q % A).to(tl.int64)
+        owner = tl.load(owner_ptr + b, mask=ok, other=0) if HAS_OWNER else b
+        src = owner * A + k
+        dcols = tl.arange(0, D)
+        word = tl.zeros((BLOCK_R, D), dtype=tl.float32)
+        for p in tl.static_range(P):
+            word += tl.load(parts_ptr + (p * R + src)[:, None] * D + dcols[None, :], mask=ok[:, None], other=0.0)
+        res = tl.load(res_ptr + b[:, None] * D + dcols[None, :], mask=ok[:, None], other=0.0)
+        tl.store(scores_ptr + q, tl.sum(word * word, axis=1) - 2.0 * tl.sum(word * res, axis=1), mask=ok)
+
+    @triton.jit
     def _gate_kernel(z_ptr, gate_ptr, R, s0, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr,
                      codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, M, K,
                      D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, DC: tl.constexpr,
-                     BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, Z_GATHER: tl.constexpr,
+                     BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr, Z_SOURCE: tl.constexpr,
                      HAS_CTX: tl.constexpr, CTX_PRECISION: tl.constexpr):
         # the gates of a (row block, step) into gate (S', R, NP), for the split launch to read (GATE_IN)
         pid = tl.program_id(0)
@@ -157,7 +190,7 @@ if triton is not None:
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
         z = _z_tile(z_ptr, codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, R, M, K, rows, row_ok, s_local,
-                    s0 + s_local, D=D, DC=DC, BLOCK_R=BLOCK_R, Z_GATHER=Z_GATHER, HAS_CTX=HAS_CTX,
+                    s0 + s_local, D=D, DC=DC, BLOCK_R=BLOCK_R, Z_SOURCE=Z_SOURCE, HAS_CTX=HAS_CTX,
                     CTX_PRECISION=CTX_PRECISION)
         gate = _gate_shares(z, s0 + s_local, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, D=D, H=H, NP=NP, BLOCK_R=BLOCK_R,
                             HC=HC, PRECISION=PRECISION)
@@ -170,13 +203,13 @@ if triton is not None:
                    codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, M, K,
                    D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
                    DC: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr,
-                   SPLIT: tl.constexpr, GATE_IN: tl.constexpr, Z_GATHER: tl.constexpr, HAS_CTX: tl.constexpr,
+                   SPLIT: tl.constexpr, GATE_IN: tl.constexpr, Z_SOURCE: tl.constexpr, HAS_CTX: tl.constexpr,
                    CTX_PRECISION: tl.constexpr):
         # step s on a tile of rows (its z from _z_tile): expert n's gate-weighted output (SPLIT) or the
         # gate-weighted sum of every expert's, (BLOCK_R, D) float32. GATE_IN: the gates come from
         # _gate_kernel's (S', R, NP)
         z = _z_tile(z_ptr, codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, R, M, K, rows, row_ok, s_local, s,
-                    D=D, DC=DC, BLOCK_R=BLOCK_R, Z_GATHER=Z_GATHER, HAS_CTX=HAS_CTX, CTX_PRECISION=CTX_PRECISION)
+                    D=D, DC=DC, BLOCK_R=BLOCK_R, Z_SOURCE=Z_SOURCE, HAS_CTX=HAS_CTX, CTX_PRECISION=CTX_PRECISION)
         ncols = tl.arange(0, NP)
         if GATE_IN:
             gate = tl.load(gate_ptr + (s_local * R + rows)[:, None] * NP + ncols[None, :], mask=row_ok[:, None],
@@ -204,10 +237,9 @@ if triton is not None:
                       D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
                       DC: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr,
                       SPLIT: tl.constexpr, EXPERTS_INNER: tl.constexpr, GATE_IN: tl.constexpr,
-                      SUM_STEPS: tl.constexpr, Z_GATHER: tl.constexpr, HAS_CTX: tl.constexpr,
+                      SUM_STEPS: tl.constexpr, Z_SOURCE: tl.constexpr, HAS_CTX: tl.constexpr,
                       CTX_PRECISION: tl.constexpr):
-        # z (S_span, R, D) holds steps s0..s0+S_span-1, or (Z_GATHER) the programs sum each z from tables
-        # (_z_tile). SPLIT: one program a (row block, step, expert), each storing its gate-weighted expert
+        # z (S_span, R, D) holds steps s0..s0+S_span-1, or the programs build each z (_z_tile's Z_SOURCE). SPLIT: one program a (row block, step, expert), each storing its gate-weighted expert
         # output into out[n] for a sum over n outside; else one program a (row block, step). SUM_STEPS: a
         # program loops over the S_span steps and stores their sum instead, so out is (N, R, D) (SPLIT) or
         # (R, D), and the grid's steps axis is 1.
@@ -231,7 +263,7 @@ if triton is not None:
                                    b1_ptr, w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, codes_ptr, tab_ptr,
                                    toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, M, K, D=D, H=H, N=N, NP=NP, L=L, DC=DC,
                                    BLOCK_R=BLOCK_R, HC=HC, PRECISION=PRECISION, SPLIT=SPLIT, GATE_IN=GATE_IN,
-                                   Z_GATHER=Z_GATHER, HAS_CTX=HAS_CTX, CTX_PRECISION=CTX_PRECISION)
+                                   Z_SOURCE=Z_SOURCE, HAS_CTX=HAS_CTX, CTX_PRECISION=CTX_PRECISION)
             target = rows  # out (N, R, D) or (R, D)
             expert_stride = R
         else:
@@ -239,7 +271,7 @@ if triton is not None:
             part = _step_part(z_ptr, gate_ptr, R, rows, row_ok, s_local, s0 + s_local, S_total, n, w1_ptr, b1_ptr,
                               w2_ptr, b2_ptr, g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, codes_ptr, tab_ptr, toff_ptr,
                               tcol_ptr, ctx_ptr, pq_ptr, M, K, D=D, H=H, N=N, NP=NP, L=L, DC=DC, BLOCK_R=BLOCK_R,
-                              HC=HC, PRECISION=PRECISION, SPLIT=SPLIT, GATE_IN=GATE_IN, Z_GATHER=Z_GATHER,
+                              HC=HC, PRECISION=PRECISION, SPLIT=SPLIT, GATE_IN=GATE_IN, Z_SOURCE=Z_SOURCE,
                               HAS_CTX=HAS_CTX, CTX_PRECISION=CTX_PRECISION)
             target = s_local * R + rows  # out (N, S_span, R, D) or (S_span, R, D)
             expert_stride = S_span * R
@@ -322,7 +354,7 @@ def morph(model, s0: int, s1: int, z: torch.Tensor, sum_steps: bool = False) -> 
         out = _routed_morph(model, s0, s1, z, torch.empty_like(z), _prepared_weights(model, dtype), precision,
                             _hidden_chunk(c.hidden))
         return out.sum(0) if sum_steps else out
-    return _dense_launch(model, s0, S_, R, z, None, sum_steps)
+    return _dense_launch(model, s0, S_, R, z, sum_steps)
 
 
 def gathers_z(config) -> bool:
@@ -355,12 +387,72 @@ def decode_sum(model, codes: torch.Tensor, ctx_cond) -> torch.Tensor:
     R = codes.shape[0]
     if R == 0:
         return codes.new_zeros(0, model.config.d, dtype=torch.float32)
-    return _dense_launch(model, 0, model.config.n_morph_steps, R, None, (codes.contiguous(), ctx_cond), True)
+    return _dense_launch(model, 0, model.config.n_morph_steps, R, None, True, decode=(codes.contiguous(), ctx_cond))
 
 
-def _dense_launch(model, s0: int, S_: int, R: int, z, gathered, sum_steps: bool) -> torch.Tensor:
-    """morph() and decode_sum() for dense experts: z (S_, R, d) float32, or gathered = (codes, ctx_cond) whose
-    z the programs sum from tables; returns (S_, R, d), or (R, d) with sum_steps."""
+def candidate_scores(model, s: int, z_words: torch.Tensor, z_cond: Optional[torch.Tensor],
+                     picked: Optional[torch.Tensor], residual: torch.Tensor, owner: Optional[torch.Tensor] = None,
+                     n_rows: Optional[int] = None):
+    """Scores of morphed step s's candidate codewords against residuals, the words never written whole.
+
+    Candidate k of conditioning row j has the network input z = z_words[w] + z_cond[j] (w = k, or
+    picked[j, k]): z_words (K, d) float32, what the projection makes of the step's codewords; z_cond (u, d)
+    float32, the conditioning rows' share, or None; picked (u, A) int64 codeword indices, or None for all K
+    (A = K). residual (b, d) float32; owner (b,) int64, the conditioning row each residual row reads (None:
+    row i reads row i, b = u); n_rows: u where neither z_cond nor picked says it (else b). The programs build
+    z from those rows (no (u·A, d) input is written), the experts' outputs go to the launch's partial
+    outputs, and one reduction (_score_kernel) sums them into each word w and stores ||w||² - 2 <r, w>: the
+    words and their norms make no pass through memory. Returns scores (b, A) float32 and parts (P, u·A, d)
+    float32, whose sum over P is the morphed words (row j·A + k): the caller sums the rows it keeps.
+    """
+    c = model.config
+    u = z_cond.shape[0] if z_cond is not None else picked.shape[0] if picked is not None else \
+        n_rows if n_rows is not None else residual.shape[0]
+    A = picked.shape[1] if picked is not None else z_words.shape[0]
+    b = residual.shape[0]
+    scores = torch.empty(b, A, device=residual.device, dtype=torch.float32)
+    if u * A == 0:
+        return scores, scores.new_empty(1, 0, c.d)
+    parts = _dense_launch(model, s, 1, u * A, None, False, words=(z_words, z_cond, picked, A), parts=True)
+    if b * A:
+        block = 64
+        _score_kernel[(triton.cdiv(b * A, block),)](
+            parts, residual.contiguous(), residual if owner is None else owner.contiguous(), scores, b, A, u * A,
+            P=parts.shape[0], D=c.d, BLOCK_R=block, HAS_OWNER=owner is not None, num_warps=4)
+    return scores, parts
+
+
+Z_READ, Z_TABLES, Z_ALL_CODEWORDS, Z_PICKED_CODEWORDS = 0, 1, 2, 3  # _z_tile's sources of z
+
+
+def _z_arguments(model, z, decode, words):
+    """The kernel arguments that say where z comes from: (z, the six source tensors of _z_tile, its
+    constexprs and sizes). Pointers a source does not read get some tensor of the right dtype."""
+    c = model.config
+    if decode is not None:  # a decode: z summed from the decode tables and the context's product
+        codes, ctx = decode
+        tab, toff, tcol, pq = model.decode_tables()
+        has_ctx = ctx is not None
+        tensors = (codes, tab, toff, tcol, ctx.contiguous() if has_ctx else tab, pq if has_ctx else tab)
+        return tab, tensors, dict(M=c.M, K=c.K, DC=max(16, c.cond_dim), Z_SOURCE=Z_TABLES, HAS_CTX=has_ctx)
+    if words is not None:  # an encode's candidates: z = projected codeword + conditioning row's share
+        z_words, z_cond, picked, A = words
+        has_ctx = z_cond is not None
+        index = picked.reshape(-1).contiguous() if picked is not None else z_words
+        tensors = (index, z_words.contiguous(), z_words, z_words, z_cond.contiguous() if has_ctx else z_words,
+                   z_words)
+        kind = Z_PICKED_CODEWORDS if picked is not None else Z_ALL_CODEWORDS
+        return z_words, tensors, dict(M=0, K=A, DC=16, Z_SOURCE=kind, HAS_CTX=has_ctx)
+    return z, (z,) * 6, dict(M=0, K=0, DC=16, Z_SOURCE=Z_READ, HAS_CTX=False)
+
+
+def _dense_launch(model, s0: int, S_: int, R: int, z, sum_steps: bool, decode=None, words=None,
+                  parts: bool = False) -> torch.Tensor:
+    """morph(), decode_sum() and candidate_scores() for dense experts: z (S_, R, d) float32, or the programs
+    build it, from decode = (codes, ctx_cond) and the decode tables or from words = (z_words, z_cond, picked,
+    A) (see candidate_scores). Returns (S_, R, d), or (R, d) with sum_steps, or with parts the launch's
+    partial outputs for one step, (P, R, d) whose sum over P is the result (P: the experts where the launch
+    splits them, else 1)."""
     c = model.config
     dtype, precision = _DTYPES[model.execution.dtype]
     weights = _prepared_weights(model, dtype)
@@ -377,30 +469,24 @@ def _dense_launch(model, s0: int, S_: int, R: int, z, gathered, sum_steps: bool)
     experts_inner = split and CONFIG["experts_inner"]
     grid = (blocks * c.n_experts, spans) if experts_inner else (blocks, spans, c.n_experts) if split else \
         (blocks, spans)
-    if gathered is None:
-        tables, has_ctx, M, K, DC = (z,) * 6, False, 0, 0, 16  # the tables' pointers go unread
-    else:
-        codes, ctx = gathered
-        tab, toff, tcol, pq = model.decode_tables()
-        has_ctx = ctx is not None
-        tables = (codes, tab, toff, tcol, ctx.contiguous() if has_ctx else tab, pq if has_ctx else tab)
-        z, M, K, DC = tab, c.M, c.K, max(16, c.cond_dim)  # z's pointer goes unread
+    z, tensors, source = _z_arguments(model, z, decode, words)
     # the context's product takes float32 inputs: exact for float32 decodes, TF32 for the others
-    source = dict(M=M, K=K, DC=DC, Z_GATHER=gathered is not None, HAS_CTX=has_ctx,
-                  CTX_PRECISION="ieee" if model.execution.dtype == "float32" else "tf32")
+    source["CTX_PRECISION"] = "ieee" if model.execution.dtype == "float32" else "tf32"
     # the table rows' loads are pipelined too: with float32 weights three stages of them, the weights' tiles
     # included, outgrow a Hopper chip's shared memory (288 KiB asked, 227 KiB there), so those take two
-    stages = CONFIG["num_stages"] if gathered is None or dtype != torch.float32 else min(2, CONFIG["num_stages"])
+    stages = CONFIG["num_stages"] if decode is None or dtype != torch.float32 else min(2, CONFIG["num_stages"])
     launch = dict(D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD, BLOCK_R=CONFIG["BLOCK_R"],
                   HC=_hidden_chunk(c.hidden), PRECISION=precision, num_warps=CONFIG["num_warps"],
                   num_stages=stages)
-    gate_in = split and CONFIG["gate_once"] and (gathered is None or R <= CONFIG["gathered_gate_once_max_rows"])
+    gate_in = split and CONFIG["gate_once"] and (decode is None or R <= CONFIG["gathered_gate_once_max_rows"])
     gate = empty(S_, R, N_PAD) if gate_in else target
     if gate_in:
-        _gate_kernel[(blocks, S_)](z, gate, R, s0, *weights[4:], *tables, **source, **launch)
-    _morph_kernel[grid](z, target, R, s0, S_, c.n_morph_steps, *weights, gate, *tables, L=c.n_layers, SPLIT=split,
+        _gate_kernel[(blocks, S_)](z, gate, R, s0, *weights[4:], *tensors, **source, **launch)
+    _morph_kernel[grid](z, target, R, s0, S_, c.n_morph_steps, *weights, gate, *tensors, L=c.n_layers, SPLIT=split,
                         EXPERTS_INNER=experts_inner, GATE_IN=gate_in, SUM_STEPS=steps_in_program, **source,
                         **launch)
+    if parts:
+        return target.reshape(-1, R, c.d)
     if sum_steps:
         if split:
             return target.sum(dim=(0, 1))
@@ -422,6 +508,20 @@ def splits_experts(config) -> bool:
     """Whether the dense kernel gives every expert its own programs for this architecture (CONFIG["split"],
     dense experts, more than one)."""
     return CONFIG["split"] and config.n_experts > 1 and config.top_k is None
+
+
+def decode_sum_rows(config, budget: int) -> int:
+    """Codes a decode_sum launch may take for its temporaries to stay within budget bytes. From
+    CONFIG["steps_in_program_min_rows"] codes the programs sum the steps, so a code needs its experts' partial
+    outputs and its sum once, not once a step: (P + 1)·d floats, its gates (S·N_PAD, where computed once), its
+    context share and its codes."""
+    S, d = config.n_morph_steps, config.d
+    P = config.n_experts if splits_experts(config) else 1
+    around = 4 * (3 * d + config.cond_dim + S * N_PAD) + 8 * config.M  # sums, context share, gates, codes
+    rows = budget // (4 * P * d + around)
+    if rows >= CONFIG["steps_in_program_min_rows"]:
+        return rows
+    return max(1, budget // (4 * S * P * d + around))  # fewer codes: partial outputs a step
 
 
 def split_scratch_bytes_per_row(config) -> int:

@@ -165,23 +165,28 @@ class RQMoE(nn.Module):
         finally:
             self._cache_weights = before
 
-    def _morph_bytes_per_row(self, fused: bool = False) -> int:
+    def _morph_bytes_per_row(self, fused: bool = False, scored: bool = False) -> int:
         """Float32 temporaries one morphed codeword needs (peak estimate): on the torch path every expert's
         hidden units; where the fused kernel runs, the rows around it (gathered and projected codewords, the
         instruction stream, the kernel's rows in and out, the scores), the split launch's per-expert
-        outputs and, under top-1, the torch gate's hidden units and routing indices."""
+        outputs and, under top-1, the torch gate's hidden units and routing indices. scored: an encode's
+        candidate that the fused kernel scores inside (dense experts, kernels.candidate_scores): only the
+        launch's partial outputs (and gates) and its score."""
         c = self.config
         if fused:
             from .kernels import split_scratch_bytes_per_row
+            if scored and c.top_k is None:
+                return max(split_scratch_bytes_per_row(c), 4 * c.d) + 4
             return 4 * (6 * c.d + 4 * c.cond_dim + 32 + (c.hidden + c.n_experts if c.top_k == 1 else 0)) + \
                 split_scratch_bytes_per_row(c)
         return 4 * (3 * c.d + c.cond_dim + (3 * c.n_experts + 1) * c.hidden + 2 * c.n_experts * c.d + 16)
 
-    def rows_per_chunk(self, rows_per_item: int) -> int:
+    def rows_per_chunk(self, rows_per_item: int, scored: bool = False) -> int:
         """How many items fit the memory budget when each needs rows_per_item morphed rows (more where the
-        fused kernel runs: it keeps the hidden units in registers)."""
+        fused kernel runs: it keeps the hidden units in registers; and more again for an encode's candidates,
+        scored: the kernel scores them without writing them)."""
         fused = self.config.n_morph_steps > 0 and self._use_triton(self.device)
-        per_item = max(1, rows_per_item) * self._morph_bytes_per_row(fused)
+        per_item = max(1, rows_per_item) * self._morph_bytes_per_row(fused, scored)
         return max(1, self.mem_budget_bytes // per_item)
 
     def check_vectors(self, x, name: str = "x", width: Optional[int] = None) -> torch.Tensor:
@@ -525,6 +530,14 @@ class RQMoE(nn.Module):
             self._fused_cache[key] = (weights, tables)
         return tables
 
+    def candidate_inputs(self, s: int, cond: Optional[torch.Tensor]):
+        """The two linear shares of morphed step s's network inputs (inference): z_words (K, d), what the
+        projection makes of the step's codewords (with its bias), and z_cond (u, d), the conditioning rows'
+        share (None without conditioning). Candidate k of row j has z = z_words[k] + z_cond[j]."""
+        z_words, _ = self._codeword_tables(s)
+        z_cond = cond @ self.proj_cond[s] if cond is not None and cond.shape[-1] > 0 else None
+        return z_words, z_cond
+
     def morph_candidates(self, m: int, candidates: Optional[torch.Tensor], cond: Optional[torch.Tensor],
                          n_rows: Optional[int] = None) -> torch.Tensor:
         """Morphed candidate codewords of step m for several conditioning rows (inference only).
@@ -537,14 +550,15 @@ class RQMoE(nn.Module):
         candidate: on the torch path no candidate pays the (d, (N+1)H)
         product. The fused kernel computes that product on tensor cores, which
         measured faster than adding table rows inside it (docs/experiments.md,
-        section 1g).
+        section 1g). (For dense experts encoding scores the candidates inside
+        the kernel instead: kernels.candidate_scores.)
         """
         c = self.config
         s = m - c.first_morphed
         z_c, pre_c = self._codeword_tables(s)
+        _, z_r = self.candidate_inputs(s, cond)
         u = n_rows if n_rows is not None else (candidates.shape[0] if candidates is not None else cond.shape[0])
         z = z_c.unsqueeze(0) if candidates is None else z_c[candidates]  # (1 or u, A, d)
-        z_r = cond @ self.proj_cond[s] if cond is not None and cond.shape[-1] > 0 else None  # (u, d)
         if z_r is not None:
             z = z + z_r.unsqueeze(1)
         A = z.shape[1]
@@ -664,6 +678,10 @@ class RQMoE(nn.Module):
                 return out
             rows_per_code = max(1, c.n_morph_steps)
             bs = self.rows_per_chunk(rows_per_code)
+            if not sequential and c.n_morph_steps > 0 and self._use_triton(codes.device):
+                from . import kernels
+                if kernels.gathers_z(c):  # decode_sum: no per-step rows outside the kernel
+                    bs = kernels.decode_sum_rows(c, self.mem_budget_bytes)
             if codes.device.type == "cpu" and c.top_k is None:  # dense experts only: routing splits rows further
                 bs = min(bs, max(1, CPU_DECODE_CHUNK_BYTES // (rows_per_code * self._morph_bytes_per_row())))
             for i0 in range(0, codes.shape[0], bs):

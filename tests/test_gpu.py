@@ -95,6 +95,8 @@ def test_fused_kernel_equals_the_torch_path(condition, ctx):
     x = torch.from_numpy(clustered(2000, d=128)).cuda() * 0.05
     ctx_x = ctx_vectors[:2000] if ctx else None
     codes_ref = model.encode(x, 16, ctx=ctx_x)
+    ctx_some = None if ctx_x is None else ctx_x[:300]
+    exact_ref, beam_ref = model.encode(x[:300], ctx=ctx_some), model.encode(x[:300], 16, 4, ctx=ctx_some)
     for dtype, tolerance in (("float32", 1e-4), ("tfloat32", 3e-3), ("bfloat16", 2e-2)):
         model.set_execution(kernel="triton", dtype=dtype)
         fused = model.decode(codes, ctx=ctx_vectors)
@@ -116,7 +118,11 @@ def test_fused_kernel_equals_the_torch_path(condition, ctx):
     finally:
         kernels.CONFIG.update(saved)
     model.set_execution(kernel="triton", dtype="float32")
+    # the kernel scores the candidates itself (kernels.candidate_scores): greedy, exact and beam codes as the
+    # torch path's, up to near ties that float rounding decides otherwise
     assert (model.encode(x, 16, ctx=ctx_x) == codes_ref).all(1).float().mean() > 0.99
+    assert (model.encode(x[:300], ctx=ctx_some) == exact_ref).all(1).float().mean() > 0.98
+    assert (model.encode(x[:300], 16, 4, ctx=ctx_some) == beam_ref).all(1).float().mean() > 0.98
 
 
 def test_a_model_set_to_the_fused_kernel_still_runs_on_the_cpu():
@@ -237,11 +243,18 @@ def test_fused_kernels_compile_for_hopper():
     pointers = dict(z_ptr="*fp32", out_ptr="*fp32", R="i32", s0="i32", S_span="i32", S_total="i32",
                     w1_ptr="*bf16", b1_ptr="*fp32", w2_ptr="*bf16", b2_ptr="*fp32", g1_ptr="*bf16", gb1_ptr="*fp32",
                     g2_ptr="*bf16", gb2_ptr="*fp32", gate_ptr="*fp32", **tables)
-    flags = ("SPLIT", "EXPERTS_INNER", "GATE_IN", "SUM_STEPS", "Z_GATHER", "HAS_CTX")
+    flags = ("SPLIT", "EXPERTS_INNER", "GATE_IN", "SUM_STEPS", "Z_SOURCE", "HAS_CTX")
+
+    def switches(values):  # Z_SOURCE is one of kernels.Z_READ .. Z_PICKED_CODEWORDS, the others are on or off
+        return {flag: value if flag == "Z_SOURCE" else bool(value) for flag, value in zip(flags, values)}
+
     source = dict(DC=128, CTX_PRECISION="tf32")
+    # a decode reads z or sums it from tables (Z_SOURCE 0, 1); an encode's candidates are all codewords or
+    # picked ones (2, 3), with a conditioning share or without
     for values in ((1, 1, 0, 0, 0, 0), (1, 1, 1, 0, 0, 0), (1, 0, 0, 0, 0, 0), (1, 0, 1, 0, 0, 0), (0, 0, 0, 0, 0, 0),
-                   (1, 1, 1, 1, 0, 0), (0, 0, 0, 1, 0, 0), (1, 1, 1, 1, 1, 1), (1, 1, 1, 0, 1, 0), (0, 0, 0, 1, 1, 1)):
-        constexprs = dict(shape, L=2, **source, **dict(zip(flags, map(bool, values))))
+                   (1, 1, 1, 1, 0, 0), (0, 0, 0, 1, 0, 0), (1, 1, 1, 1, 1, 1), (1, 1, 1, 0, 1, 0), (0, 0, 0, 1, 1, 1),
+                   (1, 1, 1, 0, 2, 1), (0, 0, 0, 0, 3, 0)):
+        constexprs = dict(shape, L=2, **source, **switches(values))
         compiled = build(kernels._morph_kernel, pointers, constexprs)
         assert "wgmma.mma_async" in compiled.asm["ptx"] and compiled.asm["cubin"], values
         assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, (values, compiled.metadata.shared)
@@ -249,19 +262,22 @@ def test_fused_kernels_compile_for_hopper():
     # from tables launches them with two stages, the other launches with three
     fp32_pointers = {name: "*fp32" if kind == "*bf16" else kind for name, kind in pointers.items()}
     for values, stages in (((1, 1, 1, 1, 1, 1), 2), ((0, 0, 0, 0, 1, 1), 2), ((1, 1, 1, 0, 1, 1), 2),
-                           ((1, 1, 1, 1, 0, 0), 3), ((1, 1, 1, 0, 0, 0), 3)):
-        constexprs = dict(shape, L=2, **dict(source, CTX_PRECISION="ieee"), **dict(zip(flags, map(bool, values))))
+                           ((1, 1, 1, 1, 0, 0), 3), ((1, 1, 1, 0, 0, 0), 3), ((1, 1, 1, 0, 3, 1), 3)):
+        constexprs = dict(shape, L=2, **dict(source, CTX_PRECISION="ieee"), **switches(values))
         compiled = build(kernels._morph_kernel, fp32_pointers, constexprs, stages)
         assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, ("float32", values, compiled.metadata.shared)
     gate_pointers = dict(z_ptr="*fp32", gate_ptr="*fp32", R="i32", s0="i32", g1_ptr="*bf16", gb1_ptr="*fp32",
                          g2_ptr="*bf16", gb2_ptr="*fp32", **tables)
-    for gather in (False, True):
-        compiled = build(kernels._gate_kernel, gate_pointers, dict(shape, **source, Z_GATHER=gather, HAS_CTX=gather))
-        assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, (gather, compiled.metadata.shared)
+    for z_source in (kernels.Z_READ, kernels.Z_TABLES, kernels.Z_PICKED_CODEWORDS):
+        compiled = build(kernels._gate_kernel, gate_pointers, dict(shape, **source, Z_SOURCE=z_source,
+                                                                   HAS_CTX=z_source > 0))
+        assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, (z_source, compiled.metadata.shared)
     fp32_gate = {name: "*fp32" if kind == "*bf16" else kind for name, kind in gate_pointers.items()}
-    compiled = build(kernels._gate_kernel, fp32_gate, dict(shape, **dict(source, CTX_PRECISION="ieee"), Z_GATHER=True,
-                                                           HAS_CTX=True), stages=2)
+    compiled = build(kernels._gate_kernel, fp32_gate, dict(shape, **dict(source, CTX_PRECISION="ieee"),
+                                                           Z_SOURCE=kernels.Z_TABLES, HAS_CTX=True), stages=2)
     assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, ("float32 gate", compiled.metadata.shared)
+    score = dict(parts_ptr="*fp32", res_ptr="*fp32", owner_ptr="*i64", scores_ptr="*fp32", B="i32", A="i32", R="i32")
+    build(kernels._score_kernel, score, dict(P=4, D=128, BLOCK_R=64, HAS_OWNER=True))
     routed = dict(z_ptr="*fp32", out_ptr="*fp32", order_ptr="*i32", ends_ptr="*i32", counts_ptr="*i32",
                   starts_ptr="*i32", G="i32", s0="i32", S_total="i32", w1_ptr="*bf16", b1_ptr="*fp32", w2_ptr="*bf16",
                   b2_ptr="*fp32")
@@ -327,9 +343,10 @@ def test_graphed_decode_of_byte_codes_equals_int64():
 @cuda_only
 @pytest.mark.skipif(not kernels.available(), reason="needs Triton")
 def test_fused_encode_stays_within_the_memory_budget():
-    """Where the fused kernel runs, encoding takes larger chunks (no hidden units outside the kernel): the
-    temporaries of an encode must still stay within the memory budget (twice it, for the allocator's
-    rounding and the per-chunk tensors the estimate leaves out)."""
+    """Where the fused kernel runs, encoding and decoding take larger chunks (no hidden units outside the
+    kernel; an encode's candidates scored inside it; a decode's steps summed inside it): their temporaries
+    must still stay within the memory budget (twice it, for the allocator's rounding and the per-chunk
+    tensors the estimate leaves out)."""
     budget = 64 << 20
     torch.manual_seed(0)
     model = perturb(RQMoE(RQMoEConfig(128, 8, 8, n_experts=4, n_layers=2, hidden=256), mem_budget_bytes=budget),
@@ -343,3 +360,11 @@ def test_fused_encode_stays_within_the_memory_budget():
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - held <= 2 * budget + codes.numel() * 8
     assert torch.equal(codes, expected)
+    many = torch.randint(0, 256, (100000, 8), device="cuda", dtype=torch.uint8)
+    model.decode(many)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated()
+    decoded = model.decode(many)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - held <= 2 * budget + decoded.numel() * 4

@@ -286,7 +286,7 @@ def test_fused_kernel_chunks_are_larger_and_encode_the_same(monkeypatch):
     monkeypatch.setattr(RQMoE, "_use_triton", lambda self, device: False)
     x = torch.randn(3 * torch_rows + 5, 16)
     whole = model.encode(x, n_candidates=8)
-    monkeypatch.setattr(RQMoE, "rows_per_chunk", lambda self, rows: 7)
+    monkeypatch.setattr(RQMoE, "rows_per_chunk", lambda self, rows, scored=False: 7)
     torch.testing.assert_close(model.encode(x, n_candidates=8), whole, rtol=0, atol=0)
 
 
@@ -320,3 +320,4 @@ def test_byte_codes_skip_the_range_check(monkeypatch):
     for checked in (lambda: model.decode(codes), lambda: small.decode(codes.astype(np.uint8) % 16)):
         with pytest.raises(AssertionError, match="range check ran"):
             checked()
+
