@@ -48,8 +48,12 @@ class Execution:
     (triton for inference on CUDA when Triton is installed, else torch).
     dtype: "float32"; "tfloat32" (the fused kernel's matmuls in TF32; the
     torch path follows torch.backends.cuda.matmul.allow_tf32); or
-    "bfloat16" matmul inputs on CUDA, with float32 sums and a float32
-    residual path. Inference only: training's forward and backward run in
+    "bfloat16" matmul inputs, with float32 sums and a float32 residual path
+    (on the CPU a decode's products under torch's CPU autocast, whose speed
+    depends on the processor's bfloat16 instructions: 1.1-1.3x for dense
+    experts with AMX, docs/experiments.md section 1i; the CPU's encoding
+    stays float32). Inference only:
+    training's forward and backward run in
     float32; its no-grad encoding of each batch follows
     ``TrainConfig.encode_precision`` (bfloat16 on CUDA by default).
     cuda_graphs: on CUDA, decode batches of up to ``graphs.MAX_ROWS`` codes
@@ -345,8 +349,8 @@ class RQMoE(nn.Module):
             return kernels.morph(self, s0, s1, z, sum_steps=sum_steps)
         if sum_steps:
             return self._morph(s0, s1, z).sum(0)
-        if self.execution.dtype == "bfloat16" and not torch.is_grad_enabled() and z.is_cuda:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        if self.execution.dtype == "bfloat16" and not torch.is_grad_enabled() and z.device.type in ("cuda", "cpu"):
+            with torch.autocast(z.device.type, dtype=torch.bfloat16):
                 return z + self._morph_delta(s0, s1, z).float()
         return z + self._morph_delta(s0, s1, z)
 

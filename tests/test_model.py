@@ -321,3 +321,15 @@ def test_byte_codes_skip_the_range_check(monkeypatch):
         with pytest.raises(AssertionError, match="range check ran"):
             checked()
 
+
+def test_bfloat16_decodes_on_the_cpu_close_to_float32():
+    """dtype='bfloat16' runs a CPU decode's products with bfloat16 inputs (torch's CPU autocast): the result
+    stays float32, within bfloat16's rounding of the float32 decode, and differs from it (bfloat16 ran)."""
+    torch.manual_seed(0)
+    model = perturb(RQMoE(RQMoEConfig(32, 4, 5, n_experts=2, n_layers=2, hidden=32)), scale=0.05)
+    codes = torch.randint(0, 32, (200, 4))
+    reference = model.decode(codes)
+    fast = model.set_execution(dtype="bfloat16").decode(codes)
+    assert fast.dtype == torch.float32 and fast.shape == reference.shape
+    error = float((fast - reference).norm() / reference.norm())
+    assert 0 < error < 2e-2, error

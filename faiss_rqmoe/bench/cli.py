@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="matmul precisions on CUDA")
     speed.add_argument("--n-encode", type=int, default=20_000, help="vectors encoded on a GPU")
     speed.add_argument("--train-steps", type=int, default=30, help="training steps timed on a GPU")
+    speed.add_argument("--cpu-precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                       help="matmul precisions on a CPU (bfloat16: torch's CPU autocast, fast where the processor "
+                            "has AMX or AVX512-BF16)")
     speed.add_argument("--cpu-max-batch", type=int, default=8192, help="largest decode batch on a CPU")
     speed.add_argument("--cpu-n-encode", type=int, default=2_000, help="vectors encoded on a CPU")
     speed.add_argument("--cpu-train-steps", type=int, default=3, help="training steps timed on a CPU")

@@ -88,8 +88,9 @@ def add_codec_options(parser: argparse.ArgumentParser, bytes_help: str = "code s
                        help="execution of the networks at inference, training's encoding of each batch "
                             "included: auto (Triton on CUDA), torch or triton")
     group.add_argument("--precision", choices=DTYPES, default="float32",
-                       help="matmul inputs at inference on CUDA (training's batch encoding too with "
-                            "--encode-precision model): float32, tfloat32 or bfloat16")
+                       help="matmul inputs at inference (training's batch encoding too with --encode-precision "
+                            "model): float32, tfloat32 or bfloat16 (on a CPU: a decode's products, torch's CPU "
+                            "autocast)")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

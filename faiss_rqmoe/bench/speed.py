@@ -16,7 +16,7 @@ import importlib.util
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -195,11 +195,14 @@ def measure_peers(peers: Path, d: int, M: int, device: torch.device, batches: Li
 
 
 def interleaved_decode(configs: Dict[str, RQMoEConfig], device: torch.device, batch: int, rounds: int = 7,
-                       peers: Optional[Path] = None) -> dict:
-    """Decode vectors/s of every method measured in turns, ``rounds`` times, and the median of each: on a
-    shared machine the ratios between methods hold where separate measurements drift. With peers, the public
-    QINCo1 code takes its turn too. Returns {"batch", "rounds", "decode_vps": {method: median}}."""
-    decoders = {name: random_model(config, device).decode for name, config in configs.items()}
+                       peers: Optional[Path] = None, precisions: Sequence[str] = ("float32",)) -> dict:
+    """Decode vectors/s of every method (at every precision) measured in turns, ``rounds`` times, and the
+    median of each: on a shared machine the ratios between methods hold where separate measurements drift.
+    With peers, the public QINCo1 code takes its turn too. Returns {"batch", "rounds", "decode_vps": {method:
+    median}}, a method named "<name> <precision>" where the precision is not float32."""
+    decoders = {name if precision == "float32" else f"{name} {precision}":
+                random_model(config, device).set_execution(dtype=precision).decode
+                for name, config in configs.items() for precision in precisions}
     first = next(iter(configs.values()))
     for name, make, decode, _ in peer_makers(Path(peers), first.d, first.M, first.hidden) if peers else []:
         if name.startswith("QINCo1"):
@@ -303,7 +306,7 @@ def run_speed(args) -> dict:
                for name in args.methods}
     for device in devices:
         kernels = args.kernels if device.type == "cuda" else ["torch"]
-        precisions = args.precisions if device.type == "cuda" else ["float32"]
+        precisions = args.precisions if device.type == "cuda" else args.cpu_precisions
         batches = args.batches if device.type == "cuda" else [b for b in args.batches if b <= args.cpu_max_batch]
         for name, config in configs.items():
             for kernel in kernels:
@@ -319,7 +322,7 @@ def run_speed(args) -> dict:
                     write_result(result, args.out)
         if device.type == "cpu" and args.interleaved_rounds and batches:
             result["interleaved_cpu"] = interleaved_decode(configs, device, min(batches), args.interleaved_rounds,
-                                                           args.peers)
+                                                           args.peers, args.cpu_precisions)
             write_result(result, args.out)
         if args.peers:
             result["rows"].extend(measure_peers(Path(args.peers), args.d, args.M, device, batches,
