@@ -457,8 +457,12 @@ def _dense_launch(model, s0: int, S_: int, R: int, z, sum_steps: bool, decode=No
     dtype, precision = _DTYPES[model.execution.dtype]
     weights = _prepared_weights(model, dtype)
     blocks = triton.cdiv(R, CONFIG["BLOCK_R"])
-    # the partial outputs are addressed with int32 offsets: a launch past 2**31 of them runs unsplit
-    split = splits_experts(c) and c.n_experts * S_ * R * c.d < 2 ** 31
+    # the rows in and out are addressed with int32 offsets: a launch past 2**31 of them cannot run (callers
+    # chunk by max_rows), and one whose split partial outputs would pass it runs unsplit
+    if S_ * R * c.d >= INT32_OFFSETS:
+        raise ValueError(f"a fused launch of {S_} step(s) x {R} rows x d={c.d} passes the kernel's int32 offsets; "
+                         f"take at most kernels.max_rows(config, steps)={max_rows(c, S_)} rows a launch")
+    split = splits_experts(c) and c.n_experts * S_ * R * c.d < INT32_OFFSETS
     # a decode of many rows sums the steps inside the programs: no (S', R, d) partial outputs to write and read
     steps_in_program = sum_steps and R >= CONFIG["steps_in_program_min_rows"]
     spans = 1 if steps_in_program else S_
@@ -510,6 +514,14 @@ def splits_experts(config) -> bool:
     return CONFIG["split"] and config.n_experts > 1 and config.top_k is None
 
 
+INT32_OFFSETS = 2 ** 31  # the kernels address rows with int32 offsets: (steps, rows, d) must stay below this
+
+
+def max_rows(config, steps: int = 1) -> int:
+    """The most rows one fused launch of this many steps takes: its (steps, rows, d) offsets are int32."""
+    return (INT32_OFFSETS - 1) // (max(1, steps) * config.d)
+
+
 def decode_sum_rows(config, budget: int) -> int:
     """Codes a decode_sum launch may take for its temporaries to stay within budget bytes. From
     CONFIG["steps_in_program_min_rows"] codes the programs sum the steps, so a code needs its experts' partial
@@ -518,7 +530,7 @@ def decode_sum_rows(config, budget: int) -> int:
     S, d = config.n_morph_steps, config.d
     P = config.n_experts if splits_experts(config) else 1
     around = 4 * (3 * d + config.cond_dim + S * N_PAD) + 8 * config.M  # sums, context share, gates, codes
-    rows = budget // (4 * P * d + around)
+    rows = min(budget // (4 * P * d + around), max_rows(config))
     if rows >= CONFIG["steps_in_program_min_rows"]:
         return rows
     return max(1, budget // (4 * S * P * d + around))  # fewer codes: partial outputs a step

@@ -191,7 +191,12 @@ class RQMoE(nn.Module):
         scored: the kernel scores them without writing them)."""
         fused = self.config.n_morph_steps > 0 and self._use_triton(self.device)
         per_item = max(1, rows_per_item) * self._morph_bytes_per_row(fused, scored)
-        return max(1, self.mem_budget_bytes // per_item)
+        items = self.mem_budget_bytes // per_item
+        if fused:  # and within one launch's int32 offsets (a launch runs a chunk's rows of one step, or a decode's
+            # rows of every step)
+            from .kernels import max_rows
+            items = min(items, max_rows(self.config) // max(1, rows_per_item))
+        return max(1, items)
 
     def check_vectors(self, x, name: str = "x", width: Optional[int] = None) -> torch.Tensor:
         """Raw vectors (n >= 1, width or d) as float32 on the model's device (arrays.as_vectors_on rules)."""

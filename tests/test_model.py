@@ -333,3 +333,19 @@ def test_bfloat16_decodes_on_the_cpu_close_to_float32():
     assert fast.dtype == torch.float32 and fast.shape == reference.shape
     error = float((fast - reference).norm() / reference.norm())
     assert 0 < error < 2e-2, error
+
+
+def test_fused_chunks_stay_within_the_kernels_int32_offsets(monkeypatch):
+    """A fused launch addresses its rows with int32 offsets: however large the memory budget, an encode's and
+    a decode's chunks stay within kernels.max_rows, and a launch past it is refused with a clear error."""
+    from faiss_rqmoe import kernels
+
+    cfg = RQMoEConfig(128, 8, 8, n_experts=1, n_layers=2, hidden=256)
+    model = RQMoE(cfg, mem_budget_bytes=1 << 40)
+    monkeypatch.setattr(RQMoE, "_use_triton", lambda self, device: True)
+    for rows_per_item, scored in ((256, True), (64, True), (cfg.n_morph_steps, False)):
+        assert model.rows_per_chunk(rows_per_item, scored) * rows_per_item * cfg.d < 2 ** 31
+    assert kernels.decode_sum_rows(cfg, 1 << 40) * cfg.d < 2 ** 31
+    if kernels.triton is not None:
+        with pytest.raises(ValueError, match="int32 offsets"):
+            kernels._dense_launch(model, 0, 1, kernels.max_rows(cfg) + 1, None, False)
