@@ -421,7 +421,7 @@ class RQMoE(nn.Module):
 
     def gate_hidden(self, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
         """The gate's hidden units alone, relu(z G1 + g1): (S', R, d) -> (S', R, H), steps s0..s1-1."""
-        return torch.relu(torch.baddbmm(self.gate_b1[s0:s1, None, :], z, self.gate_w1[s0:s1]))
+        return torch.baddbmm(self.gate_b1[s0:s1, None, :], z, self.gate_w1[s0:s1]).relu_()
 
     def gate_logits(self, s0: int, s1: int, gate_hidden: torch.Tensor) -> torch.Tensor:
         """The gate's logits from its hidden units: (S', R, H) -> (S', R, N), steps s0..s1-1."""
@@ -466,12 +466,22 @@ class RQMoE(nn.Module):
                 if layer > 0 or hidden is None:
                     hidden = torch.addmm(self.expert_b1[layer, s0 + s, n, 0], y, self.expert_w1[layer, s0 + s, n])
                     hidden = hidden.relu_()
+                if in_place:  # the updates are summed in the group's slice of summed, y_l kept in its slice of y_all
+                    out = summed[rows]
+                    if layer == 0:
+                        update = torch.addmm(b2, hidden, w2, out=out)  # the first update is the sum so far
+                    elif layer == L - 1:
+                        out.addmm_(hidden, w2).add_(b2)
+                    else:
+                        update = torch.addmm(b2, hidden, w2)
+                        out.add_(update)
+                    if layer < L - 1:
+                        y = y.add_(update)
+                    continue
                 if layer < L - 1:
                     update = torch.addmm(b2, hidden, w2)
                     earlier = update if earlier is None else earlier.add_(update)
                     y = y + update
-                elif in_place:  # the last layer writes the sum of all the updates into its slice
-                    torch.addmm(b2 if earlier is None else earlier.add_(b2), hidden, w2, out=summed[rows])
                 else:
                     pieces.append(torch.addmm(b2 if earlier is None else earlier + b2, hidden, w2))
         if not in_place:
