@@ -457,15 +457,17 @@ def _dense_launch(model, s0: int, S_: int, R: int, z, sum_steps: bool, decode=No
     dtype, precision = _DTYPES[model.execution.dtype]
     weights = _prepared_weights(model, dtype)
     blocks = triton.cdiv(R, CONFIG["BLOCK_R"])
-    # the rows in and out are addressed with int32 offsets: a launch past 2**31 of them cannot run (callers
-    # chunk by max_rows), and one whose split partial outputs would pass it runs unsplit
-    if S_ * R * c.d >= INT32_OFFSETS:
-        raise ValueError(f"a fused launch of {S_} step(s) x {R} rows x d={c.d} passes the kernel's int32 offsets; "
-                         f"take at most kernels.max_rows(config, steps)={max_rows(c, S_)} rows a launch")
-    split = splits_experts(c) and c.n_experts * S_ * R * c.d < INT32_OFFSETS
     # a decode of many rows sums the steps inside the programs: no (S', R, d) partial outputs to write and read
     steps_in_program = sum_steps and R >= CONFIG["steps_in_program_min_rows"]
     spans = 1 if steps_in_program else S_
+    # the rows in and out are addressed with int32 offsets: a launch that would pass 2**31 of them is refused
+    # (callers chunk by max_rows), and one whose split partial outputs would pass it runs unsplit
+    steps_addressed = max(spans, S_ if decode is None and words is None else 1)  # z read: (S', R, d)
+    if steps_addressed * R * c.d >= INT32_OFFSETS:
+        raise ValueError(f"a fused launch of {steps_addressed} step(s) x {R} rows x d={c.d} passes the kernel's "
+                         f"int32 offsets; take at most kernels.max_rows(config, steps)="
+                         f"{max_rows(c, steps_addressed)} rows a launch")
+    split = splits_experts(c) and c.n_experts * spans * R * c.d < INT32_OFFSETS
     empty = functools.partial(torch.empty, device=weights[0].device, dtype=torch.float32)
     # the (S', R, d) output exists only where it is returned or the unsplit launch writes it
     out = empty(S_, R, c.d) if not sum_steps else None
@@ -518,7 +520,9 @@ INT32_OFFSETS = 2 ** 31  # the kernels address rows with int32 offsets: (steps, 
 
 
 def max_rows(config, steps: int = 1) -> int:
-    """The most rows one fused launch of this many steps takes: its (steps, rows, d) offsets are int32."""
+    """The most rows one fused launch takes where it addresses (steps, rows, d) with int32 offsets: the z it
+    reads and the outputs it writes a step (a decode from tables that sums the steps inside its programs
+    addresses (rows, d) only: steps 1)."""
     return (INT32_OFFSETS - 1) // (max(1, steps) * config.d)
 
 

@@ -345,7 +345,10 @@ def test_fused_chunks_stay_within_the_kernels_int32_offsets(monkeypatch):
     monkeypatch.setattr(RQMoE, "_use_triton", lambda self, device: True)
     for rows_per_item, scored in ((256, True), (64, True), (cfg.n_morph_steps, False)):
         assert model.rows_per_chunk(rows_per_item, scored) * rows_per_item * cfg.d < 2 ** 31
-    assert kernels.decode_sum_rows(cfg, 1 << 40) * cfg.d < 2 ** 31
+    # a decode from tables with that many codes sums the steps inside its programs: it addresses (rows, d)
+    rows = kernels.decode_sum_rows(cfg, 1 << 40)
+    assert rows >= kernels.CONFIG["steps_in_program_min_rows"] and rows * cfg.d < 2 ** 31
     if kernels.triton is not None:
-        with pytest.raises(ValueError, match="int32 offsets"):
-            kernels._dense_launch(model, 0, 1, kernels.max_rows(cfg) + 1, None, False)
+        with pytest.raises(ValueError, match="int32 offsets"):  # z read for every step: (S, R, d)
+            kernels._dense_launch(model, 0, cfg.n_morph_steps, kernels.max_rows(cfg, cfg.n_morph_steps) + 1,
+                                  None, False)
