@@ -145,10 +145,11 @@ def test_top_n_is_dense():
 
 def test_fused_kernel_refuses_top2_routing():
     """The fused kernels run dense experts and top-1 routing (tests/test_gpu.py checks them); top-2 says so."""
-    model = routed_model("top2").set_execution(kernel="triton")
     from faiss_rqmoe import kernels
     if not (kernels.available() or kernels.interpreting()):
         pytest.skip("needs CUDA or the Triton interpreter")
+    # on a GPU machine the data must be on the GPU: CPU data takes the torch path whatever the kernel setting
+    model = routed_model("top2").to("cuda" if kernels.available() else "cpu").set_execution(kernel="triton")
     with torch.no_grad(), pytest.raises(ValueError, match="top-1 routing"):
         model._morph(0, 1, torch.randn(1, 8, 16).to(model.device))
 
