@@ -143,19 +143,18 @@ def _select_all(model: RQMoE, m: int, prefix: torch.Tensor, residual: torch.Tens
     many groups. Returns idx (b,) int64 and the chosen morphed codewords (b, d).
     """
     b = prefix.shape[0]
-    if n_groups * model.config.K ** m > DEDUP_KEYS_PER_ROW * b:
-        scores, words = score_candidates(model, m, None, cond, residual, n_rows=b)  # (b, K)
-        idx = scores.argmin(1)
-        return idx, words(torch.arange(b, device=prefix.device), idx)
-    key = prefix if groups is None else torch.cat([groups.unsqueeze(1), prefix], dim=1)
-    unique_keys, inverse = torch.unique(key, dim=0, return_inverse=True)
-    u = unique_keys.shape[0]
-    first = torch.full((u,), b, dtype=torch.int64, device=prefix.device)
-    first.scatter_reduce_(0, inverse, torch.arange(b, device=prefix.device), reduce="amin")
-    cond_unique = None if cond is None else cond[first]
-    scores, words = score_candidates(model, m, None, cond_unique, residual, owner=inverse, n_rows=u)  # (b, K)
+    rows = torch.arange(b, device=prefix.device)
+    owner, u = None, b  # every row its own codebook
+    if n_groups * model.config.K ** m <= DEDUP_KEYS_PER_ROW * b:
+        key = prefix if groups is None else torch.cat([groups.unsqueeze(1), prefix], dim=1)
+        unique_keys, owner = torch.unique(key, dim=0, return_inverse=True)
+        u = unique_keys.shape[0]
+        first = torch.full((u,), b, dtype=torch.int64, device=prefix.device)
+        first.scatter_reduce_(0, owner, rows, reduce="amin")
+        cond = None if cond is None else cond[first]
+    scores, words = score_candidates(model, m, None, cond, residual, owner=owner, n_rows=u)  # (b, K)
     idx = scores.argmin(1)
-    return idx, words(inverse, idx)
+    return idx, words(rows if owner is None else owner, idx)
 
 
 def _beam_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: int, beam_size: int,

@@ -239,8 +239,9 @@ if triton is not None:
                       SPLIT: tl.constexpr, EXPERTS_INNER: tl.constexpr, GATE_IN: tl.constexpr,
                       SUM_STEPS: tl.constexpr, Z_SOURCE: tl.constexpr, HAS_CTX: tl.constexpr,
                       CTX_PRECISION: tl.constexpr):
-        # z (S_span, R, D) holds steps s0..s0+S_span-1, or the programs build each z (_z_tile's Z_SOURCE). SPLIT: one program a (row block, step, expert), each storing its gate-weighted expert
-        # output into out[n] for a sum over n outside; else one program a (row block, step). SUM_STEPS: a
+        # z (S_span, R, D) holds steps s0..s0+S_span-1, or the programs build each z (_z_tile's Z_SOURCE).
+        # SPLIT: one program a (row block, step, expert), each storing its gate-weighted expert output into
+        # out[n] for a sum over n outside; else one program a (row block, step). SUM_STEPS: a
         # program loops over the S_span steps and stores their sum instead, so out is (N, R, D) (SPLIT) or
         # (R, D), and the grid's steps axis is 1.
         # the grid: (row blocks, steps[, experts]), or (row blocks x experts, steps) where EXPERTS_INNER

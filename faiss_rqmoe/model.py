@@ -52,8 +52,7 @@ class Execution:
     (on the CPU a decode's products under torch's CPU autocast, whose speed
     depends on the processor's bfloat16 instructions: 1.1-1.3x for dense
     experts with AMX, docs/experiments.md section 1i; the CPU's encoding
-    stays float32). Inference only:
-    training's forward and backward run in
+    stays float32). Inference only: training's forward and backward run in
     float32; its no-grad encoding of each batch follows
     ``TrainConfig.encode_precision`` (bfloat16 on CUDA by default).
     cuda_graphs: on CUDA, decode batches of up to ``graphs.MAX_ROWS`` codes
