@@ -548,6 +548,37 @@ class RQMoE(nn.Module):
             self._fused_cache[key] = (weights, tables)
         return tables
 
+    def _z_from_tables(self) -> bool:
+        """Whether decode_steps sums the steps' inputs z from ``decode_tables`` (inference with cached weights,
+        tables within the fused kernel's size cap) instead of projecting the gathered codewords and the
+        instruction stream. At the default shape that is 35 table rows a vector instead of S·(d + De)·d
+        multiply-adds: 5x faster on 2 CPU cores (docs/experiments.md, section 1j)."""
+        from . import kernels
+
+        return (not torch.is_grad_enabled() and self._cache_weights
+                and kernels.decode_tables_bytes(self.config) <= kernels.CONFIG["decode_tables_max_bytes"])
+
+    def gathered_z(self, codes: torch.Tensor, ctx_cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """The morphed steps' inputs z summed from ``decode_tables`` (inference, condition 'instruction' or
+        'none'): codes (n, M) int64, ctx_cond (n, De) float32 or None (the context's share of the
+        instructions) -> (S, n, d) float32, what ``_project`` makes of the gathered codewords and the
+        instruction stream. One embedding_bag: a bag a (step, row) holding a table row a code the step
+        depends on."""
+        tab, _, tcol, Q = self.decode_tables()
+        T, K, d = tab.shape
+        n = codes.shape[0]
+        rows = codes.index_select(1, tcol.long()) + torch.arange(0, T * K, K, device=codes.device)  # (n, T)
+        flat, offsets, first = [], [], 0  # step by step, each row's tables side by side: bags of the step's size
+        for columns in decode_table_columns(self.config):  # the sizes from the config: no device sync
+            flat.append(rows[:, first:first + len(columns)].reshape(-1))
+            offsets.append(torch.arange(first * n, (first + len(columns)) * n, len(columns), device=codes.device))
+            first += len(columns)
+        z = nn.functional.embedding_bag(torch.cat(flat), tab.view(T * K, d), torch.cat(offsets), mode="sum")
+        z = z.view(-1, n, d)
+        if Q is not None and ctx_cond is not None:
+            z = torch.baddbmm(z, ctx_cond.to(z.dtype).unsqueeze(0).expand(z.shape[0], n, ctx_cond.shape[1]), Q)
+        return z
+
     def candidate_inputs(self, s: int, cond: Optional[torch.Tensor]):
         """The two linear shares of morphed step s's network inputs (inference): z_words (K, d), what the
         projection makes of the step's codewords (with its bias), and z_cond (u, d), the conditioning rows'
@@ -610,23 +641,26 @@ class RQMoE(nn.Module):
                 ctx_cond = self.ctx_cond(ctx)
                 ctx_cond = ctx_cond.float() if ctx_cond is not None and c.De > 0 else None  # (autocast)
                 return self._plus_unmorphed(kernels.decode_sum(self, codes, ctx_cond), codes)
-        base = step_rows(self.codebooks, codes)  # (n, M, d)
         if c.n_morph_steps == 0:
+            base = step_rows(self.codebooks, codes)  # (n, M, d)
             return base.sum(1) if sum_steps else base
         ctx_cond = self.ctx_cond(ctx)
         if c.mode is Condition.RECONSTRUCTION:
-            steps_out = self._decode_steps_sequential(codes, base, ctx_cond)
+            steps_out = self._decode_steps_sequential(codes, step_rows(self.codebooks, codes), ctx_cond)
             return steps_out.sum(1) if sum_steps else steps_out
         S, f = c.n_morph_steps, c.first_morphed
-        cond = None
-        if c.De > 0:
-            cond = instruction_stream(self.instr_codebooks, codes, ctx_cond, include_first=f == 0)
-            cond = cond.transpose(0, 1)  # (S, n, De)
-        z = self._project(0, S, base[:, f:].transpose(0, 1), cond)
+        if self._z_from_tables():
+            z = self.gathered_z(codes, ctx_cond)
+        else:
+            cond = None
+            if c.De > 0:
+                cond = instruction_stream(self.instr_codebooks, codes, ctx_cond, include_first=f == 0)
+                cond = cond.transpose(0, 1)  # (S, n, De)
+            z = self._project(0, S, step_rows(self.codebooks[f:], codes[:, f:]).transpose(0, 1), cond)
         if sum_steps:
             return self._plus_unmorphed(self._morph(0, S, z, sum_steps=True), codes)
         morphed = self._morph(0, S, z)  # (S, n, d)
-        return torch.cat([base[:, :f], morphed.transpose(0, 1)], dim=1)
+        return torch.cat([step_rows(self.codebooks[:f], codes[:, :f]), morphed.transpose(0, 1)], dim=1)
 
     def _plus_unmorphed(self, morphed_sum: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """A decode's sum over the morphed steps (n, d) plus the codewords of the steps before them."""

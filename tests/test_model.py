@@ -56,7 +56,8 @@ def test_parallel_decode_equals_sequential(condition):
 
 @pytest.mark.parametrize("condition", ["instruction", "reconstruction"])
 def test_inference_decode_equals_the_differentiable_one_bit_for_bit(condition):
-    """decode (no autograd: in-place morphing) and the training forward (autograd) do the same arithmetic."""
+    """decode (no autograd: in-place morphing, step inputs summed from tables) and the training forward
+    (autograd, step inputs projected) do the same arithmetic up to the order of summation."""
     model = perturb(RQMoE(RQMoEConfig(16, 4, 5, n_experts=3, n_layers=2, hidden=12, condition=condition,
                                       ctx_dim=16)))
     codes = torch.from_numpy(np.random.default_rng(0).integers(0, 32, (300, 4)))
@@ -67,6 +68,22 @@ def test_inference_decode_equals_the_differentiable_one_bit_for_bit(condition):
     # the same operations (in place or not): equal to float32 rounding of one order of summation
     torch.testing.assert_close(model.decode(codes, ctx=ctx), differentiable.detach() * model.scale,
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ctx_dim", [0, 16])
+def test_decode_sums_step_inputs_from_tables_as_the_projection_computes_them(monkeypatch, ctx_dim):
+    from faiss_rqmoe import kernels
+
+    model = perturb(RQMoE(RQMoEConfig(16, 5, 5, n_experts=3, n_layers=2, hidden=12, ctx_dim=ctx_dim)))
+    codes = torch.from_numpy(np.random.default_rng(3).integers(0, 32, (200, 5)))
+    ctx = torch.randn(200, 16, generator=torch.Generator().manual_seed(4)) if ctx_dim else None
+    with torch.inference_mode():
+        assert model._z_from_tables()
+    from_tables = model.decode(codes, ctx=ctx)
+    monkeypatch.setitem(kernels.CONFIG, "decode_tables_max_bytes", 0)  # tables over the cap: projected
+    with torch.inference_mode():
+        assert not model._z_from_tables()
+    torch.testing.assert_close(from_tables, model.decode(codes, ctx=ctx), rtol=1e-5, atol=1e-5)
 
 
 def test_decode_matches_hand_computed_single_step():
