@@ -356,7 +356,8 @@ class RQMoE(nn.Module):
         if self.execution.dtype == "bfloat16" and not torch.is_grad_enabled() and z.device.type in ("cuda", "cpu"):
             with torch.autocast(z.device.type, dtype=torch.bfloat16):
                 return z + self._morph_delta(s0, s1, z).float()
-        return z + self._morph_delta(s0, s1, z)
+        delta = self._morph_delta(s0, s1, z)
+        return delta.add_(z) if not torch.is_grad_enabled() else z + delta  # z + delta, in place without autograd
 
     def _morph_delta(self, s0: int, s1: int, z: torch.Tensor, pre: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The experts' gate-weighted residual updates, Σ_n a_n (y_n - z): (S', B, d) -> (S', B, d).
@@ -375,6 +376,7 @@ class RQMoE(nn.Module):
         N, H, L = c.n_experts, c.hidden, c.n_layers
         # without autograd, activation and scaling run in place: the same arithmetic, fewer temporaries
         inplace = not torch.is_grad_enabled()
+        products_in_place = inplace and not autocast_enabled(z.device.type)  # autocast has no in-place products
         relu = torch.relu_ if inplace else torch.relu
         dropout = self.dropout if self.training and torch.is_grad_enabled() else 0.0
         drop = (lambda h: torch.nn.functional.dropout(h, dropout)) if dropout > 0 else (lambda h: h)  # noqa: E731
@@ -411,11 +413,15 @@ class RQMoE(nn.Module):
                     hidden = drop(relu(torch.baddbmm(self.expert_b1[layer, s0:s1, n], y, self.expert_w1[layer, s0:s1, n])))
                 if layer < L - 1:
                     update = torch.baddbmm(b2, hidden, w2)
-                    y = y + update
-                    delta = delta.addcmul_(share, update) if inplace else delta + share * update
+                    if inplace:  # update becomes y once delta has its share: no new tensor a layer
+                        delta = delta.addcmul_(share, update)
+                        y = update.add_(y)
+                    else:
+                        delta = delta + share * update
+                        y = y + update
                 else:
                     weighted = hidden.mul_(share) if inplace else hidden * share
-                    delta = torch.baddbmm(delta, weighted, w2)
+                    delta = delta.baddbmm_(weighted, w2) if products_in_place else torch.baddbmm(delta, weighted, w2)
         return delta
 
     def gate_hidden(self, s0: int, s1: int, z: torch.Tensor) -> torch.Tensor:
