@@ -6,6 +6,7 @@ temporaries stay within the model's ``mem_budget_bytes``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -27,16 +28,19 @@ def encode_scaled(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int] = 
     preselect = n_candidates is not None and n_candidates < c.K
     A = n_candidates if preselect else c.K
     bs = model.rows_per_chunk(A * beam_size, scored=True)
+    if xs.device.type == "cpu":  # chunks of CPU_CHUNK_BYTES (model.py says why)
+        bs = min(bs, model.cpu_chunk_items(A * beam_size))
     if beam_size > 1:  # plain codewords are scored K at a time per hypothesis: ~3 (K,) float temporaries
         bs = min(bs, max(1, model.mem_budget_bytes // (beam_size * c.K * 4 * 3)))
     codes = torch.empty(xs.shape[0], c.M, dtype=torch.int64, device=xs.device)
-    for i0 in range(0, xs.shape[0], bs):
-        chunk = xs[i0:i0 + bs]
-        ctx_chunk = None if ctx is None else ctx[i0:i0 + bs]
-        if beam_size > 1:
-            codes[i0:i0 + bs] = _beam_chunk(model, chunk, A, beam_size, ctx_chunk)
-        else:
-            codes[i0:i0 + bs] = _greedy_chunk(model, chunk, A if preselect else None, ctx_chunk)
+    with model.kept_temporaries() if xs.device.type == "cpu" else contextlib.nullcontext():
+        for i0 in range(0, xs.shape[0], bs):
+            chunk = xs[i0:i0 + bs]
+            ctx_chunk = None if ctx is None else ctx[i0:i0 + bs]
+            if beam_size > 1:
+                codes[i0:i0 + bs] = _beam_chunk(model, chunk, A, beam_size, ctx_chunk)
+            else:
+                codes[i0:i0 + bs] = _greedy_chunk(model, chunk, A if preselect else None, ctx_chunk)
     return codes
 
 

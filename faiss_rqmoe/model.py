@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import threading
 from typing import Optional
 
 import numpy as np
@@ -29,11 +30,15 @@ from .config import Condition, RQMoEConfig
 from .graphs import GraphCache, WeightsCache, bucket, stamp
 
 DEFAULT_MEM_BUDGET_BYTES = 1 << 30
-# A CPU decode takes its codes in chunks whose temporaries stay within this, so that they stay in cache: on 2
-# cores, 512 codes a chunk at the default shape (~70 MB of temporaries) decoded 1.1x faster than 1 024 at once,
-# 128 codes 0.9x (docs/experiments.md, section 1g). Dense experts only: under top-1 routing smaller chunks split
-# the experts' products further (0.7x). A GPU decode takes the whole memory budget.
-CPU_DECODE_CHUNK_BYTES = 64 << 20
+# CPU decodes and encodes take chunks whose temporaries stay within this: on 2 cores, 512 codes a chunk at the
+# default shape (~70 MB of temporaries) decoded 1.1x faster than 1 024 at once, 128 codes 0.9x (docs/experiments.md,
+# section 1g), and greedy, beam and exact encoding ran 1.0-1.5x faster than in 1 GiB chunks, whose fresh tensors
+# page-fault after glibc returns the freed heap between steps (section 1j). A decode caps dense experts only: under
+# top-1 routing smaller chunks split the experts' products further (0.7x). The GPU takes the whole memory budget.
+CPU_CHUNK_BYTES = 64 << 20
+# Within RQMoE.kept_temporaries(): per thread, {id(model): {key: tensor}}, the morphing's internal temporaries
+# that later steps and chunks write again (out=) instead of allocating afresh.
+_KEPT = threading.local()
 KERNELS = ("auto", "torch", "triton")
 DTYPES = ("float32", "tfloat32", "bfloat16")
 
@@ -196,6 +201,34 @@ class RQMoE(nn.Module):
             from .kernels import max_rows
             items = min(items, max_rows(self.config) // max(1, rows_per_item))
         return max(1, items)
+
+    @contextlib.contextmanager
+    def kept_temporaries(self):
+        """Within, in this thread: the morphing's largest internal temporaries (a step's first-layer
+        activations and inputs, the experts' updates and hidden units) are written again from step to step
+        and chunk to chunk (out=) instead of allocated afresh, and released on exit. CPU encodes and decodes
+        run in it: glibc returns freed multi-megabyte blocks to the system between steps, and every fresh
+        one page-faults again (docs/experiments.md, section 1j). Nothing kept is ever returned to a caller."""
+        models = _KEPT.__dict__.setdefault("models", {})
+        outermost = id(self) not in models
+        if outermost:
+            models[id(self)] = {}
+        try:
+            yield self
+        finally:
+            if outermost:
+                del models[id(self)]
+
+    def _kept(self) -> dict:
+        """This thread's kept temporaries of this model (kept_temporaries), or a new empty dict outside one
+        (what is put in it then lives as long as the caller's reference)."""
+        kept = getattr(_KEPT, "models", {}).get(id(self))
+        return {} if kept is None else kept
+
+    def cpu_chunk_items(self, rows_per_item: int) -> int:
+        """How many items a CPU chunk takes when each needs rows_per_item morphed rows on the torch path:
+        CPU_CHUNK_BYTES of temporaries (at least one item)."""
+        return max(1, CPU_CHUNK_BYTES // (max(1, rows_per_item) * self._morph_bytes_per_row()))
 
     def check_vectors(self, x, name: str = "x", width: Optional[int] = None) -> torch.Tensor:
         """Raw vectors (n >= 1, width or d) as float32 on the model's device (arrays.as_vectors_on rules)."""
@@ -383,12 +416,22 @@ class RQMoE(nn.Module):
         # top-k routing without autograd runs each expert on its own rows; in training every expert runs
         # and the gate is masked to the chosen ones (the same values, and the products stay large)
         routed = c.top_k is not None and inplace
+        # without autograd or autocast the products write into tensors of the same shape that are dead by then:
+        # the previous expert's of the same layer, or the previous step's or chunk's within kept_temporaries()
+        spare = self._kept() if products_in_place else {}
+
+        def into(key, shape):
+            kept = spare.get(key)
+            return {"out": kept} if kept is not None and kept.shape == shape else {}
+
         if pre is None and routed:  # the gate alone
             gate_hidden = self.gate_hidden(s0, s1, z)
         else:
             if pre is None:
                 w_in, b_in = self._first_layer(s0, s1)
-                pre = relu(torch.baddbmm(b_in, z, w_in))  # (S', R, (N+1)H)
+                pre = relu(torch.baddbmm(b_in, z, w_in, **into("first", (S_, R, w_in.shape[-1]))))  # (S', R, (N+1)H)
+                if products_in_place:
+                    spare["first"] = pre
             gate_hidden = pre[..., N * H:]
         gate = torch.softmax(self.gate_logits(s0, s1, gate_hidden), dim=-1)  # (S', R, N)
         if self.training and torch.is_grad_enabled():
@@ -410,9 +453,15 @@ class RQMoE(nn.Module):
             for layer in range(L):
                 w2, b2 = self.expert_w2[layer, s0:s1, n], self.expert_b2[layer, s0:s1, n]  # (S', H, d), (S', 1, d)
                 if layer > 0:
-                    hidden = drop(relu(torch.baddbmm(self.expert_b1[layer, s0:s1, n], y, self.expert_w1[layer, s0:s1, n])))
+                    hidden = torch.baddbmm(self.expert_b1[layer, s0:s1, n], y, self.expert_w1[layer, s0:s1, n],
+                                           **into(("hidden", layer), (S_, R, H)))
+                    hidden = drop(relu(hidden))
+                    if products_in_place:
+                        spare["hidden", layer] = hidden
                 if layer < L - 1:
-                    update = torch.baddbmm(b2, hidden, w2)
+                    update = torch.baddbmm(b2, hidden, w2, **into(("update", layer), (S_, R, d)))
+                    if products_in_place:
+                        spare["update", layer] = update
                     if inplace:  # update becomes y once delta has its share: no new tensor a layer
                         delta = delta.addcmul_(share, update)
                         y = update.add_(y)
@@ -613,21 +662,22 @@ class RQMoE(nn.Module):
         z_c, pre_c = self._codeword_tables(s)
         _, z_r = self.candidate_inputs(s, cond)
         u = n_rows if n_rows is not None else (candidates.shape[0] if candidates is not None else cond.shape[0])
-        z = z_c.unsqueeze(0) if candidates is None else z_c[candidates]  # (1 or u, A, d)
-        if z_r is not None:
-            z = z + z_r.unsqueeze(1)
+        on_kernel = self._use_triton(z_c.device)
+        kept = {} if on_kernel else self._kept()
+        z, _ = candidate_rows(z_c, candidates, z_r, u, kept, "candidate z")  # (u, A, d)
         A = z.shape[1]
-        z = z.expand(u, A, c.d).reshape(1, u * A, c.d)
-        if self._use_triton(z.device):  # the kernel computes the first layer itself: no (u, A, (N+1)H) table
+        z = z.reshape(1, u * A, c.d)
+        if on_kernel:  # the kernel computes the first layer itself: no (u, A, (N+1)H) table
             from . import kernels
             return kernels.morph(self, s, s + 1, z.contiguous())[0].reshape(u, A, c.d)
-        pre = pre_c.unsqueeze(0) if candidates is None else pre_c[candidates]
+        share = None
         if z_r is not None:
             w_in, _ = self._first_layer(s, s + 1)
-            pre = pre + (z_r @ w_in[0]).unsqueeze(1)
-        # the relu makes a new tensor: pre may still be the cached table itself
-        pre = torch.relu(pre.expand(u, A, pre.shape[-1]).reshape(1, u * A, -1))
-        return (z + self._morph_delta(s, s + 1, z, pre=pre))[0].reshape(u, A, c.d)
+            share = z_r @ w_in[0]
+        pre, own = candidate_rows(pre_c, candidates, share, u, kept, "candidate first layer")
+        pre = pre.reshape(1, u * A, pre_c.shape[-1])
+        pre = pre.relu_() if own else torch.relu(pre)  # not in place on the cached table itself
+        return self._morph_delta(s, s + 1, z, pre=pre).add_(z)[0].reshape(u, A, c.d)
 
     # ----------------------------------------------------------------- decode
     def decode_steps(self, codes: torch.Tensor, ctx: Optional[torch.Tensor] = None,
@@ -741,16 +791,17 @@ class RQMoE(nn.Module):
                 if kernels.gathers_z(c):  # decode_sum: no per-step rows outside the kernel
                     bs = kernels.decode_sum_rows(c, self.mem_budget_bytes)
             if codes.device.type == "cpu" and c.top_k is None:  # dense experts only: routing splits rows further
-                bs = min(bs, max(1, CPU_DECODE_CHUNK_BYTES // (rows_per_code * self._morph_bytes_per_row())))
-            for i0 in range(0, codes.shape[0], bs):
-                chunk = codes[i0:i0 + bs]
-                ctx_chunk = None if ctx_s is None else ctx_s[i0:i0 + bs]
-                if sequential and c.n_morph_steps > 0:
-                    steps_out = self._decode_steps_sequential(chunk, step_rows(self.codebooks, chunk),
-                                                              self.ctx_cond(ctx_chunk))
-                    torch.sum(steps_out, dim=1, out=out[i0:i0 + bs])
-                else:
-                    out[i0:i0 + bs] = self.decode_steps(chunk, ctx_chunk, sum_steps=True)
+                bs = min(bs, self.cpu_chunk_items(rows_per_code))
+            with self.kept_temporaries() if codes.device.type == "cpu" else contextlib.nullcontext():
+                for i0 in range(0, codes.shape[0], bs):
+                    chunk = codes[i0:i0 + bs]
+                    ctx_chunk = None if ctx_s is None else ctx_s[i0:i0 + bs]
+                    if sequential and c.n_morph_steps > 0:
+                        steps_out = self._decode_steps_sequential(chunk, step_rows(self.codebooks, chunk),
+                                                                  self.ctx_cond(ctx_chunk))
+                        torch.sum(steps_out, dim=1, out=out[i0:i0 + bs])
+                    else:
+                        out[i0:i0 + bs] = self.decode_steps(chunk, ctx_chunk, sum_steps=True)
         return out.mul_(self.scale)
 
     def decode(self, codes, ctx=None) -> torch.Tensor:
@@ -826,6 +877,27 @@ def decode_table_columns(config: RQMoEConfig) -> list:
     condition it (none without instructions)."""
     return [[m] + list(range(m if config.De > 0 else 0)) for m in range(config.first_morphed, config.M)] \
         if config.n_morph_steps else []
+
+
+def candidate_rows(table: torch.Tensor, candidates: Optional[torch.Tensor], share: Optional[torch.Tensor], u: int,
+                   kept: dict, key: str):
+    """Each conditioning row's candidates' table rows plus the row's share: table (K, w); candidates (u, A)
+    int64, or None for all K; share (u, w) or None -> ((u, A, w), own). own: the result is a tensor of this
+    call (gathered into kept[key] where one of that size is there, and left there for the next call) rather
+    than a broadcast view of the table, so it may be changed in place."""
+    w = table.shape[1]
+    if candidates is None:
+        rows, own = table.unsqueeze(0), False
+    else:
+        index = candidates.reshape(-1)
+        out = kept.get(key)
+        rows = torch.index_select(table, 0, index, **({"out": out} if out is not None and out.shape == (
+            index.numel(), w) else {}))
+        kept[key] = rows
+        rows, own = rows.view(u, candidates.shape[1], w), True
+    if share is not None:
+        rows, own = (rows.add_(share.unsqueeze(1)) if own else rows + share.unsqueeze(1)), True
+    return rows.expand(u, rows.shape[1], w), own
 
 
 def step_rows(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -169,6 +169,58 @@ def test_beam_search_as_wide_as_all_prefixes_finds_the_best_code(condition):
         assert (error(beam) < error(greedy) - 1e-4).any()  # the premise: greedy is not optimal here
 
 
+def test_cpu_chunks_encode_and_decode_as_one_chunk(monkeypatch):
+    from faiss_rqmoe import model as model_module
+
+    cfg = RQMoEConfig(16, 4, 5, n_experts=2, n_layers=2, hidden=16)
+    model = perturb(RQMoE(cfg))
+    x = torch.randn(300, 16)
+    encodings = {"greedy": (8, 1), "exact": (None, 1), "beam": (8, 3)}
+    whole = {name: model.encode(x, n_candidates=a, beam_size=b) for name, (a, b) in encodings.items()}
+    decoded = model.decode(whole["exact"])
+    monkeypatch.setattr(model_module, "CPU_CHUNK_BYTES", 60_000)
+    assert model.cpu_chunk_items(8) < 20 and model.cpu_chunk_items(cfg.K) == 1  # every call below is chunked
+    error = lambda codes: ((x - model.decode(codes)) ** 2).sum(1)  # noqa: E731
+    for name, (a, b) in encodings.items():
+        chunked = model.encode(x, n_candidates=a, beam_size=b)
+        # other matrix shapes may round differently: a code flips only between words at the same distance
+        assert (chunked == whole[name]).all(1).float().mean() > 0.98
+        torch.testing.assert_close(error(chunked), error(whole[name]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.decode(whole["exact"]), decoded, rtol=1e-5, atol=1e-6)
+
+
+def test_kept_temporaries_change_no_result_and_are_per_thread(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from faiss_rqmoe import model as model_module
+
+    model = perturb(RQMoE(RQMoEConfig(16, 4, 5, n_experts=2, n_layers=3, hidden=16, ctx_dim=8)))
+    x = torch.randn(400, 16)
+    ctx = torch.randn(400, 8, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(model_module, "CPU_CHUNK_BYTES", 200_000)  # many chunks, the last one smaller
+    codes = model.encode(x, n_candidates=8, ctx=ctx)  # CPU calls keep their temporaries themselves
+    decoded = model.decode(codes, ctx=ctx)
+    with model.kept_temporaries():  # nested, and across calls of other shapes
+        assert torch.equal(model.encode(x, n_candidates=8, ctx=ctx), codes)
+        model.decode(codes[:7], ctx=ctx[:7])
+        torch.testing.assert_close(model.decode(codes, ctx=ctx), decoded, rtol=1e-6, atol=1e-6)
+    assert model._kept() == {}  # released
+    # against a reference without any kept tensor: the products' out= changes no value
+    monkeypatch.setattr(type(model), "_kept", lambda self: {})
+    torch.testing.assert_close(model.decode(codes, ctx=ctx), decoded, rtol=1e-6, atol=1e-6)
+    assert torch.equal(model.encode(x, n_candidates=8, ctx=ctx), codes)
+    monkeypatch.undo()
+    monkeypatch.setattr(model_module, "CPU_CHUNK_BYTES", 200_000)
+    # threads sharing the model each keep their own: interleaved steps corrupt nothing
+    parts = [slice(i * 100, (i + 1) * 100) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        encoded = list(pool.map(lambda p: model.encode(x[p], n_candidates=8, ctx=ctx[p]), parts * 3))
+        decodes = list(pool.map(lambda p: model.decode(codes[p], ctx=ctx[p]), parts * 3))
+    for i, p in enumerate(parts * 3):
+        assert (encoded[i] == codes[p]).all(1).float().mean() > 0.98
+        torch.testing.assert_close(decodes[i], decoded[p], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("budget", [20_000, 1 << 30])
 def test_beam_search_chunking_and_preselection(budget):
     cfg = RQMoEConfig(16, 4, 5, n_experts=2, n_layers=2, hidden=16)
