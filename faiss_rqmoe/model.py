@@ -390,7 +390,7 @@ class RQMoE(nn.Module):
             with torch.autocast(z.device.type, dtype=torch.bfloat16):
                 return z + self._morph_delta(s0, s1, z).float()
         delta = self._morph_delta(s0, s1, z)
-        return delta.add_(z) if not torch.is_grad_enabled() else z + delta  # z + delta, in place without autograd
+        return add_into(delta, z)
 
     def _morph_delta(self, s0: int, s1: int, z: torch.Tensor, pre: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The experts' gate-weighted residual updates, Σ_n a_n (y_n - z): (S', B, d) -> (S', B, d).
@@ -418,11 +418,11 @@ class RQMoE(nn.Module):
         routed = c.top_k is not None and inplace
         # without autograd or autocast the products write into tensors of the same shape that are dead by then:
         # the previous expert's of the same layer, or the previous step's or chunk's within kept_temporaries()
-        spare = self._kept() if products_in_place else {}
+        spare = self._kept() if products_in_place and z.device.type == "cpu" else {}
 
         def into(key, shape):
             kept = spare.get(key)
-            return {"out": kept} if kept is not None and kept.shape == shape else {}
+            return {"out": kept} if reusable(kept, shape, z) else {}
 
         if pre is None and routed:  # the gate alone
             gate_hidden = self.gate_hidden(s0, s1, z)
@@ -462,12 +462,8 @@ class RQMoE(nn.Module):
                     update = torch.baddbmm(b2, hidden, w2, **into(("update", layer), (S_, R, d)))
                     if products_in_place:
                         spare["update", layer] = update
-                    if inplace:  # update becomes y once delta has its share: no new tensor a layer
-                        delta = delta.addcmul_(share, update)
-                        y = update.add_(y)
-                    else:
-                        delta = delta + share * update
-                        y = y + update
+                    delta = delta.addcmul_(share, update) if inplace else delta + share * update
+                    y = add_into(update, y)  # y + update: update becomes y once delta has its share
                 else:
                     weighted = hidden.mul_(share) if inplace else hidden * share
                     delta = delta.baddbmm_(weighted, w2) if products_in_place else torch.baddbmm(delta, weighted, w2)
@@ -564,8 +560,9 @@ class RQMoE(nn.Module):
             return self._fused_cache[key][1]
         m = s + self.config.first_morphed
         w_in, b_in = self._first_layer(s, s + 1)
-        z_c = torch.addmm(self.proj_bias[s], self.codebooks[m], self.proj_code[s])  # (K, d)
-        tables = (z_c, torch.addmm(b_in[0, 0], z_c, w_in[0]))
+        with torch.autocast(self.device.type, enabled=False):  # the cache outlives an enclosing autocast
+            z_c = torch.addmm(self.proj_bias[s], self.codebooks[m], self.proj_code[s])  # (K, d)
+            tables = (z_c, torch.addmm(b_in[0, 0], z_c, w_in[0]))
         if self._cache_weights:
             self._fused_cache[key] = (weights, tables)
         return tables
@@ -605,12 +602,12 @@ class RQMoE(nn.Module):
 
     def _z_from_tables(self) -> bool:
         """Whether decode_steps sums the steps' inputs z from ``decode_tables`` (inference with cached weights,
-        tables within the fused kernel's size cap) instead of projecting the gathered codewords and the
+        float32 weights, tables within the fused kernel's size cap) instead of projecting the gathered codewords and the
         instruction stream. At the default shape that is 35 table rows a vector instead of S·(d + De)·d
         multiply-adds: 5x faster on 2 CPU cores (docs/experiments.md, section 1j)."""
         from . import kernels
 
-        return (not torch.is_grad_enabled() and self._cache_weights
+        return (not torch.is_grad_enabled() and self._cache_weights and self.codebooks.dtype == torch.float32
                 and kernels.decode_tables_bytes(self.config) <= kernels.CONFIG["decode_tables_max_bytes"])
 
     def gathered_z(self, codes: torch.Tensor, ctx_cond: Optional[torch.Tensor]) -> torch.Tensor:
@@ -663,7 +660,7 @@ class RQMoE(nn.Module):
         _, z_r = self.candidate_inputs(s, cond)
         u = n_rows if n_rows is not None else (candidates.shape[0] if candidates is not None else cond.shape[0])
         on_kernel = self._use_triton(z_c.device)
-        kept = {} if on_kernel else self._kept()
+        kept = self._kept() if not on_kernel and z_c.device.type == "cpu" else {}
         z, _ = candidate_rows(z_c, candidates, z_r, u, kept, "candidate z")  # (u, A, d)
         A = z.shape[1]
         z = z.reshape(1, u * A, c.d)
@@ -677,7 +674,7 @@ class RQMoE(nn.Module):
         pre, own = candidate_rows(pre_c, candidates, share, u, kept, "candidate first layer")
         pre = pre.reshape(1, u * A, pre_c.shape[-1])
         pre = pre.relu_() if own else torch.relu(pre)  # not in place on the cached table itself
-        return self._morph_delta(s, s + 1, z, pre=pre).add_(z)[0].reshape(u, A, c.d)
+        return add_into(self._morph_delta(s, s + 1, z, pre=pre), z)[0].reshape(u, A, c.d)
 
     # ----------------------------------------------------------------- decode
     def decode_steps(self, codes: torch.Tensor, ctx: Optional[torch.Tensor] = None,
@@ -879,6 +876,21 @@ def decode_table_columns(config: RQMoEConfig) -> list:
         if config.n_morph_steps else []
 
 
+def reusable(kept: Optional[torch.Tensor], shape: tuple, like: torch.Tensor) -> bool:
+    """Whether a kept temporary can take a product's result (out=): same shape, dtype and device as the result
+    (of ``like``'s dtype and device), and made under the grad mode in force (an inference tensor is read-only
+    outside inference mode)."""
+    return (kept is not None and kept.shape == shape and kept.dtype == like.dtype and kept.device == like.device
+            and kept.is_inference() == torch.is_inference_mode_enabled())
+
+
+def add_into(delta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """z + delta, in place in delta where nothing needs either (no autograd) and the result keeps delta's dtype."""
+    if torch.is_grad_enabled() or delta.dtype != torch.promote_types(delta.dtype, z.dtype):
+        return z + delta
+    return delta.add_(z)
+
+
 def candidate_rows(table: torch.Tensor, candidates: Optional[torch.Tensor], share: Optional[torch.Tensor], u: int,
                    kept: dict, key: str):
     """Each conditioning row's candidates' table rows plus the row's share: table (K, w); candidates (u, A)
@@ -891,12 +903,12 @@ def candidate_rows(table: torch.Tensor, candidates: Optional[torch.Tensor], shar
     else:
         index = candidates.reshape(-1)
         out = kept.get(key)
-        rows = torch.index_select(table, 0, index, **({"out": out} if out is not None and out.shape == (
-            index.numel(), w) else {}))
+        rows = torch.index_select(table, 0, index, **({"out": out} if reusable(out, (index.numel(), w), table) else {}))
         kept[key] = rows
         rows, own = rows.view(u, candidates.shape[1], w), True
     if share is not None:
-        rows, own = (rows.add_(share.unsqueeze(1)) if own else rows + share.unsqueeze(1)), True
+        in_place = own and rows.dtype == torch.promote_types(rows.dtype, share.dtype)
+        rows, own = (rows.add_(share.unsqueeze(1)) if in_place else rows + share.unsqueeze(1)), True
     return rows.expand(u, rows.shape[1], w), own
 
 

@@ -221,6 +221,33 @@ def test_kept_temporaries_change_no_result_and_are_per_thread(monkeypatch):
         torch.testing.assert_close(decodes[i], decoded[p], rtol=1e-5, atol=1e-5)
 
 
+def test_fast_paths_follow_the_callers_precision_and_grad_mode():
+    from faiss_rqmoe.encode import encode_scaled
+
+    reference = perturb(RQMoE(RQMoEConfig(16, 4, 5, n_experts=2, n_layers=2, hidden=16)))
+    model = RQMoE(reference.config)
+    model.load_state_dict(reference.state_dict())
+    codes = torch.randint(0, 32, (100, 4), generator=torch.Generator().manual_seed(6))
+    x = torch.randn(100, 16, generator=torch.Generator().manual_seed(7))
+    expected = reference.encode(x, n_candidates=8)
+    decoded = reference.decode(codes)
+    # a first encode under the caller's autocast caches no bfloat16 table for the float32 calls after it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.encode(x, n_candidates=8)
+    assert torch.equal(model.encode(x, n_candidates=8), expected)
+    # temporaries kept under inference mode are not written again under no_grad (training's encodes)
+    with model.kept_temporaries():
+        model.decode(codes)
+        model.encode(x, n_candidates=8)
+        with torch.no_grad():
+            assert torch.equal(encode_scaled(model, x / model.scale, 8, 1, None), expected)
+            torch.testing.assert_close(model(codes).sum(1) * model.scale, decoded, rtol=1e-5, atol=1e-5)
+    # a float64 model decodes without the float32 tables
+    as_double = RQMoE(model.config)
+    as_double.load_state_dict(model.state_dict())
+    torch.testing.assert_close(as_double.double().decode(codes), decoded, rtol=1e-5, atol=1e-5, check_dtype=False)
+
+
 @pytest.mark.parametrize("budget", [20_000, 1 << 30])
 def test_beam_search_chunking_and_preselection(budget):
     cfg = RQMoEConfig(16, 4, 5, n_experts=2, n_layers=2, hidden=16)
