@@ -420,18 +420,18 @@ class RQMoE(nn.Module):
         # the previous expert's of the same layer, or the previous step's or chunk's within kept_temporaries()
         spare = self._kept() if products_in_place and z.device.type == "cpu" else {}
 
-        def into(key, shape):
-            kept = spare.get(key)
-            return {"out": kept} if reusable(kept, shape, z) else {}
+        def product(key, bias, x, w):  # torch.baddbmm(bias, x, w), into spare[key] where it fits, kept for later
+            result = torch.baddbmm(bias, x, w, **kept_out(spare, key, (S_, R, w.shape[-1]), z))
+            if products_in_place:
+                spare[key] = result
+            return result
 
         if pre is None and routed:  # the gate alone
             gate_hidden = self.gate_hidden(s0, s1, z)
         else:
             if pre is None:
                 w_in, b_in = self._first_layer(s0, s1)
-                pre = relu(torch.baddbmm(b_in, z, w_in, **into("first", (S_, R, w_in.shape[-1]))))  # (S', R, (N+1)H)
-                if products_in_place:
-                    spare["first"] = pre
+                pre = relu(product("first", b_in, z, w_in))  # (S', R, (N+1)H)
             gate_hidden = pre[..., N * H:]
         gate = torch.softmax(self.gate_logits(s0, s1, gate_hidden), dim=-1)  # (S', R, N)
         if self.training and torch.is_grad_enabled():
@@ -453,15 +453,10 @@ class RQMoE(nn.Module):
             for layer in range(L):
                 w2, b2 = self.expert_w2[layer, s0:s1, n], self.expert_b2[layer, s0:s1, n]  # (S', H, d), (S', 1, d)
                 if layer > 0:
-                    hidden = torch.baddbmm(self.expert_b1[layer, s0:s1, n], y, self.expert_w1[layer, s0:s1, n],
-                                           **into(("hidden", layer), (S_, R, H)))
-                    hidden = drop(relu(hidden))
-                    if products_in_place:
-                        spare["hidden", layer] = hidden
+                    hidden = drop(relu(product(("hidden", layer), self.expert_b1[layer, s0:s1, n], y,
+                                               self.expert_w1[layer, s0:s1, n])))
                 if layer < L - 1:
-                    update = torch.baddbmm(b2, hidden, w2, **into(("update", layer), (S_, R, d)))
-                    if products_in_place:
-                        spare["update", layer] = update
+                    update = product(("update", layer), b2, hidden, w2)
                     delta = delta.addcmul_(share, update) if inplace else delta + share * update
                     y = add_into(update, y)  # y + update: update becomes y once delta has its share
                 else:
@@ -635,9 +630,11 @@ class RQMoE(nn.Module):
         """The two linear shares of morphed step s's network inputs (inference): z_words (K, d), what the
         projection makes of the step's codewords (with its bias), and z_cond (u, d), the conditioning rows'
         share (None without conditioning). Candidate k of row j has z = z_words[k] + z_cond[j]."""
-        z_words, _ = self._codeword_tables(s)
-        z_cond = cond @ self.proj_cond[s] if cond is not None and cond.shape[-1] > 0 else None
-        return z_words, z_cond
+        return self._codeword_tables(s)[0], self._cond_share(s, cond)
+
+    def _cond_share(self, s: int, cond: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The conditioning rows' share of morphed step s's inputs z: cond (u, Dc) -> (u, d), or None."""
+        return cond @ self.proj_cond[s] if cond is not None and cond.shape[-1] > 0 else None
 
     def morph_candidates(self, m: int, candidates: Optional[torch.Tensor], cond: Optional[torch.Tensor],
                          n_rows: Optional[int] = None) -> torch.Tensor:
@@ -657,7 +654,7 @@ class RQMoE(nn.Module):
         c = self.config
         s = m - c.first_morphed
         z_c, pre_c = self._codeword_tables(s)
-        _, z_r = self.candidate_inputs(s, cond)
+        z_r = self._cond_share(s, cond)
         u = n_rows if n_rows is not None else (candidates.shape[0] if candidates is not None else cond.shape[0])
         on_kernel = self._use_triton(z_c.device)
         kept = self._kept() if not on_kernel and z_c.device.type == "cpu" else {}
@@ -876,12 +873,13 @@ def decode_table_columns(config: RQMoEConfig) -> list:
         if config.n_morph_steps else []
 
 
-def reusable(kept: Optional[torch.Tensor], shape: tuple, like: torch.Tensor) -> bool:
-    """Whether a kept temporary can take a product's result (out=): same shape, dtype and device as the result
-    (of ``like``'s dtype and device), and made under the grad mode in force (an inference tensor is read-only
-    outside inference mode)."""
-    return (kept is not None and kept.shape == shape and kept.dtype == like.dtype and kept.device == like.device
-            and kept.is_inference() == torch.is_inference_mode_enabled())
+def kept_out(kept: dict, key, shape: tuple, like: torch.Tensor) -> dict:
+    """{"out": kept[key]} where that tensor can take a result of this shape and of ``like``'s dtype and device,
+    made under the grad mode in force (an inference tensor is read-only outside inference mode); else {}."""
+    t = kept.get(key)
+    fits = (t is not None and t.shape == shape and t.dtype == like.dtype and t.device == like.device
+            and t.is_inference() == torch.is_inference_mode_enabled())
+    return {"out": t} if fits else {}
 
 
 def add_into(delta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -902,8 +900,7 @@ def candidate_rows(table: torch.Tensor, candidates: Optional[torch.Tensor], shar
         rows, own = table.unsqueeze(0), False
     else:
         index = candidates.reshape(-1)
-        out = kept.get(key)
-        rows = torch.index_select(table, 0, index, **({"out": out} if reusable(out, (index.numel(), w), table) else {}))
+        rows = torch.index_select(table, 0, index, **kept_out(kept, key, (index.numel(), w), table))
         kept[key] = rows
         rows, own = rows.view(u, candidates.shape[1], w), True
     if share is not None:
