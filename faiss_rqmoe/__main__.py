@@ -69,7 +69,7 @@ def demo(args) -> int:
         import torch
 
         import faiss_rqmoe
-        from faiss_rqmoe import baselines, datasets, evaluation
+        from faiss_rqmoe.bench import baselines, datasets, evaluation
         from faiss_rqmoe.devices import resolve_device
     except ImportError as exc:
         return _missing_dependency(exc)
@@ -167,7 +167,7 @@ def build_data(args) -> int:
 
     import numpy as np
 
-    from . import datasets, textset
+    from .bench import datasets, textset
 
     logging.getLogger("faiss_rqmoe").setLevel(logging.INFO)
 
@@ -264,9 +264,9 @@ def main(argv=None) -> int:
         if argv[0] == "bench":
             from .bench.cli import main as run
         elif argv[0] == "train":
-            from .train_cli import main as run
+            from .bench.train_cli import main as run
         else:
-            from .pretrained_codecs import main as run
+            from .bench.pretrained_export import main as run
         return run(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -22,6 +22,8 @@ INDEX_FORMAT = "faiss_rqmoe.index"
 INDEX_FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 files lack the header's table of array checksums
 
+# TrainConfig fields renamed since files were first written: {old name: new name}
+RENAMED_TRAIN_OPTIONS = {"encode_candidates": "train_encode_candidates"}
 
 def _index_arrays_and_meta(index):
     arrays = state_to_arrays(index.model.state_dict(), "model.")
@@ -99,7 +101,11 @@ def _index_from(arrays, meta, device, label: str):
                               f"versions {list(READABLE_VERSIONS)}")
     try:
         config = RQMoEConfig.from_dict(meta["config"])
-        train_config = TrainConfig.from_options(meta.get("train_options") or {})
+        train_options = dict(meta.get("train_options") or {})
+        for old, new in RENAMED_TRAIN_OPTIONS.items():  # files written before the rename
+            if old in train_options:
+                train_options[new] = train_options.pop(old)
+        train_config = TrainConfig.from_options(train_options)
         history = meta.get("train_history")
         history = None if history is None else TrainHistory.from_dict(history)
         settings = dict(nlist=meta["nlist"], metric=meta["metric_type"], hnsw_m=meta["hnsw_m"],

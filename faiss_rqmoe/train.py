@@ -80,7 +80,7 @@ class TrainConfig:
     multiplies the lr of the instruction codewords. Regularisation:
     ``dropout`` on the experts' hidden units, ``balance_loss`` weight of the
     gate load-balancing loss (Σ_n mean(a_n)² a step). Encoding while
-    training: ``encode_candidates`` (None: exact; "auto": 16 on a CPU, 32 on
+    training: ``train_encode_candidates`` (None: exact; "auto": 16 on a CPU, 32 on
     a GPU) and ``encode_precision``, the matmul inputs of that encoding on
     CUDA ("auto": bfloat16 unless the model's kernel is "torch"; it learned
     as much a sample as float32 and ran the loop 1.3-2× as fast,
@@ -115,7 +115,7 @@ class TrainConfig:
     instr_lr_scale: float = 1.0
     dropout: float = 0.0
     balance_loss: float = 0.0
-    encode_candidates: Union[int, str, None] = AUTO
+    train_encode_candidates: Union[int, str, None] = AUTO
     encode_precision: str = AUTO
     rq_train_max: int = 100_000
     rq_beam: Union[int, str] = AUTO
@@ -139,8 +139,8 @@ class TrainConfig:
         if self.rq_beam is None:
             raise ValueError("TrainConfig.rq_beam must be an integer >= 1 or 'auto', got None")
         set_("seed", _as_optional(self.seed, int, "seed", minimum=0))
-        set_("encode_candidates", _as_optional(self.encode_candidates, int, "encode_candidates", minimum=1,
-                                               allow_auto=True))
+        set_("train_encode_candidates", _as_optional(self.train_encode_candidates, int, "train_encode_candidates",
+                                                     minimum=1, allow_auto=True))
         set_("time_budget_s", _as_optional(self.time_budget_s, float, "time_budget_s", minimum=0,
                                            allow_auto=True))
         for name in ("lr", "weight_decay", "instr_lr_scale", "dropout", "balance_loss", "warmup_fraction"):
@@ -210,9 +210,9 @@ class TrainConfig:
 
     def resolved_encode_candidates(self, device: torch.device) -> Optional[int]:
         """Training's candidate count on ``device`` ("auto" resolved; None: exact)."""
-        if self.encode_candidates == AUTO:
+        if self.train_encode_candidates == AUTO:
             return AUTO_ENCODE_CANDIDATES[device.type == "cuda"]
-        return self.encode_candidates
+        return self.train_encode_candidates
 
 
 # One line of help a field, for every command-line front end (the benchmark's flags derive from these)
@@ -231,7 +231,7 @@ TRAIN_OPTION_HELP = {
     "instr_lr_scale": "learning-rate multiplier of the instruction codewords",
     "dropout": "dropout on the experts' hidden units while training",
     "balance_loss": "weight of the gate load-balancing loss (sum over experts of the mean gate weight squared)",
-    "encode_candidates": "candidates a step when training encodes its batches ('auto': 16 on a CPU, 32 on a "
+    "train_encode_candidates": "candidates a step when training encodes its batches ('auto': 16 on a CPU, 32 on a "
                          "GPU; 'none': exact)",
     "encode_precision": "matmul inputs when training encodes its batches on CUDA ('auto': bfloat16 unless the "
                         "kernel is torch; 'model': the model's execution; or float32, tfloat32, bfloat16)",

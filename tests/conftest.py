@@ -13,7 +13,7 @@ import torch
 @pytest.fixture(scope="session")
 def sift():
     """Small split of the default real SIFT set (built and cached on first use)."""
-    from faiss_rqmoe import datasets
+    from faiss_rqmoe.bench import datasets
 
     return datasets.load_small(n_train=6_000, n_val=1_000, n_db=5_000, n_query=200)
 

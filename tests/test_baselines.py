@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from faiss_rqmoe import baselines, evaluation
+from faiss_rqmoe.bench import baselines, evaluation
 
 
 def random_unit_vectors(n, d, seed=0):

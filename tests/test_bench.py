@@ -28,7 +28,7 @@ def test_bench_search_runs_end_to_end_with_a_centroid_conditioned_codec(tmp_path
     bench.main(["search", "--dataset", "small", "--n-train", "3000", "--n-db", "2000", "--n-query", "40",
                 "--bytes", "4", "--nlist", "16", "--nprobe", "2", "16", "--nshort", "10", "2000",
                 "--n-experts", "2", "--n-layers", "1", "--hidden", "16", "--max-epochs", "1",
-                "--train-candidates", "8", "--encode-candidates", "8", "--codec", codec, "--centroid",
+                "--train-encode-candidates", "8", "--encode-candidates", "8", "--codec", codec, "--centroid",
                 "--no-keep-rq-if-better", "--no-refine",
                 "--device", "cpu", "--quiet", "--out", str(out)])
     result = json.loads(out.read_text())
@@ -48,12 +48,13 @@ def test_bench_search_runs_end_to_end_with_a_centroid_conditioned_codec(tmp_path
 def test_bench_search_of_a_trained_index_file_matches_searching_it_directly(tmp_path):
     """`bench search --trained-index` adds the database to the file's index and measures it: its recall
     equals that of the same file read, filled and searched here; a filled index is refused."""
-    from faiss_rqmoe import datasets, evaluation, index_factory, read_index, write_index
+    from faiss_rqmoe import index_factory, read_index, write_index
+    from faiss_rqmoe.bench import datasets, evaluation
     from faiss_rqmoe.train import TrainConfig
 
     ds = datasets.load_small(n_train=3000, n_val=200, n_db=2000, n_query=40)
     index = index_factory(ds.d, "IVF16,RQMoE4x8_N2L1H16", encode_candidates=8, encode_beam=1,
-                          train_config=TrainConfig(max_epochs=1, encode_candidates=8, device="cpu", progress=False))
+                          train_config=TrainConfig(max_epochs=1, train_encode_candidates=8, device="cpu", progress=False))
     index.train(ds.xt, ds.xval)
     path = tmp_path / "trained.rqmoe"
     write_index(index, path)
@@ -80,7 +81,8 @@ def test_faiss_rqmoe_train_takes_the_metric_of_the_data_set(tmp_path):
     import faiss
     import numpy as np
 
-    from faiss_rqmoe import datasets, read_index, train_cli
+    from faiss_rqmoe import read_index
+    from faiss_rqmoe.bench import datasets, train_cli
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1700, 16)).astype(np.float32)
@@ -89,7 +91,7 @@ def test_faiss_rqmoe_train_takes_the_metric_of_the_data_set(tmp_path):
                           np.zeros((10, 5), dtype=np.int64), metric="ip")
     split = datasets.export_split(ds, tmp_path / "unit.npz")
     common = ["--dataset", str(split), "--description", "RQMoE2x8_N2L1H16", "--max-epochs", "1",
-              "--train-candidates", "8", "--device", "cpu", "--quiet"]
+              "--train-encode-candidates", "8", "--device", "cpu", "--quiet"]
     train_cli.main(common + ["--out", str(tmp_path / "ip.rqmoe")])
     train_cli.main(common + ["--metric", "l2", "--out", str(tmp_path / "l2.rqmoe")])
     assert read_index(tmp_path / "ip.rqmoe").metric_type == faiss.METRIC_INNER_PRODUCT
@@ -97,20 +99,20 @@ def test_faiss_rqmoe_train_takes_the_metric_of_the_data_set(tmp_path):
 
 
 def test_training_candidates_and_database_candidates_are_separate_flags():
-    """--train-candidates sets training's encoding, --encode-candidates the database's: one must not
+    """--train-encode-candidates sets training's encoding, --encode-candidates the database's: one must not
     overwrite the other, in either order."""
     import torch
 
     from faiss_rqmoe.bench.cli import build_parser
     from faiss_rqmoe.bench.options import train_config_from_args
 
-    for order in (["--train-candidates", "32", "--encode-candidates", "16"],
-                  ["--encode-candidates", "16", "--train-candidates", "32"]):
+    for order in (["--train-encode-candidates", "32", "--encode-candidates", "16"],
+                  ["--encode-candidates", "16", "--train-encode-candidates", "32"]):
         args = build_parser().parse_args(["codec", *order, "--instr-dim", "64"])
         assert args.encode_candidates == 16 and args.instr_dim == 64
-        assert train_config_from_args(args, torch.device("cpu")).encode_candidates == 32
+        assert train_config_from_args(args, torch.device("cpu")).train_encode_candidates == 32
     args = build_parser().parse_args(["search", "--encode-candidates", "8"])
-    assert args.encode_candidates == 8 and train_config_from_args(args, torch.device("cpu")).encode_candidates == "auto"
+    assert args.encode_candidates == 8 and train_config_from_args(args, torch.device("cpu")).train_encode_candidates == "auto"
 
 
 def test_a_results_files_command_re_runs_as_it_is_even_with_spaces_in_a_name():

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from faiss_rqmoe import datasets
+from faiss_rqmoe.bench import datasets
 
 cv2 = pytest.importorskip("cv2")
 

@@ -9,7 +9,7 @@ import torch
 
 import faiss_rqmoe
 from faiss_rqmoe import __main__ as cli
-from faiss_rqmoe import datasets
+from faiss_rqmoe.bench import datasets
 
 TINY = (2_000, 200, 2_000, 50)
 ROW = re.compile(r"^(IVF-RQ-MoE \(pretrained\), nshort (?:50|10)|faiss IVF-RQ8x8|faiss IVF-PQ8x8)\s+(\d+)\s+([\d.e+]+)"

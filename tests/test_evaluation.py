@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from faiss.contrib.evaluation import knn_intersection_measure
 
-from faiss_rqmoe import evaluation
+from faiss_rqmoe.bench import evaluation
 
 
 def constructed_case():

@@ -2,7 +2,7 @@ import faiss
 import pytest
 
 from faiss_rqmoe import RQMoEConfig, index_factory
-from faiss_rqmoe.factory import parse_description
+from faiss_rqmoe.description import parse_description
 
 
 @pytest.mark.parametrize("description, fields, nlist, hnsw_m", [
@@ -33,7 +33,7 @@ def test_factory_builds_the_configured_index():
 def test_training_and_adding_take_their_own_candidate_counts():
     index = index_factory(32, "RQMoE4x6", encode_candidates=16, train_encode_candidates=8, max_epochs=2)
     assert index.encode_candidates == 16
-    assert index.train_options == {"encode_candidates": 8, "max_epochs": 2}
+    assert index.train_options == {"train_encode_candidates": 8, "max_epochs": 2}
     assert index.auto_architecture  # no N/L/H in the description: the size follows device and data
 
 
@@ -61,3 +61,20 @@ def test_bad_values_and_metric():
 def test_factory_rejects_a_bad_encode_beam(beam):
     with pytest.raises(ValueError, match="encode_beam must be an integer >= 1"):
         index_factory(16, "RQMoE4x4", encode_beam=beam)
+
+
+def test_a_pretrained_index_keeps_training_and_adding_apart():
+    """A TrainConfig's candidate count goes to training, the index's own keyword to adding, whichever way
+    the pretrained codec is asked for."""
+    from faiss_rqmoe import TrainConfig
+
+    index = index_factory(128, "IVF1024,RQMoE8x8", pretrained="sift",
+                          train_config=TrainConfig(train_encode_candidates=8))
+    assert index.train_config.train_encode_candidates == 8
+    assert index.encode_candidates == "auto"
+    index = index_factory(128, "IVF1024,RQMoE8x8", pretrained="sift", encode_candidates=4,
+                          train_encode_candidates=8)
+    assert (index.encode_candidates, index.train_config.train_encode_candidates) == (4, 8)
+    with pytest.raises(ValueError, match="not both"):
+        index_factory(128, "IVF1024,RQMoE8x8", pretrained="sift", train_config=TrainConfig(),
+                      train_encode_candidates=8)

@@ -2,8 +2,9 @@
 import numpy as np
 
 import faiss_rqmoe
-from faiss_rqmoe import evaluation
-from faiss_rqmoe.pretrained_codecs import _load_file, available, export, storage_check
+from faiss_rqmoe.bench import evaluation
+from faiss_rqmoe.bench.pretrained_export import export, storage_check
+from faiss_rqmoe.pretrained_codecs import available, load_file
 
 
 def test_storage_check_measures_the_exported_file_not_a_shipped_one(sift, tmp_path):
@@ -16,7 +17,7 @@ def test_storage_check_measures_the_exported_file_not_a_shipped_one(sift, tmp_pa
     x = sift.xval[:300]
     check = storage_check(index, path, name, x)
     codes = index.sa_encode(x)
-    loaded = _load_file(path, name, device="cpu")
+    loaded = load_file(path, name, device="cpu")
     assert loaded.pretrained == name
     np.testing.assert_allclose(check["mse_float32"], evaluation.mse(x, index.sa_decode(codes)), rtol=1e-6)
     np.testing.assert_allclose(check["mse_stored"], evaluation.mse(x, loaded.sa_decode(codes)), rtol=1e-6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import faiss_rqmoe
-from faiss_rqmoe import evaluation
+from faiss_rqmoe.bench import evaluation
 
 
 @pytest.mark.parametrize("description", ["RQMoE4x6_N2L1H16", "IVF4,RQMoE4x6_N2L1H16"])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import faiss_rqmoe
-from faiss_rqmoe import datasets, index as index_module, shards
+from faiss_rqmoe import index as index_module, shards
+from faiss_rqmoe.bench import datasets
 
 from conftest import assert_same_neighbours
 
@@ -25,7 +26,7 @@ def split_file(sift, tmp_path_factory):
 
 def train_command(split_file, out, processes: int):
     args = ["-m", "faiss_rqmoe", "train", "--dataset", str(split_file), "--description", "IVF8,RQMoE4x8_N2L1H16",
-            "--max-epochs", "2", "--time-budget-s", "none", "--batch-size", "256", "--train-candidates", "8",
+            "--max-epochs", "2", "--time-budget-s", "none", "--batch-size", "256", "--train-encode-candidates", "8",
             "--no-keep-rq-if-better", "--threads", "1", "--device", "cpu", "--quiet", "--out", str(out)]
     if processes == 1:
         return [sys.executable, *args]

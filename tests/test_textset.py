@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
-from faiss_rqmoe import datasets, textset
+from faiss_rqmoe.bench import datasets, textset
 
 PARAGRAPH = """The kernel sends SIGCHLD to the parent,
 e.g. when a child stops.  See wait(2) for details!\tMr. Smith wrote it in 2001. Is it portable?

@@ -45,7 +45,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, device):
     x = clustered(3000, d=16)
     rel, atol = (1e-6, 1e-6) if device == "cpu" else (1e-3, 1e-4)
     options = dict(batch_size=128, device=device, progress=False, lr_patience=1, stop_patience=10,
-                   encode_candidates=8)  # fewer than K = 16: exact encoding never records
+                   train_encode_candidates=8)  # fewer than K = 16: exact encoding never records
 
     def fresh():
         torch.manual_seed(5)
@@ -171,7 +171,7 @@ def test_training_loop_replays_its_steps_and_learns_as_the_eager_loop(caplog):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="faiss_rqmoe.train"):
             histories.append(train_rqmoe(model, x, max_epochs=3, batch_size=128, device="cuda", progress=False,
-                                         cuda_graphs=graphs, stop_patience=10, encode_candidates=8))
+                                         cuda_graphs=graphs, stop_patience=10, train_encode_candidates=8))
         replayed = re.search(r"(\d+) training steps replayed from a CUDA graph", caplog.text)
         assert (replayed is not None) == graphs
     assert int(replayed.group(1)) > 0 and "could not be recorded" not in caplog.text

@@ -16,7 +16,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .. import baselines, datasets, evaluation
+from . import baselines, datasets, evaluation
 from ..config import Condition, RQMoEConfig
 from ..devices import resolve_device
 from ..model import RQMoE

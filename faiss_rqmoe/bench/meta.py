@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 import torch
 
-from .. import datasets
+from . import datasets
 
 
 def sync(device: torch.device) -> None:

@@ -11,8 +11,9 @@ import torch
 from ..model import DTYPES, KERNELS
 from ..train import AUTO, TRAIN_OPTION_CHOICES, TRAIN_OPTION_HELP, TrainConfig
 
-# TrainConfig fields whose flag has another name here, or that the benchmark sets itself
-_FLAG_NAMES = {"encode_candidates": "train_candidates"}
+# the spelling of a flag before its field was renamed, still read by recorded commands
+_OLD_FLAGS = {"train_encode_candidates": ["--train-candidates"]}
+# TrainConfig fields that the benchmark sets itself
 _NOT_FLAGS = ("device", "progress")
 
 
@@ -35,25 +36,25 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         if field.name in _NOT_FLAGS:
             continue
-        dest = _FLAG_NAMES.get(field.name, field.name)  # its own attribute: --encode-candidates is the database's
-        flag = "--" + dest.replace("_", "-")
+        dest = field.name
+        flags = ["--" + dest.replace("_", "-")] + _OLD_FLAGS.get(dest, [])
         kind = hints[field.name]
         helptext = TRAIN_OPTION_HELP[field.name] + f" (default: {field.default})"
         if kind is bool:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=field.default,
+            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=field.default,
                                help=helptext)
         elif kind in (int, float, str):  # a word from a short list gets argparse's choices (and its error)
-            group.add_argument(flag, dest=dest, type=kind, default=field.default, help=helptext,
+            group.add_argument(*flags, dest=dest, type=kind, default=field.default, help=helptext,
                                choices=TRAIN_OPTION_CHOICES.get(field.name))
         else:  # Optional / Union with "auto"
             number = int if int in typing.get_args(kind) else float if float in typing.get_args(kind) else str
-            group.add_argument(flag, dest=dest, type=_optional_number(number) if number is not str else str,
+            group.add_argument(*flags, dest=dest, type=_optional_number(number) if number is not str else str,
                                default=field.default, help=helptext)
 
 
 def train_config_from_args(args, device: torch.device) -> TrainConfig:
     """The run's TrainConfig: every field from its flag, the device from --device, progress from --quiet."""
-    values = {f.name: getattr(args, _FLAG_NAMES.get(f.name, f.name)) for f in dataclasses.fields(TrainConfig)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
               if f.name not in _NOT_FLAGS}
     return TrainConfig(**values, device=str(device), progress=not args.quiet)
 

@@ -67,7 +67,7 @@ def run_merge(args) -> None:
 
 
 def run_plot(args) -> None:
-    from .. import plots
+    from . import plots
 
     for path in plots.plot_all(args.files, args.out_dir):
         print(path)

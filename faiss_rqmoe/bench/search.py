@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import torch
 
-from .. import baselines, datasets, evaluation
+from . import baselines, datasets, evaluation
 from ..devices import resolve_device
 from ..factory import index_factory
 from ..io import read_index, write_index
@@ -94,8 +94,6 @@ def build_index(args, ds: datasets.Dataset, device: torch.device, result: dict):
 
         training = train_config_from_args(args, device).to_dict(non_default_only=True)
         training.pop("device", None)
-        if "encode_candidates" in training:  # the factory's name for training's own candidate count
-            training["train_encode_candidates"] = training.pop("encode_candidates")
         index = load(args.pretrained, **options, **training)
         description = f"pretrained:{args.pretrained}"
     else:

@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from . import datasets
+from . import splits
 
 logger = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ def embed_sentences(sentences: Sequence[str], batch_size: int = 64, device=None,
 
 # ------------------------------------------------------------------ cached set
 def _text_path(suffix: str) -> Path:
-    return datasets.cache_dir() / f"{TEXT_NAME}{suffix}"
+    return splits.cache_dir() / f"{TEXT_NAME}{suffix}"
 
 
 def _partial_dir() -> Path:
@@ -560,17 +560,17 @@ def text_sentences(progress: bool = True) -> List[str]:
 
 
 def load_text(n_train: Optional[int] = None, n_val: int = 10_000, n_db: int = 100_000, n_query: int = 10_000,
-              progress: bool = True) -> datasets.Dataset:
+              progress: bool = True) -> splits.Dataset:
     """The text set, split like the SIFT sets (queries first, then database, validation, train; n_train
     None: all the rest), with cached 100-NN ground truth: a Dataset of float32 (., 384) parts.
 
     The vectors are meant for inner-product search. Their ground truth is the exact L2 one that
-    datasets.split computes: for unit vectors |q - x|^2 = 2 - 2 <q, x>, so the L2 neighbours are the
+    splits.split computes: for unit vectors |q - x|^2 = 2 - 2 <q, x>, so the L2 neighbours are the
     inner-product neighbours, in the same order (check_unit_norm makes sure the rows are unit norm).
     """
     import dataclasses
 
     data = text_embeddings(progress)
     check_unit_norm(data)
-    split = datasets.split(TEXT_NAME, data, n_train, n_val, n_db, n_query, cache_gt=True)
+    split = splits.split(TEXT_NAME, data, n_train, n_val, n_db, n_query, cache_gt=True)
     return dataclasses.replace(split, metric="ip")

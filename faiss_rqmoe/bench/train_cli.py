@@ -20,7 +20,7 @@ PROG = "faiss-rqmoe train"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench.options import add_data_options, add_train_options
+    from .options import add_data_options, add_train_options
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--description", required=True, help="the index's factory string, e.g. IVF1024,RQMoE8x8")
@@ -43,12 +43,13 @@ def _number_or_word(text: str):
 
 
 def main(argv=None) -> int:
-    from . import distributed, evaluation
-    from .bench.options import train_config_from_args
+    from .. import distributed
+    from ..devices import resolve_device
+    from ..factory import index_factory
+    from ..io import write_index
+    from . import evaluation
     from .datasets import load_dataset
-    from .devices import resolve_device
-    from .factory import index_factory
-    from .io import write_index
+    from .options import train_config_from_args
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
