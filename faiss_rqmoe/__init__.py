@@ -1,10 +1,12 @@
 """faiss_rqmoe: RQ-MoE (Residual Quantization via Mixture of Experts) as a drop-in FAISS index.
 
 Public names: IndexRQMoE, index_factory, read_index, write_index,
-clone_index, pretrained (a shipped codec by name), RQMoE, RQMoEConfig,
-Condition, TrainConfig, TrainHistory, train_rqmoe.
+clone_index, pretrained (a shipped codec by name), RQMoE (the network),
+Engine and Execution (its fast inference), RQMoEConfig, Condition,
+TrainConfig, TrainHistory, train_rqmoe.
 """
 from .config import Condition, RQMoEConfig
+from .engine import Engine, Execution
 from .factory import index_factory
 from .index import IndexRQMoE
 from .io import clone_index, read_index, write_index
@@ -13,5 +15,5 @@ from .pretrained_codecs import load as pretrained
 from .train import TrainConfig, TrainHistory, train_rqmoe
 
 __all__ = ["IndexRQMoE", "index_factory", "read_index", "write_index", "clone_index", "pretrained", "RQMoE",
-           "RQMoEConfig", "Condition", "TrainConfig", "TrainHistory", "train_rqmoe"]
+           "Engine", "Execution", "RQMoEConfig", "Condition", "TrainConfig", "TrainHistory", "train_rqmoe"]
 __version__ = "0.2.0"

@@ -1,46 +1,46 @@
-"""Encoding with an RQ-MoE model: greedy (exact or with candidate pre-selection) and beam search.
+"""Encoding: greedy (exact or with candidate pre-selection) and beam search.
 
 Encoding is sequential over steps (each step's residual depends on the
-codes before it) but batched over vectors and candidates, in chunks whose
-temporaries stay within the model's ``mem_budget_bytes``.
+codes before it) but batched over vectors and candidates, in chunks. The
+search here reads the network's parameters and asks a *coder* for the rest:
+``score_candidates`` (the morphed candidates' scores), ``chunk_items`` (how
+many vectors a chunk takes) and ``temporaries()`` (the context a chunk runs
+in). The network (``RQMoE``) is its own plain coder; the engine is the fast
+one.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 
 from .config import Condition
-from .model import RQMoE, advance_instruction, recon_cond
+from .streams import advance_instruction, recon_cond
 
 
-def encode_scaled(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int] = None, beam_size: int = 1,
-                  ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Codes of validated, scaled vectors, in memory-bounded chunks.
+def encode_scaled(model, xs: torch.Tensor, n_candidates: Optional[int] = None, beam_size: int = 1,
+                  ctx: Optional[torch.Tensor] = None, coder=None) -> torch.Tensor:
+    """Codes of validated, scaled vectors, in chunks the coder sizes.
 
-    xs: (n, d) float32 on the model's device (raw / scale); n_candidates: None
-    (exact) or A; beam_size: B >= 1; ctx: (n, ctx_dim) normalised contexts or
-    None. Runs under the caller's grad mode (training calls it under
-    ``no_grad``). Returns (n, M) int64.
+    model: the network (``RQMoE``); coder: who scores the candidates and plans the chunks (default: the
+    network itself). xs: (n, d) float32 on the model's device (raw / scale); n_candidates: None (exact) or
+    A; beam_size: B >= 1; ctx: (n, ctx_dim) normalised contexts or None. Runs under the caller's grad mode
+    (training calls it under ``no_grad``). Returns (n, M) int64.
     """
+    coder = model if coder is None else coder
     c = model.config
     preselect = n_candidates is not None and n_candidates < c.K
     A = n_candidates if preselect else c.K
-    bs = model.rows_per_chunk(A * beam_size, scored=True)
-    if xs.device.type == "cpu":  # chunks of CPU_CHUNK_BYTES (model.py says why)
-        bs = min(bs, model.cpu_chunk_items(A * beam_size))
-    if beam_size > 1:  # plain codewords are scored K at a time per hypothesis: ~3 (K,) float temporaries
-        bs = min(bs, max(1, model.mem_budget_bytes // (beam_size * c.K * 4 * 3)))
+    bs = coder.chunk_items(A * beam_size, beam_size)
     codes = torch.empty(xs.shape[0], c.M, dtype=torch.int64, device=xs.device)
-    with model.kept_temporaries() if xs.device.type == "cpu" else contextlib.nullcontext():
+    with coder.temporaries():
         for i0 in range(0, xs.shape[0], bs):
             chunk = xs[i0:i0 + bs]
             ctx_chunk = None if ctx is None else ctx[i0:i0 + bs]
             if beam_size > 1:
-                codes[i0:i0 + bs] = _beam_chunk(model, chunk, A, beam_size, ctx_chunk)
+                codes[i0:i0 + bs] = _beam_chunk(model, coder, chunk, A, beam_size, ctx_chunk)
             else:
-                codes[i0:i0 + bs] = _greedy_chunk(model, chunk, A if preselect else None, ctx_chunk)
+                codes[i0:i0 + bs] = _greedy_chunk(model, coder, chunk, A if preselect else None, ctx_chunk)
     return codes
 
 
@@ -49,7 +49,7 @@ def _base_scores(book: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return torch.addmm((book * book).sum(1)[None, :], residual, book.T, alpha=-2)
 
 
-def _greedy_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int],
+def _greedy_chunk(model, coder, xs: torch.Tensor, n_candidates: Optional[int],
                   ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Greedy codes of scaled vectors xs (b, d), normalised contexts ctx (b, ctx_dim) or None -> (b, M) int64."""
     c = model.config
@@ -71,9 +71,9 @@ def _greedy_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int],
         else:
             cond = instr if c.mode is Condition.INSTRUCTION else recon_cond(xs - residual, ctx_cond)
             if n_candidates is None:
-                idx, chosen = _select_all(model, m, codes[:, :m], residual, cond, groups, n_groups)
+                idx, chosen = _select_all(model, coder, m, codes[:, :m], residual, cond, groups, n_groups)
             else:
-                idx, chosen = _select_candidates(model, m, book, residual, cond, n_candidates)
+                idx, chosen = _select_candidates(coder, m, book, residual, cond, n_candidates)
         codes[:, m] = idx
         residual = residual - chosen
         if c.mode is Condition.INSTRUCTION and m < c.M - 1:
@@ -81,13 +81,13 @@ def _greedy_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int],
     return codes
 
 
-def _select_candidates(model: RQMoE, m: int, book: torch.Tensor, residual: torch.Tensor,
+def _select_candidates(coder, m: int, book: torch.Tensor, residual: torch.Tensor,
                        cond: Optional[torch.Tensor], n_candidates: int):
     """Greedy choice at step m among the n_candidates base codewords of book (K, d) nearest each residual
     (b, d), by their morphed words' scores. Returns idx (b,) int64 and the chosen morphed codewords (b, d)
     (the step's partial outputs are freed on return, before the next step's)."""
     candidates = _base_scores(book, residual).topk(n_candidates, dim=1, largest=False).indices
-    scores, words = score_candidates(model, m, candidates, cond, residual)  # (b, A)
+    scores, words = coder.score_candidates(m, candidates, cond, residual)  # (b, A)
     best = scores.argmin(1)
     rows = torch.arange(residual.shape[0], device=residual.device)
     return candidates[rows, best], words(rows, best)
@@ -98,34 +98,19 @@ def _residual_scores(words: torch.Tensor, residual: torch.Tensor) -> torch.Tenso
     return (words * words).sum(-1) - 2 * torch.bmm(words, residual.unsqueeze(-1)).squeeze(-1)
 
 
-def score_candidates(model: RQMoE, m: int, candidates: Optional[torch.Tensor], cond: Optional[torch.Tensor],
-                     residual: torch.Tensor, owner: Optional[torch.Tensor] = None, n_rows: Optional[int] = None):
-    """Scores ||w||² - 2 <r, w> of step m's morphed candidate words w against residual rows.
+def score_morphed(morphed: torch.Tensor, residual: torch.Tensor, owner: Optional[torch.Tensor] = None):
+    """Scores ||w||² - 2 <r, w> of morphed candidate words (u, A, d) against residual rows (b, d): (b, A).
 
-    candidates: (u, A) int64 codeword indices a conditioning row, or None for all K; cond: (u, Dc) or None;
-    residual: (b, d); owner: (b,) int64, the conditioning row each residual row is scored with, from
-    torch.unique's inverse (a permutation where u == b), or None: row i with row i (b = u); n_rows: u where
-    neither candidates nor cond says it. Returns scores (b, A) float32 and words(rows, which), the morphed
-    words of conditioning rows ``rows`` and candidate columns ``which`` (int64, one shape) -> (*shape, d).
-    Where the fused kernel runs dense experts, it scores inside (kernels.candidate_scores) and words() sums
-    the kept rows' partial outputs; elsewhere every candidate is morphed (RQMoE.morph_candidates).
-    """
-    if model.config.top_k is None and model._use_triton(residual.device):
-        from . import kernels
-        s = m - model.config.first_morphed
-        z_words, z_cond = model.candidate_inputs(s, cond)
-        scores, parts = kernels.candidate_scores(model, s, z_words, z_cond, candidates, residual, owner, n_rows)
-        A = scores.shape[1]
-        return scores, lambda rows, which: parts[:, rows * A + which].sum(0)
-    morphed = model.morph_candidates(m, candidates, cond, n_rows)  # (u, A, d)
+    owner: (b,) int64, the conditioning row each residual row is scored with, from torch.unique's inverse
+    (a permutation where u == b), or None: row i with row i (b = u). A coder's ``score_candidates``
+    returns these scores and words(rows, which), the morphed words of conditioning rows ``rows`` and
+    candidate columns ``which`` (int64, one shape) -> (*shape, d)."""
     if owner is None:
-        scores = _residual_scores(morphed, residual)
-    elif morphed.shape[0] == residual.shape[0]:  # every row its own words: score in their order, no (b, A, d) copy
+        return _residual_scores(morphed, residual)
+    if morphed.shape[0] == residual.shape[0]:  # every row its own words: score in their order, no (b, A, d) copy
         first = torch.empty_like(owner).scatter_(0, owner, torch.arange(len(owner), device=owner.device))
-        scores = _residual_scores(morphed, residual[first])[owner]
-    else:
-        scores = (morphed * morphed).sum(-1)[owner] - 2 * torch.bmm(morphed[owner], residual.unsqueeze(-1)).squeeze(-1)
-    return scores, lambda rows, which: morphed[rows, which]
+        return _residual_scores(morphed, residual[first])[owner]
+    return (morphed * morphed).sum(-1)[owner] - 2 * torch.bmm(morphed[owner], residual.unsqueeze(-1)).squeeze(-1)
 
 
 DEDUP_KEYS_PER_ROW = 8  # _select_all looks for rows sharing a codebook only where a step has at most this many
@@ -133,7 +118,7 @@ DEDUP_KEYS_PER_ROW = 8  # _select_all looks for rows sharing a codebook only whe
 # device cost more than the words it saves
 
 
-def _select_all(model: RQMoE, m: int, prefix: torch.Tensor, residual: torch.Tensor,
+def _select_all(model, coder, m: int, prefix: torch.Tensor, residual: torch.Tensor,
                 cond: Optional[torch.Tensor], groups: Optional[torch.Tensor] = None, n_groups: int = 1):
     """Exact greedy choice at step m over all K morphed codewords.
 
@@ -156,12 +141,12 @@ def _select_all(model: RQMoE, m: int, prefix: torch.Tensor, residual: torch.Tens
         first = torch.full((u,), b, dtype=torch.int64, device=prefix.device)
         first.scatter_reduce_(0, owner, rows, reduce="amin")
         cond = None if cond is None else cond[first]
-    scores, words = score_candidates(model, m, None, cond, residual, owner=owner, n_rows=u)  # (b, K)
+    scores, words = coder.score_candidates(m, None, cond, residual, owner=owner, n_rows=u)  # (b, K)
     idx = scores.argmin(1)
     return idx, words(rows if owner is None else owner, idx)
 
 
-def _beam_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: int, beam_size: int,
+def _beam_chunk(model, coder, xs: torch.Tensor, n_candidates: int, beam_size: int,
                 ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Beam search codes of scaled vectors xs (b, d), normalised contexts ctx (b, ctx_dim) or None -> (b, M) int64.
 
@@ -202,7 +187,7 @@ def _beam_chunk(model: RQMoE, xs: torch.Tensor, n_candidates: int, beam_size: in
             else:
                 cond = recon_cond(xs.unsqueeze(1) - residual, ctx_cond)
             cond = cond.reshape(b * h, cond.shape[-1])
-            scores, words = score_candidates(model, m, shared, cond, flat, n_rows=b * h)  # (bh, A)
+            scores, words = coder.score_candidates(m, shared, cond, flat, n_rows=b * h)  # (bh, A)
             scores = res_norms + scores
             n_cand = scores.shape[1]
         keep = min(beam_size, h * n_cand)

@@ -11,6 +11,7 @@ the file holds.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -26,7 +27,7 @@ from .arrays import (as_id_list, as_ids, as_vectors, as_vectors_on, check_positi
                      returns_like, to_host)
 from .config import Condition, RQMoEConfig
 from .devices import resolve_device
-from .encode import encode_scaled
+from .engine import DEFAULT_MEM_BUDGET_BYTES, Engine, Execution
 from .model import RQMoE
 from .progress import folded_faiss_warnings, matmul_rate, timed_stage
 from .train import AUTO, TrainConfig, TrainHistory, reconstruction_mse, train_faiss_rq, train_rqmoe
@@ -151,6 +152,9 @@ class IndexRQMoE:
         self.train_config = train_config or TrainConfig.from_options(dict(train_options or {}))
         self.auto_architecture = bool(auto_architecture)
         self.model = RQMoE(config).to(self.device)
+        self.execution = Execution()
+        self.mem_budget_bytes = DEFAULT_MEM_BUDGET_BYTES
+        self._engine: Optional[Engine] = None
         self.ivf: Optional[faiss.IndexIVFResidualQuantizer] = None
         self.centroids: Optional[np.ndarray] = None
         self.static_codebooks: Optional[np.ndarray] = None  # (M, K, d): the lookup-table codebooks
@@ -256,10 +260,32 @@ class IndexRQMoE:
         return candidates, beam
 
     # ---------------------------------------------------------------- device
+    @property
+    def engine(self) -> Engine:
+        """The inference engine the index encodes and decodes with: its model, ``execution`` and
+        ``mem_budget_bytes``, built once and again after any of them changes."""
+        engine = self._engine
+        if engine is None or engine.model is not self.model or engine.execution != self.execution \
+                or engine.mem_budget_bytes != self.mem_budget_bytes:
+            engine = self._engine = Engine(self.model, self.execution, self.mem_budget_bytes)
+        return engine
+
+    def set_execution(self, kernel: Optional[str] = None, dtype: Optional[str] = None,
+                      cuda_graphs: Optional[bool] = None, mem_budget_bytes: Optional[int] = None) -> "IndexRQMoE":
+        """Choose how the codec runs (``Execution``'s fields; None keeps a setting) and the byte budget of
+        one chunk's temporaries. Returns self."""
+        changes = {k: v for k, v in (("kernel", kernel), ("dtype", dtype), ("cuda_graphs", cuda_graphs))
+                   if v is not None}
+        self.execution = dataclasses.replace(self.execution, **changes)
+        if mem_budget_bytes is not None:
+            self.mem_budget_bytes = check_positive_int(mem_budget_bytes, "mem_budget_bytes")
+        return self
+
     def to(self, device) -> "IndexRQMoE":
         """Move the codec and search to ``device`` ('cpu', 'cuda', ...); the code mirror follows."""
         self.device = resolve_device(device)
         self.model.to(self.device)
+        self._engine = None
         self._device_cache = {}
         self._mirror = None
         return self
@@ -408,8 +434,7 @@ class IndexRQMoE:
             logger.info("model size for %d training vectors on %s: %s", len(residuals), self.device, size)
         with torch.random.fork_rng(devices=[]):  # the networks' start follows the seed, not the caller's RNG
             torch.manual_seed(config.seed)
-            self.model = RQMoE(self.config, mem_budget_bytes=self.model.mem_budget_bytes,
-                               execution=self.model.execution).to(self.device)
+            self.model = RQMoE(self.config).to(self.device)
         start = time.perf_counter()
         if distributed.rank_and_world()[0] == 0:  # the faiss start is trained once and broadcast
             rq = train_faiss_rq(residuals, self.config.M, self.config.nbits, config.rq_beam, config.rq_train_type,
@@ -423,7 +448,7 @@ class IndexRQMoE:
             rq_model.scale.copy_(self.model.scale)
             rq_model.initialized.fill_(True)
         self.train_history = train_rqmoe(self.model, residuals, val_residuals, config.replace(device=str(self.device)),
-                                         ctx=ctx[0], ctx_val=ctx[1])
+                                         ctx=ctx[0], ctx_val=ctx[1], execution=self.execution)
         self.train_history.rq_init_s = rq_init_s
         learned = self._val_mse(self.model, val_residuals, ctx[1])
         start_mse = self._val_mse(rq_model, val_residuals, None, plain=True)
@@ -445,7 +470,8 @@ class IndexRQMoE:
         xs = torch.from_numpy(x).to(model.device) / model.scale
         ctx_s = None if ctx is None else model.normalize_ctx(torch.from_numpy(ctx).to(model.device))
         with torch.inference_mode():
-            return reconstruction_mse(model, xs, candidates, ctx=ctx_s, beam_size=beam)
+            return reconstruction_mse(Engine(model, self.execution, self.mem_budget_bytes), xs, candidates,
+                                      ctx=ctx_s, beam_size=beam)
 
     def _build_storage(self, quantizer: faiss.Index, codes: np.ndarray, residuals: np.ndarray) -> None:
         """The faiss index that stores codes, with lookup-table codebooks fitted to (codes, residuals)."""
@@ -467,7 +493,7 @@ class IndexRQMoE:
         in chunks, with a progress bar for runs of more than two seconds."""
         from tqdm.auto import tqdm
 
-        model = self.model
+        model, engine = self.model, self.engine
         candidates, beam = self._encoding()
         out = np.empty((len(residuals), self.config.M), dtype=np.int64)
         bar = tqdm(total=len(residuals), desc=desc, unit="vec", delay=2.0, disable=not self.train_config.progress)
@@ -478,15 +504,15 @@ class IndexRQMoE:
                 if self.config.ctx_dim:
                     ctx = model.normalize_ctx(self._on_device("centroids", self.centroids)[
                         torch.from_numpy(list_nos[i0:i0 + ENCODE_CHUNK]).to(model.device)])
-                out[i0:i0 + ENCODE_CHUNK] = encode_scaled(model, chunk / model.scale, candidates, beam,
-                                                          ctx).cpu().numpy()
+                out[i0:i0 + ENCODE_CHUNK] = engine.encode_scaled(chunk / model.scale, candidates, beam,
+                                                                 ctx).cpu().numpy()
                 bar.update(len(chunk))
         return out
 
     def _decode_on_device(self, codes: torch.Tensor, list_nos: torch.Tensor) -> torch.Tensor:
         """Reconstructions (n, d) float32 on the codec's device of codes (n, M) stored in lists list_nos (n,)."""
         centroids = self._on_device("centroids", self.centroids)[list_nos.to(self.model.device)]
-        return self.model.decode(codes, ctx=centroids if self.config.ctx_dim else None) + centroids
+        return self.engine.decode(codes, ctx=centroids if self.config.ctx_dim else None) + centroids
 
     def _decode(self, codes: np.ndarray, list_nos: np.ndarray) -> np.ndarray:
         """Reconstructions (n, d) float32 numpy of codes (n, M) stored in lists list_nos (n,)."""

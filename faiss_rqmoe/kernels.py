@@ -1,7 +1,9 @@
 """Fused Triton kernels for the morphing networks' inference on CUDA.
 
-``morph`` computes exactly what ``RQMoE._morph`` computes (gate, every
-expert's residual blocks, the gate-weighted sum). A program takes a block of
+``morph`` computes exactly what the network's ``RQMoE.morph`` computes (gate,
+every expert's residual blocks, the gate-weighted sum). The functions here
+receive tensors (the weights in ``kernel_weights``' layout, tables, rows) and
+an architecture; the engine (engine.py) decides when they run. A program takes a block of
 rows of one step and one expert, computes the gate and its expert's share,
 keeps every hidden activation in registers and stores the gate-weighted
 expert output; one sum over the experts follows. The memory traffic is the
@@ -18,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .graphs import stamp
+from .config import Condition
 
 try:
     import triton
@@ -26,33 +28,17 @@ try:
 except ImportError:  # CI and CPU-only installs: the torch path is used
     triton = None
 
-# Launch settings of the dense kernel: rows a program, hidden units a chunk, warps, pipeline stages, and
-# split: one program a (row block, step, expert), the gate-weighted expert outputs summed outside the kernel,
-# instead of one a (row block, step) looping over the experts. By `bench speed --sweep` on an H200 in
-# bfloat16 (notebooks/results/speed_h200_split.json, tile_sweep): with 3 stages it decodes 1.44x faster than
-# the unsplit 2-stage launch at batch 1 024 and 1.19x at 100 000 (the split alone: 1.36x and 1.13x); the
-# unsplit one holds an accumulator beside every expert's state and gives a small batch a quarter of the
-# programs. The stages setting also applies to the top-1 kernel
-# experts_inner: in the split launch the expert is the fastest-varying program index, so the N programs of a
-# row block run side by side and read its rows from L2 rather than N times from memory.
-# gate_once: the split launch reads the gates from one launch before it (_gate_kernel) instead of every
-# expert's program computing them again: by diagnostic timings on an H100 in bfloat16 (docs/experiments.md,
-# section 1g) 1.05x faster at decode batch 100 000, 1.03x at greedy and beam encoding.
-# By `bench speed --sweep` on an H100 in bfloat16, byte codes (notebooks/results/speed_h100_z_from_tables.json
-# and speed_h100_steps_in_program.json, docs/experiments.md section 1h):
-# steps_in_program_min_rows: a decode of at least this many codes sums the steps inside each program (out
-# (N, R, d) instead of (N, S, R, d)): 1.06-1.08x from 8 192 codes, 0.75x at 1 024 (too few programs).
-# z_from_tables: a decode's programs sum each step's input z from table rows (RQMoE.decode_tables) instead of
-# reading z from the base gather, the cumulative sum of the instructions and the projection's products
-# before the launch: 1.29-1.43x from 8 192 codes (23.9 M vectors/s at 8 192, 26.3 M at 32 768).
-# gathered_gate_once_max_rows: such a decode computes the gates in a launch before the split one only up to
-# this many codes; above it (batch 100 000: a 45 MB gate buffer) every expert's program computes them
-# (24.1 M against 20.3 M).
-# decode_tables_max_bytes: a larger architecture's tables (about M²/2 of (K, d), 4.5 GB at 16 steps of 16
-# bits) are not built: its decode reads z as before.
-CONFIG = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 3, "split": True, "experts_inner": True,
-          "gate_once": True, "steps_in_program_min_rows": 8192, "z_from_tables": True,
-          "gathered_gate_once_max_rows": 32768, "decode_tables_max_bytes": 64 << 20}
+# Tile settings of the kernels (rows a program, hidden units a chunk, warps, pipeline stages), tuned by
+# `bench speed --sweep` (docs/experiments.md, sections 1e and 1h).
+TILES = {"BLOCK_R": 64, "HC": 64, "num_warps": 4, "num_stages": 3}
+# A decode of at least this many codes sums the steps inside each program, writing (N, R, d) partial outputs
+# instead of (N, S, R, d); fewer codes give too few programs (docs/experiments.md, section 1h).
+STEPS_IN_PROGRAM_MIN_ROWS = 8192
+# The split launch reads gates computed by a launch before it; a decode from tables of more codes than this
+# computes them in every expert's program instead, since the gate buffer no longer fits the L2 (section 1h).
+GATHERED_GATE_ONCE_MAX_ROWS = 32768
+# A larger architecture's decode tables (about M²/2 of (K, d)) are not built: its decode reads z.
+DECODE_TABLES_MAX_BYTES = 64 << 20
 N_PAD = 16  # the gate's logits are padded to 16 columns: tl.dot needs 16 at least
 
 
@@ -236,7 +222,7 @@ if triton is not None:
                       codes_ptr, tab_ptr, toff_ptr, tcol_ptr, ctx_ptr, pq_ptr, M, K,
                       D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, L: tl.constexpr,
                       DC: tl.constexpr, BLOCK_R: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr,
-                      SPLIT: tl.constexpr, EXPERTS_INNER: tl.constexpr, GATE_IN: tl.constexpr,
+                      SPLIT: tl.constexpr, GATE_IN: tl.constexpr,
                       SUM_STEPS: tl.constexpr, Z_SOURCE: tl.constexpr, HAS_CTX: tl.constexpr,
                       CTX_PRECISION: tl.constexpr):
         # z (S_span, R, D) holds steps s0..s0+S_span-1, or the programs build each z (_z_tile's Z_SOURCE).
@@ -244,16 +230,14 @@ if triton is not None:
         # out[n] for a sum over n outside; else one program a (row block, step). SUM_STEPS: a
         # program loops over the S_span steps and stores their sum instead, so out is (N, R, D) (SPLIT) or
         # (R, D), and the grid's steps axis is 1.
-        # the grid: (row blocks, steps[, experts]), or (row blocks x experts, steps) where EXPERTS_INNER
-        if EXPERTS_INNER:
+        # the grid: (row blocks x experts, steps) where SPLIT, the expert varying fastest, so the N programs of
+        # a row block run side by side and read its rows from L2 once; else (row blocks, steps)
+        if SPLIT:
             pid = tl.program_id(0) // N
             n = tl.program_id(0) % N
         else:
             pid = tl.program_id(0)
-            if SPLIT:
-                n = tl.program_id(2)
-            else:
-                n = 0
+            n = 0
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
         dcols = tl.arange(0, D)
@@ -307,93 +291,90 @@ if triton is not None:
             tl.store(out_ptr + offsets, out, mask=row_ok[:, None])
 
 
-def _prepared_weights(model, dtype: torch.dtype):
-    """The weights in the kernel's layout and dtype, cached while the parameters do not change."""
-    params = (model.expert_w1, model.expert_b1, model.expert_w2, model.expert_b2, model.gate_w1, model.gate_b1,
-              model.gate_w2, model.gate_b2)
-    key = (dtype,) + stamp(params)
-    cached = model._fused_cache.get("triton") if model._cache_weights else None
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    c = model.config
-    S, N, H = c.n_morph_steps, c.n_experts, c.hidden
+def kernel_weights(expert_w1, expert_b1, expert_w2, expert_b2, gate_w1, gate_b1, gate_w2, gate_b2,
+                   dtype: torch.dtype) -> tuple:
+    """The morphing networks' weights in the kernels' layout: matrices in ``dtype``, biases float32, the
+    gate's last layer padded to N_PAD columns (logits of -1e30 in the padding). Takes the network's stacked
+    parameters (S morphed steps, N experts, L layers) and returns the eight tensors every launch reads."""
+    S, H, N = gate_w2.shape
     with torch.no_grad():
-        g2 = model.gate_w2.new_zeros(S, H, N_PAD)
-        g2[:, :, :N] = model.gate_w2
-        gb2 = model.gate_b2.new_full((S, N_PAD), -1e30)
-        gb2[:, :N] = model.gate_b2
-        weights = (model.expert_w1.to(dtype).contiguous(), model.expert_b1.float().reshape(-1).contiguous(),
-                   model.expert_w2.to(dtype).contiguous(), model.expert_b2.float().reshape(-1).contiguous(),
-                   model.gate_w1.to(dtype).contiguous(), model.gate_b1.float().contiguous(),
-                   g2.to(dtype).contiguous(), gb2.float().contiguous())
-    if model._cache_weights:
-        model._fused_cache["triton"] = (key, weights)
-    return weights
+        g2 = gate_w2.new_zeros(S, H, N_PAD)
+        g2[:, :, :N] = gate_w2
+        gb2 = gate_b2.new_full((S, N_PAD), -1e30)
+        gb2[:, :N] = gate_b2
+        return (expert_w1.to(dtype).contiguous(), expert_b1.float().reshape(-1).contiguous(),
+                expert_w2.to(dtype).contiguous(), expert_b2.float().reshape(-1).contiguous(),
+                gate_w1.to(dtype).contiguous(), gate_b1.float().contiguous(),
+                g2.to(dtype).contiguous(), gb2.float().contiguous())
 
 
-_DTYPES = {"float32": (torch.float32, "ieee"), "tfloat32": (torch.float32, "tf32"),
-           "bfloat16": (torch.bfloat16, "ieee")}
+# Execution.dtype -> (the weights' dtype, tl.dot's input precision)
+PRECISIONS = {"float32": (torch.float32, "ieee"), "tfloat32": (torch.float32, "tf32"),
+              "bfloat16": (torch.bfloat16, "ieee")}
 
 
-def morph(model, s0: int, s1: int, z: torch.Tensor, sum_steps: bool = False) -> torch.Tensor:
-    """The morphed codewords of steps s0..s1-1: z (S', R, d) float32 -> (S', R, d) float32, as
-    ``RQMoE._morph`` computes them: for dense experts one fused kernel launch (then a sum over the experts'
-    partial outputs, where it splits them over programs); under top-1 routing, the gate in torch and one
-    launch for the experts. sum_steps: return their sum over the steps instead, (R, d) float32 (a decode's
-    share of the reconstruction), summed with the experts' partial outputs in one pass where the launch
-    splits them."""
+def morph(config, weights: tuple, precision: str, s0: int, z: torch.Tensor, sum_steps: bool = False,
+          choice: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The morphed codewords of steps s0..s0+S'-1: z (S', R, d) float32 -> (S', R, d) float32, as the
+    network's ``morph`` computes them. weights: ``kernel_weights`` in PRECISIONS[precision]'s dtype. Dense
+    experts: one fused launch (then a sum over the experts' partial outputs, where it splits them over
+    programs). Top-1 routing: choice (S', R) int64, each row's expert, and one launch whose programs each
+    run one expert on sorted rows. sum_steps: their sum over the steps instead, (R, d) float32."""
     if triton is None:
         raise RuntimeError("the fused kernel needs Triton (pip install triton) and a CUDA device")
-    c = model.config
     z = z.contiguous()
     S_, R, _ = z.shape
     if R == 0:
         out = torch.empty_like(z)
         return out.sum(0) if sum_steps else out
-    if c.top_k == 1:
-        dtype, precision = _DTYPES[model.execution.dtype]
-        out = _routed_morph(model, s0, s1, z, torch.empty_like(z), _prepared_weights(model, dtype), precision,
-                            _hidden_chunk(c.hidden))
+    if config.top_k == 1:
+        out = _routed_morph(config, weights, precision, s0, z, choice, torch.empty_like(z))
         return out.sum(0) if sum_steps else out
-    return _dense_launch(model, s0, S_, R, z, sum_steps)
+    return _dense_launch(config, weights, precision, s0, S_, R, z, sum_steps)
 
 
 def gathers_z(config) -> bool:
     """Whether a decode of this architecture can build the networks' inputs inside the kernel from tables
-    (CONFIG["z_from_tables"], dense experts, condition 'instruction', an instruction width the kernel's
-    product takes, tables within CONFIG["decode_tables_max_bytes"])."""
-    from .config import Condition
-
+    (dense experts, condition 'instruction', an instruction width the kernel's product takes, tables within
+    DECODE_TABLES_MAX_BYTES)."""
     De = config.cond_dim
-    return (CONFIG["z_from_tables"] and config.top_k is None and config.mode is Condition.INSTRUCTION
+    return (config.top_k is None and config.mode is Condition.INSTRUCTION
             and (De == 0 or (De >= 16 and De & (De - 1) == 0))
-            and decode_tables_bytes(config) <= CONFIG["decode_tables_max_bytes"])
+            and decode_tables_bytes(config) <= DECODE_TABLES_MAX_BYTES)
+
+
+def decode_table_columns(config) -> list:
+    """The code columns each morphed step's input z depends on, one list a step (a decode keeps a table for
+    each): the step's own code m first, then the earlier codes 0..m-1 whose instruction codewords condition
+    it (none without instructions)."""
+    return [[m] + list(range(m if config.De > 0 else 0)) for m in range(config.first_morphed, config.M)] \
+        if config.n_morph_steps else []
 
 
 def decode_tables_bytes(config) -> int:
-    """Bytes of ``RQMoE.decode_tables`` for this architecture: one (K, d) float32 table a morphed step and one
-    a (step, earlier instruction), about M²/2 of them (4.6 MB at d=128, 8 bytes of 8 bits)."""
-    from .model import decode_table_columns
-
+    """Bytes of a decode's tables for this architecture: one (K, d) float32 table a morphed step and one a
+    (step, earlier instruction), about M²/2 of them (4.6 MB at d=128, 8 bytes of 8 bits)."""
     return sum(map(len, decode_table_columns(config))) * config.K * config.d * 4
 
 
-def decode_sum(model, codes: torch.Tensor, ctx_cond) -> torch.Tensor:
+def decode_sum(config, weights: tuple, precision: str, codes: torch.Tensor, ctx_cond, tables: tuple) -> torch.Tensor:
     """The morphed steps' share of a decode, summed over the steps: codes (R, M) int64, ctx_cond (R, De) float32
-    or None (the context's share of the instructions) -> (R, d) float32, as ``RQMoE.decode_steps`` computes it.
-    The programs sum each row's network input from ``RQMoE.decode_tables`` (one table row a code it depends
-    on) and the context's product, instead of reading a projected (S, R, d) tensor."""
-    if not gathers_z(model.config):
+    or None (the context's share of the instructions) -> (R, d) float32. tables: (tab (T, K, d) float32, toff
+    (S + 1,) int32, tcol (T,) int32, Q (S, De, d) float32 or None), the tables z is summed from (see
+    ``decode_table_columns``). The programs sum each row's network input from them instead of reading a
+    projected (S, R, d) tensor."""
+    if not gathers_z(config):
         raise ValueError("decode_sum: this architecture's decode reads z (kernels.gathers_z is False)")
     R = codes.shape[0]
     if R == 0:
-        return codes.new_zeros(0, model.config.d, dtype=torch.float32)
-    return _dense_launch(model, 0, model.config.n_morph_steps, R, None, True, decode=(codes.contiguous(), ctx_cond))
+        return codes.new_zeros(0, config.d, dtype=torch.float32)
+    return _dense_launch(config, weights, precision, 0, config.n_morph_steps, R, None, True,
+                         decode=(codes.contiguous(), ctx_cond, tables))
 
 
-def candidate_scores(model, s: int, z_words: torch.Tensor, z_cond: Optional[torch.Tensor],
-                     picked: Optional[torch.Tensor], residual: torch.Tensor, owner: Optional[torch.Tensor] = None,
-                     n_rows: Optional[int] = None):
+def candidate_scores(config, weights: tuple, precision: str, s: int, z_words: torch.Tensor,
+                     z_cond: Optional[torch.Tensor], picked: Optional[torch.Tensor], residual: torch.Tensor,
+                     owner: Optional[torch.Tensor] = None, n_rows: Optional[int] = None):
     """Scores of morphed step s's candidate codewords against residuals, the words never written whole.
 
     Candidate k of conditioning row j has the network input z = z_words[w] + z_cond[j] (w = k, or
@@ -406,33 +387,32 @@ def candidate_scores(model, s: int, z_words: torch.Tensor, z_cond: Optional[torc
     words and their norms make no pass through memory. Returns scores (b, A) float32 and parts (P, u·A, d)
     float32, whose sum over P is the morphed words (row j·A + k): the caller sums the rows it keeps.
     """
-    c = model.config
     u = z_cond.shape[0] if z_cond is not None else picked.shape[0] if picked is not None else \
         n_rows if n_rows is not None else residual.shape[0]
     A = picked.shape[1] if picked is not None else z_words.shape[0]
     b = residual.shape[0]
     scores = torch.empty(b, A, device=residual.device, dtype=torch.float32)
     if u * A == 0:
-        return scores, scores.new_empty(1, 0, c.d)
-    parts = _dense_launch(model, s, 1, u * A, None, False, words=(z_words, z_cond, picked, A), parts=True)
+        return scores, scores.new_empty(1, 0, config.d)
+    parts = _dense_launch(config, weights, precision, s, 1, u * A, None, False, words=(z_words, z_cond, picked, A),
+                          parts=True)
     if b * A:
         block = 64
         _score_kernel[(triton.cdiv(b * A, block),)](
             parts, residual.contiguous(), residual if owner is None else owner.contiguous(), scores, b, A, u * A,
-            P=parts.shape[0], D=c.d, BLOCK_R=block, HAS_OWNER=owner is not None, num_warps=4)
+            P=parts.shape[0], D=config.d, BLOCK_R=block, HAS_OWNER=owner is not None, num_warps=4)
     return scores, parts
 
 
 Z_READ, Z_TABLES, Z_ALL_CODEWORDS, Z_PICKED_CODEWORDS = 0, 1, 2, 3  # _z_tile's sources of z
 
 
-def _z_arguments(model, z, decode, words):
+def _z_arguments(config, z, decode, words):
     """The kernel arguments that say where z comes from: (z, the six source tensors of _z_tile, its
     constexprs and sizes). Pointers a source does not read get some tensor of the right dtype."""
-    c = model.config
+    c = config
     if decode is not None:  # a decode: z summed from the decode tables and the context's product
-        codes, ctx = decode
-        tab, toff, tcol, pq = model.decode_tables()
+        codes, ctx, (tab, toff, tcol, pq) = decode
         has_ctx = ctx is not None
         tensors = (codes, tab, toff, tcol, ctx.contiguous() if has_ctx else tab, pq if has_ctx else tab)
         return tab, tensors, dict(M=c.M, K=c.K, DC=max(16, c.cond_dim), Z_SOURCE=Z_TABLES, HAS_CTX=has_ctx)
@@ -447,19 +427,18 @@ def _z_arguments(model, z, decode, words):
     return z, (z,) * 6, dict(M=0, K=0, DC=16, Z_SOURCE=Z_READ, HAS_CTX=False)
 
 
-def _dense_launch(model, s0: int, S_: int, R: int, z, sum_steps: bool, decode=None, words=None,
-                  parts: bool = False) -> torch.Tensor:
+def _dense_launch(config, weights: tuple, precision: str, s0: int, S_: int, R: int, z, sum_steps: bool,
+                  decode=None, words=None, parts: bool = False) -> torch.Tensor:
     """morph(), decode_sum() and candidate_scores() for dense experts: z (S_, R, d) float32, or the programs
-    build it, from decode = (codes, ctx_cond) and the decode tables or from words = (z_words, z_cond, picked,
-    A) (see candidate_scores). Returns (S_, R, d), or (R, d) with sum_steps, or with parts the launch's
-    partial outputs for one step, (P, R, d) whose sum over P is the result (P: the experts where the launch
-    splits them, else 1)."""
-    c = model.config
-    dtype, precision = _DTYPES[model.execution.dtype]
-    weights = _prepared_weights(model, dtype)
-    blocks = triton.cdiv(R, CONFIG["BLOCK_R"])
+    build it, from decode = (codes, ctx_cond, tables) or from words = (z_words, z_cond, picked, A) (see
+    candidate_scores). Returns (S_, R, d), or (R, d) with sum_steps, or with parts the launch's partial
+    outputs for one step, (P, R, d) whose sum over P is the result (P: the experts where the launch splits
+    them, else 1)."""
+    c = config
+    dtype, dot_precision = PRECISIONS[precision]
+    blocks = triton.cdiv(R, TILES["BLOCK_R"])
     # a decode of many rows sums the steps inside the programs: no (S', R, d) partial outputs to write and read
-    steps_in_program = sum_steps and R >= CONFIG["steps_in_program_min_rows"]
+    steps_in_program = sum_steps and R >= STEPS_IN_PROGRAM_MIN_ROWS
     spans = 1 if steps_in_program else S_
     # the rows in and out are addressed with int32 offsets: a launch that would pass 2**31 of them is refused
     # (callers chunk by max_rows), and one whose split partial outputs would pass it runs unsplit
@@ -473,25 +452,22 @@ def _dense_launch(model, s0: int, S_: int, R: int, z, sum_steps: bool, decode=No
     # the (S', R, d) output exists only where it is returned or the unsplit launch writes it
     out = empty(S_, R, c.d) if not sum_steps else None
     target = empty(c.n_experts, spans, R, c.d) if split else out if out is not None else empty(spans, R, c.d)
-    experts_inner = split and CONFIG["experts_inner"]
-    grid = (blocks * c.n_experts, spans) if experts_inner else (blocks, spans, c.n_experts) if split else \
-        (blocks, spans)
-    z, tensors, source = _z_arguments(model, z, decode, words)
+    grid = (blocks * c.n_experts, spans) if split else (blocks, spans)
+    z, tensors, source = _z_arguments(c, z, decode, words)
     # the context's product takes float32 inputs: exact for float32 decodes, TF32 for the others
-    source["CTX_PRECISION"] = "ieee" if model.execution.dtype == "float32" else "tf32"
+    source["CTX_PRECISION"] = "ieee" if precision == "float32" else "tf32"
     # the table rows' loads are pipelined too: with float32 weights three stages of them, the weights' tiles
     # included, outgrow a Hopper chip's shared memory (288 KiB asked, 227 KiB there), so those take two
-    stages = CONFIG["num_stages"] if decode is None or dtype != torch.float32 else min(2, CONFIG["num_stages"])
-    launch = dict(D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD, BLOCK_R=CONFIG["BLOCK_R"],
-                  HC=_hidden_chunk(c.hidden), PRECISION=precision, num_warps=CONFIG["num_warps"],
+    stages = TILES["num_stages"] if decode is None or dtype != torch.float32 else min(2, TILES["num_stages"])
+    launch = dict(D=c.d, H=c.hidden, N=c.n_experts, NP=N_PAD, BLOCK_R=TILES["BLOCK_R"],
+                  HC=_hidden_chunk(c.hidden), PRECISION=dot_precision, num_warps=TILES["num_warps"],
                   num_stages=stages)
-    gate_in = split and CONFIG["gate_once"] and (decode is None or R <= CONFIG["gathered_gate_once_max_rows"])
+    gate_in = split and (decode is None or R <= GATHERED_GATE_ONCE_MAX_ROWS)
     gate = empty(S_, R, N_PAD) if gate_in else target
     if gate_in:
         _gate_kernel[(blocks, S_)](z, gate, R, s0, *weights[4:], *tensors, **source, **launch)
     _morph_kernel[grid](z, target, R, s0, S_, c.n_morph_steps, *weights, gate, *tensors, L=c.n_layers, SPLIT=split,
-                        EXPERTS_INNER=experts_inner, GATE_IN=gate_in, SUM_STEPS=steps_in_program, **source,
-                        **launch)
+                        GATE_IN=gate_in, SUM_STEPS=steps_in_program, **source, **launch)
     if parts:
         return target.reshape(-1, R, c.d)
     if sum_steps:
@@ -502,19 +478,19 @@ def _dense_launch(model, s0: int, S_: int, R: int, z, sum_steps: bool, decode=No
 
 
 def _hidden_chunk(hidden: int) -> int:
-    """Hidden units a tile: CONFIG's chunk, or the largest of 64, 32, 16 that divides hidden."""
-    return next(size for size in (CONFIG["HC"], 64, 32, 16) if hidden % size == 0)
+    """Hidden units a tile: TILES' chunk, or the largest of 64, 32, 16 that divides hidden."""
+    return next(size for size in (TILES["HC"], 64, 32, 16) if hidden % size == 0)
 
 
 def launch_key() -> tuple:
     """The launch settings, for the key of a recorded CUDA graph (which keeps the launches it was recorded with)."""
-    return tuple(sorted(CONFIG.items()))
+    return tuple(sorted(TILES.items())) + (STEPS_IN_PROGRAM_MIN_ROWS, GATHERED_GATE_ONCE_MAX_ROWS)
 
 
 def splits_experts(config) -> bool:
-    """Whether the dense kernel gives every expert its own programs for this architecture (CONFIG["split"],
-    dense experts, more than one)."""
-    return CONFIG["split"] and config.n_experts > 1 and config.top_k is None
+    """Whether the dense kernel gives every expert its own programs for this architecture (dense experts,
+    more than one)."""
+    return config.n_experts > 1 and config.top_k is None
 
 
 INT32_OFFSETS = 2 ** 31  # the kernels address rows with int32 offsets: (steps, rows, d) must stay below this
@@ -529,34 +505,33 @@ def max_rows(config, steps: int = 1) -> int:
 
 def decode_sum_rows(config, budget: int) -> int:
     """Codes a decode_sum launch may take for its temporaries to stay within budget bytes. From
-    CONFIG["steps_in_program_min_rows"] codes the programs sum the steps, so a code needs its experts' partial
+    STEPS_IN_PROGRAM_MIN_ROWS codes the programs sum the steps, so a code needs its experts' partial
     outputs and its sum once, not once a step: (P + 1)·d floats, its gates (S·N_PAD, where computed once), its
     context share and its codes."""
     S, d = config.n_morph_steps, config.d
     P = config.n_experts if splits_experts(config) else 1
     around = 4 * (3 * d + config.cond_dim + S * N_PAD) + 8 * config.M  # sums, context share, gates, codes
     rows = min(budget // (4 * P * d + around), max_rows(config))
-    if rows >= CONFIG["steps_in_program_min_rows"]:
+    if rows >= STEPS_IN_PROGRAM_MIN_ROWS:
         return rows
     return max(1, budget // (4 * S * P * d + around))  # fewer codes: partial outputs a step
 
 
 def split_scratch_bytes_per_row(config) -> int:
-    """Bytes of the split launch's per-expert outputs (and gates, with gate_once) for one morphed row (0 where
-    it never splits)."""
+    """Bytes of the split launch's per-expert outputs and gates for one morphed row (0 where it never
+    splits)."""
     if not splits_experts(config):
         return 0
-    return 4 * config.n_experts * config.d + (4 * N_PAD if CONFIG["gate_once"] else 0)
+    return 4 * config.n_experts * config.d + 4 * N_PAD
 
 
-def _routed_morph(model, s0: int, s1: int, z: torch.Tensor, out: torch.Tensor, weights, precision: str,
-                  chunk: int):
-    """morph() under top-1 routing: the gate's choice for every row (torch, float32), the rows sorted
+def _routed_morph(config, weights: tuple, precision: str, s0: int, z: torch.Tensor, choice: torch.Tensor,
+                  out: torch.Tensor):
+    """morph() under top-1 routing: choice (S', R) int64, the gate's expert for every row; the rows sorted
     by (step, expert), then one launch whose programs each run one expert on BLOCK_R rows of its group."""
-    c = model.config
+    c = config
     S_, R, _ = z.shape
-    N, G, block_r = c.n_experts, S_ * c.n_experts, CONFIG["BLOCK_R"]
-    choice = model.gate_logits(s0, s1, model.gate_hidden(s0, s1, z)).argmax(-1)  # (S', R)
+    N, G, block_r = c.n_experts, S_ * c.n_experts, TILES["BLOCK_R"]
     group = (choice + torch.arange(S_, device=z.device).view(S_, 1) * N).reshape(-1)  # (S'·R,)
     order = torch.argsort(group).to(torch.int32)
     counts = torch.zeros(G, dtype=torch.int64, device=z.device).index_add_(0, group, torch.ones_like(group))
@@ -565,6 +540,7 @@ def _routed_morph(model, s0: int, s1: int, z: torch.Tensor, out: torch.Tensor, w
     grid = (triton.cdiv(S_ * R, block_r) + G,)  # an upper bound on the blocks: no host sync (CUDA graphs)
     _routed_kernel[grid](z, out, order, ends.to(torch.int32), counts.to(torch.int32), starts.to(torch.int32), G, s0,
                          c.n_morph_steps, *weights[:4], D=c.d, H=c.hidden, N=N, L=c.n_layers,
-                         GP=triton.next_power_of_2(G), BLOCK_R=block_r, HC=chunk, PRECISION=precision,
-                         num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+                         GP=triton.next_power_of_2(G), BLOCK_R=block_r, HC=_hidden_chunk(c.hidden),
+                         PRECISION=PRECISIONS[precision][1], num_warps=TILES["num_warps"],
+                         num_stages=TILES["num_stages"])
     return out

@@ -22,8 +22,8 @@ import torch
 from . import distributed
 from .arrays import as_vectors
 from .devices import resolve_device
-from .encode import encode_scaled
-from .model import DTYPES, Execution, RQMoE
+from .engine import DTYPES, Engine, Execution
+from .model import RQMoE
 from .progress import folded_faiss_warnings, matmul_rate, timed_stage
 from .train_graph import GraphedTrainStep, graphable
 from .storage import FileFormatError, arrays_to_state, load_arrays, save_arrays, state_to_arrays
@@ -198,7 +198,7 @@ class TrainConfig:
         return self.time_budget_s
 
     def resolved_encode_execution(self, execution: Execution, device: torch.device) -> Execution:
-        """The execution training encodes its batches with, for a model whose own is ``execution``: the
+        """The execution training encodes its batches with, for a codec that runs ``execution``: the
         model's on a CPU, with encode_precision "model", or with "auto" for a model set to the torch path
         (bfloat16 there was not measured); else its kernel choice with the requested matmul inputs ("auto":
         bfloat16)."""
@@ -296,20 +296,21 @@ def balance_loss(gate_usage: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_mse(model: RQMoE, xs: torch.Tensor, n_candidates: Optional[int] = None,
+def reconstruction_mse(engine: Engine, xs: torch.Tensor, n_candidates: Optional[int] = None,
                        batch_size: int = 8192, ctx: Optional[torch.Tensor] = None, beam_size: int = 1) -> float:
-    """Mean squared reconstruction error of scaled vectors xs (n, d), in raw units.
+    """Mean squared reconstruction error of scaled vectors xs (n, d) through ``engine``, in raw units.
 
     ctx: (n, ctx_dim) normalised contexts (``model.normalize_ctx``), for a model that takes them.
     """
+    model = engine.model
     total = 0.0
     was_training = model.training
     model.eval()
     for i0 in range(0, xs.shape[0], batch_size):
         chunk = xs[i0:i0 + batch_size]
         ctx_chunk = None if ctx is None else ctx[i0:i0 + batch_size]
-        codes = encode_scaled(model, chunk, n_candidates, beam_size, ctx=ctx_chunk)
-        err = chunk - model.decode_steps(codes, ctx_chunk).sum(1)
+        codes = engine.encode_scaled(chunk, n_candidates, beam_size, ctx=ctx_chunk)
+        err = chunk - engine.decode_steps(codes, ctx_chunk)
         total += float((err * err).sum(dtype=torch.float64))
     model.train(was_training)
     return total / xs.shape[0] * float(model.scale) ** 2
@@ -429,13 +430,14 @@ def _load_checkpoint(path: Path, model: RQMoE, optimizer, generator: torch.Gener
 
 
 # ------------------------------------------------------------------ the loop
-def train_step(model: RQMoE, forward, optimizer, xs: torch.Tensor, ctx: Optional[torch.Tensor],
+def train_step(engine: Engine, forward, optimizer, xs: torch.Tensor, ctx: Optional[torch.Tensor],
                candidates: Optional[int], balance_weight: float = 0.0, world: int = 1) -> torch.Tensor:
-    """One optimiser step: encode the batch xs (b, d) scaled float32 with the current model (no grad),
-    then the normalised residual loss (+ the gate balance loss) through ``forward`` (the model, or its
-    DDP wrapper). Returns the detached loss."""
+    """One optimiser step: encode the batch xs (b, d) scaled float32 with the current model through
+    ``engine`` (no grad), then the normalised residual loss (+ the gate balance loss) through ``forward``
+    (the model, or its DDP wrapper). Returns the detached loss."""
+    model = engine.model
     with torch.no_grad():
-        codes = encode_scaled(model, xs, candidates, 1, ctx=ctx)
+        codes = engine.encode_scaled(xs, candidates, 1, ctx=ctx)
     loss = normalized_residual_loss(xs, forward(codes, ctx))
     if balance_weight > 0:
         loss = loss + balance_weight * xs.shape[0] * balance_loss(model.gate_usage)
@@ -463,10 +465,6 @@ def make_optimizer(model: RQMoE, config: TrainConfig, capturable: bool = False):
     return cls(groups, lr=config.lr, weight_decay=config.weight_decay, capturable=capturable)
 
 
-def _set_execution(model: RQMoE, execution: Execution) -> None:
-    """Switch the model to ``execution`` (its caches follow) unless it already runs it."""
-    if model.execution != execution:
-        model.set_execution(**dataclasses.asdict(execution))
 
 
 def _set_lr(optimizer, lr: float) -> None:
@@ -528,7 +526,7 @@ def _check_inputs(model: RQMoE, xt, xval, ctx, ctx_val):
 
 
 def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = None, *, ctx=None, ctx_val=None,
-                **options) -> TrainHistory:
+                execution: Optional[Execution] = None, **options) -> TrainHistory:
     """Train an RQ-MoE model in place and return its history.
 
     xt: (n, d) float32 training vectors (raw; other real dtypes are
@@ -544,7 +542,9 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
     the model goes back to the device it came on. Deterministic on CPU for a
     fixed seed. ctx, ctx_val: (n, ctx_dim) / (nv, ctx_dim) float32 raw
     contexts of xt and xval (e.g. each vector's IVF centroid), exactly for a
-    model with ``config.ctx_dim > 0``. Under ``torch.distributed`` (e.g.
+    model with ``config.ctx_dim > 0``. execution: how validation runs the
+    model (an ``Engine``'s ``Execution``, default: the defaults; the batches'
+    encoding follows ``encode_precision``). Under ``torch.distributed`` (e.g.
     started by torchrun), every process holds the same data; each takes its
     share of every batch and gradients are averaged by DistributedDataParallel,
     so N processes see the same samples as one.
@@ -577,9 +577,10 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
     xval_scaled = torch.from_numpy(xval).to(device) / scale
     ctx_norm = None if ctx is None else model.normalize_ctx(torch.from_numpy(ctx).to(device))
     ctx_val_norm = None if ctx_val is None else model.normalize_ctx(torch.from_numpy(ctx_val).to(device))
-    own_execution = model.execution
-    batch_execution = config.resolved_encode_execution(own_execution, device)
-    graph_steps = config.cuda_graphs and graphable(model, device, candidates, world, batch_execution)
+    execution = execution or Execution()
+    val_engine = Engine(model, execution)  # validation runs what the trained codec will run
+    batch_engine = Engine(model, config.resolved_encode_execution(execution, device))
+    graph_steps = config.cuda_graphs and graphable(batch_engine, device, candidates, world)
     optimizer = make_optimizer(model, config, capturable=graph_steps)
     forward = distributed.wrap(model, device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -590,7 +591,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
         logger.info("resumed from %s at epoch %d", checkpoint_path, state["epoch"])
     else:
         history = TrainHistory(rq_init_s=rq_init_s)
-        history.init_val_mse = history.best_val_mse = reconstruction_mse(model, xval_scaled, candidates,
+        history.init_val_mse = history.best_val_mse = reconstruction_mse(val_engine, xval_scaled, candidates,
                                                                          ctx=ctx_val_norm)
         best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         state = {"epoch": 0, "bad_epochs": 0, "lr": config.lr, "elapsed_s": 0.0, "samples": 0}
@@ -613,13 +614,12 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
     else:
         bar = tqdm(total=config.max_epochs * n_batches, initial=state["epoch"] * n_batches, disable=not show,
                    desc=f"train {model.config.mode.display_name}", unit="batch")
-    eager_step = lambda xs, ctx_rows: train_step(model, forward, optimizer, xs, ctx_rows, candidates,  # noqa: E731
+    eager_step = lambda xs, ctx_rows: train_step(batch_engine, forward, optimizer, xs, ctx_rows, candidates,  # noqa: E731
                                                  config.balance_loss, world)
-    graphed = GraphedTrainStep(model, optimizer, eager_step, batch) if graph_steps else None
+    graphed = GraphedTrainStep(model, batch_engine, optimizer, eager_step, batch) if graph_steps else None
     model.train()
     try:
         while state["epoch"] < config.max_epochs and not out_of_time and not history.stop_reason:
-            _set_execution(model, batch_execution)
             _set_lr(optimizer, state["lr"])
             order = torch.randperm(n_train, generator=generator)[:per_epoch].to(device)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync a batch
@@ -641,8 +641,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
                     out_of_time = True
                     break
             model.eval()
-            _set_execution(model, own_execution)
-            val_mse = distributed.from_rank0(reconstruction_mse(model, xval_scaled, candidates,
+            val_mse = distributed.from_rank0(reconstruction_mse(val_engine, xval_scaled, candidates,
                                                                 ctx=ctx_val_norm))
             model.train()
             state["epoch"] += 1
@@ -674,7 +673,6 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
         bar.total = bar.n  # stopped by the budget or early: the bar ends full
     finally:
         bar.close()
-        _set_execution(model, own_execution)
     if not history.stop_reason:
         history.stop_reason = "time budget" if out_of_time else "max_epochs"
     if graphed is not None:

@@ -8,7 +8,7 @@ the whole step once and replays it as one launch. What that takes:
 - fixed shapes: only full batches replay; a shorter last batch runs eagerly;
 - weights read where they live: the model's caches of derived weights (the
   fused first layer, the codeword tables, the kernel's bfloat16 copies) are
-  bypassed while the step records (``RQMoE.uncached_weights``), so every
+  bypassed while the step records (``Engine.uncached_weights``), so every
   replay derives them from the weights as they are then;
 - an optimiser whose state and learning rate live on the device: Adam(W)
   with ``capturable=True`` and a tensor learning rate (``make_optimizer``,
@@ -32,35 +32,27 @@ from typing import Callable, Optional
 
 import torch
 
-from .model import Execution, RQMoE
+from .engine import Engine
+from .model import RQMoE
 
 logger = logging.getLogger(__name__)
 
 WARMUP_STEPS = 2  # eager steps before the recording: kernels compile, the optimiser's state is created
 
 
-def graphable(model: RQMoE, device: torch.device, candidates: Optional[int], world: int,
-              execution: Optional[Execution] = None) -> bool:
-    """Whether training steps of ``model`` on ``device`` can be recorded when its batches are encoded under
-    ``execution`` (None: the model's own): one CUDA process, encoding with fewer candidates than codewords
+def graphable(engine: Engine, device: torch.device, candidates: Optional[int], world: int) -> bool:
+    """Whether training steps of ``engine``'s model on ``device`` can be recorded when ``engine`` encodes
+    its batches: one CUDA process, encoding with fewer candidates than codewords
     (exact encoding, which ``candidates >= K`` also is, groups rows with torch.unique, a host wait), and
     dense experts or top-1 in the fused kernel (the torch path's routing counts rows on the host). A
     recording that fails leaves torch's CUDA generator unusable for the process, so this must say no
     wherever the step waits on the device."""
-    if device.type != "cuda" or world != 1 or candidates is None or candidates >= model.config.K:
+    if device.type != "cuda" or world != 1 or candidates is None or candidates >= engine.config.K:
         return False
-    top_k = model.config.top_k
+    top_k = engine.config.top_k
     if top_k is None:
         return True
-    if top_k != 1:
-        return False
-    own = model.execution
-    try:  # what the encoding will run: that execution, without gradients (the kernel never runs with them)
-        model.execution = execution or own
-        with torch.no_grad():
-            return model._use_triton(device)
-    finally:
-        model.execution = own
+    return top_k == 1 and engine.fused(device)
 
 
 class GraphedTrainStep:
@@ -75,9 +67,9 @@ class GraphedTrainStep:
     it before the next call.
     """
 
-    def __init__(self, model: RQMoE, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: RQMoE, engine: Engine, optimizer: torch.optim.Optimizer,
                  step: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor], batch: int):
-        self.model, self.optimizer, self.step, self.batch = model, optimizer, step, batch
+        self.model, self.engine, self.optimizer, self.step, self.batch = model, engine, optimizer, step, batch
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.failed = False
         self.replays = 0
@@ -125,7 +117,7 @@ class GraphedTrainStep:
             # on the side stream of the warm-up, which lives on the batch's device (torch's default
             # capture stream belongs to whichever device was current when it was first made)
             self._side.wait_stream(torch.cuda.current_stream(xs.device))
-            with self.model.uncached_weights(), torch.cuda.graph(graph, stream=self._side,
+            with self.engine.uncached_weights(), torch.cuda.graph(graph, stream=self._side,
                                                                  capture_error_mode="thread_local"):
                 loss = self.step(*inputs)
         except RuntimeError as exc:  # e.g. a host synchronisation inside the step

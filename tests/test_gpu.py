@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import faiss_rqmoe
-from faiss_rqmoe import RQMoE, RQMoEConfig, kernels
+from faiss_rqmoe import Engine, Execution, RQMoE, RQMoEConfig, kernels
+from faiss_rqmoe.engine import Backend
 
 from conftest import clustered
 
@@ -81,6 +82,12 @@ def test_selector_on_the_gpu_path(pair, sift):
     assert len(found) > 0 and ((found >= 0) & (found < 100)).all()
 
 
+def run(model, kernel="auto", dtype="auto", cuda_graphs=True, budget=None):
+    """An engine over model, running it as asked."""
+    options = {} if budget is None else {"mem_budget_bytes": budget}
+    return Engine(model, Execution(kernel=kernel, dtype=dtype, cuda_graphs=cuda_graphs), **options)
+
+
 @cuda_only
 @pytest.mark.skipif(not kernels.available(), reason="needs Triton")
 @pytest.mark.parametrize("condition, ctx", [("instruction", 0), ("instruction", 128), ("reconstruction", 0)])
@@ -91,114 +98,96 @@ def test_fused_kernel_equals_the_torch_path(condition, ctx):
     codes = torch.randint(0, 256, (3000, 8), device="cuda")
     ctx_vectors = torch.randn(3000, 128, device="cuda") if ctx else None
     torch.backends.cuda.matmul.allow_tf32 = False
-    reference = model.set_execution(kernel="torch").decode(codes, ctx=ctx_vectors)
+    torch_path = run(model, kernel="torch", dtype="float32")
+    reference = torch_path.decode(codes, ctx=ctx_vectors)
     x = torch.from_numpy(clustered(2000, d=128)).cuda() * 0.05
     ctx_x = ctx_vectors[:2000] if ctx else None
-    codes_ref = model.encode(x, 16, ctx=ctx_x)
+    codes_ref = torch_path.encode(x, 16, ctx=ctx_x)
     ctx_some = None if ctx_x is None else ctx_x[:300]
-    exact_ref, beam_ref = model.encode(x[:300], ctx=ctx_some), model.encode(x[:300], 16, 4, ctx=ctx_some)
+    exact_ref, beam_ref = torch_path.encode(x[:300], ctx=ctx_some), torch_path.encode(x[:300], 16, 4, ctx=ctx_some)
     for dtype, tolerance in (("float32", 1e-4), ("tfloat32", 3e-3), ("bfloat16", 2e-2)):
-        model.set_execution(kernel="triton", dtype=dtype)
-        fused = model.decode(codes, ctx=ctx_vectors)
+        fused = run(model, kernel="triton", dtype=dtype).decode(codes, ctx=ctx_vectors)
         error = float((fused - reference).norm() / reference.norm())
         assert error < tolerance, (dtype, error)
-    saved = dict(kernels.CONFIG)
-    try:  # the launch that loops over the experts in one program, beside the default split one, and both
-        # summing the steps inside their programs
-        # (and the step inputs summed from tables inside the programs)
-        for split, min_rows, tables in ((not saved["split"], saved["steps_in_program_min_rows"], False),
-                                        (True, 0, False), (False, 0, False), (True, 0, True),
-                                        (True, saved["steps_in_program_min_rows"], True)):
-            kernels.CONFIG.update(split=split, steps_in_program_min_rows=min_rows, z_from_tables=tables)
-            other = model.set_execution(kernel="triton", dtype="bfloat16").decode(codes, ctx=ctx_vectors)
-            assert float((other - reference).norm() / reference.norm()) < 2e-2, (split, min_rows, tables)
-        kernels.CONFIG.update(saved, z_from_tables=True)
-        exact = model.set_execution(kernel="triton", dtype="float32").decode(codes, ctx=ctx_vectors)
-        assert float((exact - reference).norm() / reference.norm()) < 1e-4
-    finally:
-        kernels.CONFIG.update(saved)
-    model.set_execution(kernel="triton", dtype="float32")
+    # the default is the fused kernel in bfloat16
+    assert run(model).backend() == Backend(fused=True, precision="bfloat16")
+    error = float((run(model).decode(codes.to(torch.uint8), ctx=ctx_vectors) - reference).norm() / reference.norm())
+    assert error < 2e-2
+    # the decode summing its steps inside the programs and computing its gates there, beside the default
+    for min_rows, gate_rows in ((0, 1 << 62), (0, 0)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kernels, "STEPS_IN_PROGRAM_MIN_ROWS", min_rows)
+            patch.setattr(kernels, "GATHERED_GATE_ONCE_MAX_ROWS", gate_rows)
+            other = run(model, kernel="triton", dtype="bfloat16", cuda_graphs=False).decode(codes, ctx=ctx_vectors)
+        assert float((other - reference).norm() / reference.norm()) < 2e-2, (min_rows, gate_rows)
+    fused = run(model, kernel="triton", dtype="float32")
     # the kernel scores the candidates itself (kernels.candidate_scores): greedy, exact and beam codes as the
     # torch path's, up to near ties that float rounding decides otherwise
-    assert (model.encode(x, 16, ctx=ctx_x) == codes_ref).all(1).float().mean() > 0.99
-    assert (model.encode(x[:300], ctx=ctx_some) == exact_ref).all(1).float().mean() > 0.98
-    assert (model.encode(x[:300], 16, 4, ctx=ctx_some) == beam_ref).all(1).float().mean() > 0.98
+    assert (fused.encode(x, 16, ctx=ctx_x) == codes_ref).all(1).float().mean() > 0.99
+    assert (fused.encode(x[:300], ctx=ctx_some) == exact_ref).all(1).float().mean() > 0.98
+    assert (fused.encode(x[:300], 16, 4, ctx=ctx_some) == beam_ref).all(1).float().mean() > 0.98
 
 
-def test_a_model_set_to_the_fused_kernel_still_runs_on_the_cpu():
-    """kernel='triton' chooses the fused kernel for CUDA data; a model moved to the CPU (an index's
-    ``to("cpu")``) decodes and encodes there through torch, exactly as kernel='torch' does."""
+def test_an_engine_set_to_the_fused_kernel_still_runs_on_the_cpu():
+    """kernel='triton' chooses the fused kernel for CUDA data; a model on the CPU (an index's ``to("cpu")``)
+    decodes and encodes there through torch, exactly as kernel='torch' does."""
+    if kernels.interpreting():
+        pytest.skip("the Triton interpreter runs kernels on CPU data")
     torch.manual_seed(0)
     model = RQMoE(RQMoEConfig(32, 4, 4, n_experts=2, n_layers=1, hidden=16))
     codes = torch.randint(0, 16, (50, 4))
     x = torch.randn(40, 32)
-    with torch.no_grad():
-        reference, reference_codes = model.set_execution(kernel="torch").decode(codes), model.encode(x, 4)
-        model.set_execution(kernel="triton", dtype="bfloat16")
-        assert torch.equal(model.decode(codes), reference)
-        assert torch.equal(model.encode(x, 4), reference_codes)
+    torch_path, fused = run(model, kernel="torch"), run(model, kernel="triton", dtype="bfloat16")
+    assert not fused.backend().fused
+    assert torch.equal(fused.encode(x, 4), torch_path.encode(x, 4))
+    # on the CPU bfloat16 runs a decode's products under autocast: close to float32, not equal
+    assert float((fused.decode(codes) - torch_path.decode(codes)).norm() / torch_path.decode(codes).norm()) < 2e-2
+    assert torch.equal(run(model, kernel="triton", dtype="float32").decode(codes), torch_path.decode(codes))
 
 
 KERNEL_CHECK = """
 import torch
-from faiss_rqmoe import RQMoE, RQMoEConfig, kernels
-# dense experts in the split launch (one program per expert, outputs summed outside the kernel) and not
-# (and the split launch reading gates computed once by a launch before it)
-# (and a decode summing the steps inside the programs: steps_in_program_min_rows 0; and one summing each
-# step's input from tables inside the programs: z_from_tables)
+from faiss_rqmoe import Engine, Execution, RQMoE, RQMoEConfig, kernels
+# the launch variants that ship: dense experts split over programs (N > 1) or not (N = 1), the split
+# launch's gates from a launch before it or computed in every program (a decode of many codes), a decode
+# summing its steps inside the programs or not, z read (QINCo-style, or instruction widths the kernel's
+# product does not take) or summed from tables, with and without a context; top-1 routing
 EVERY, NEVER = 0, 1 << 62
-cases = ((1, 0, "dense", "instruction", True, False, NEVER, False),
-         (2, 32, "dense", "instruction", True, True, NEVER, False),
-         (3, 0, "dense", "instruction", True, False, NEVER, False),
-         (1, 0, "dense", "instruction", False, False, NEVER, False),
-         (2, 32, "dense", "instruction", False, False, NEVER, False),
-         (2, 0, "dense", "reconstruction", True, True, NEVER, False),
-         (2, 32, "dense", "instruction", True, True, EVERY, False),
-         (1, 0, "dense", "instruction", True, False, EVERY, False),
-         (2, 32, "dense", "instruction", False, False, EVERY, False),
-         (2, 32, "dense", "instruction", True, True, EVERY, True),
-         (2, 0, "dense", "instruction", True, True, NEVER, True),
-         (1, 32, "dense", "instruction", False, False, NEVER, True),
-         (2, 32, "dense", "instruction", True, False, EVERY, True),
-         (1, 0, "top1", "instruction", True, False, NEVER, False),
-         (2, 32, "top1", "instruction", True, False, NEVER, False),
-         (2, 0, "top1", "reconstruction", True, False, NEVER, False))
-for layers, ctx, routing, condition, split, gate_once, min_rows, tables in cases:
-    kernels.CONFIG.update(split=split, gate_once=gate_once, steps_in_program_min_rows=min_rows,
-                          z_from_tables=tables)
-    model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=layers, hidden=48, ctx_dim=ctx, routing=routing,
-                              condition=condition))
+cases = ((1, 0, "dense", "instruction", 3, None, NEVER, NEVER),
+         (2, 32, "dense", "instruction", 3, None, EVERY, EVERY),
+         (2, 0, "dense", "instruction", 1, None, EVERY, NEVER),
+         (2, 32, "dense", "reconstruction", 3, None, NEVER, NEVER),
+         (2, 0, "dense", "instruction", 3, 24, NEVER, NEVER),
+         (2, 32, "dense", "instruction", 3, 16, EVERY, NEVER),
+         (1, 0, "dense", "instruction", 3, 0, NEVER, NEVER),
+         (1, 0, "top1", "instruction", 3, None, NEVER, NEVER),
+         (2, 32, "top1", "instruction", 3, None, NEVER, NEVER),
+         (2, 0, "top1", "reconstruction", 3, None, NEVER, NEVER))
+for layers, ctx, routing, condition, experts, instr, min_rows, gate_rows in cases:
+    kernels.STEPS_IN_PROGRAM_MIN_ROWS, kernels.GATHERED_GATE_ONCE_MAX_ROWS = min_rows, gate_rows
+    model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=experts, n_layers=layers, hidden=48, ctx_dim=ctx,
+                              routing=routing, condition=condition, instr_dim=instr))
     generator = torch.Generator().manual_seed(layers)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=generator) * (0.1 if routing == "dense" else 0.3))
-    codes = torch.randint(0, 32, (150, 4), generator=generator)
-    ctx_vectors = torch.randn(150, 32, generator=generator) if ctx else None
-    x = torch.randn(150, 32, generator=generator)
-    reference = model.set_execution(kernel="torch").decode(codes, ctx=ctx_vectors)
-    codes_ref = model.encode(x, 8, ctx=ctx_vectors)
-    fused = model.set_execution(kernel="triton").decode(codes, ctx=ctx_vectors)
-    assert float((fused - reference).abs().max()) < 1e-4 * float(reference.abs().max())
-    assert bool((model.encode(x, 8, ctx=ctx_vectors) == codes_ref).all())
-    if routing == "dense" and layers == 2:  # exact and beam encodes through the kernel
-        some, some_ctx = x[:80], None if ctx_vectors is None else ctx_vectors[:80]
+    codes = torch.randint(0, 32, (96, 4), generator=generator)
+    ctx_vectors = torch.randn(96, 32, generator=generator) if ctx else None
+    x = torch.randn(96, 32, generator=generator)
+    torch_path = Engine(model, Execution(kernel="torch", dtype="float32"))
+    fused = Engine(model, Execution(kernel="triton", dtype="float32"))
+    assert fused.backend().fused
+    reference = torch_path.decode(codes, ctx=ctx_vectors)
+    got = fused.decode(codes, ctx=ctx_vectors)
+    assert float((got - reference).abs().max()) < 1e-4 * float(reference.abs().max()), (layers, routing, condition)
+    assert bool((fused.encode(x, 8, ctx=ctx_vectors) == torch_path.encode(x, 8, ctx=ctx_vectors)).all())
+    if (routing, condition, layers, ctx, instr) == ("dense", "instruction", 2, 32, None):
+        # exact and beam encodes through the kernel (all codewords, and picked ones, with a context's share)
+        some, some_ctx = x[:32], None if ctx_vectors is None else ctx_vectors[:32]
         for candidates, beam in ((None, 1), (8, 3)):
-            want = model.set_execution(kernel="torch").encode(some, candidates, beam, ctx=some_ctx)
-            got = model.set_execution(kernel="triton").encode(some, candidates, beam, ctx=some_ctx)
+            want = torch_path.encode(some, candidates, beam, ctx=some_ctx)
+            got = fused.encode(some, candidates, beam, ctx=some_ctx)
             assert float((got == want).all(1).float().mean()) >= 0.99, (layers, candidates, beam)
-# a decode's inputs from tables at other instruction widths (16 < d, none) and in the unsplit launch
-for instr, ctx, split in ((16, 32, False), (16, 0, True), (0, 0, True)):
-    kernels.CONFIG.update(split=split, gate_once=split, steps_in_program_min_rows=EVERY, z_from_tables=True)
-    model = RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=48, ctx_dim=ctx, instr_dim=instr))
-    generator = torch.Generator().manual_seed(instr + ctx)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
-    codes = torch.randint(0, 32, (150, 4), generator=generator)
-    ctx_vectors = torch.randn(150, 32, generator=generator) if ctx else None
-    reference = model.set_execution(kernel="torch").decode(codes, ctx=ctx_vectors)
-    fused = model.set_execution(kernel="triton").decode(codes, ctx=ctx_vectors)
-    assert float((fused - reference).abs().max()) < 1e-4 * float(reference.abs().max()), (instr, ctx, split)
 print("kernel ok")
 """
 
@@ -212,7 +201,7 @@ def test_fused_kernel_in_the_triton_interpreter():
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, timeout=300,
+    run = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, timeout=3600,
                          env=dict(os.environ, TRITON_INTERPRET="1"))
     assert run.returncode == 0 and "kernel ok" in run.stdout, run.stderr[-2000:]
 
@@ -243,7 +232,7 @@ def test_fused_kernels_compile_for_hopper():
     pointers = dict(z_ptr="*fp32", out_ptr="*fp32", R="i32", s0="i32", S_span="i32", S_total="i32",
                     w1_ptr="*bf16", b1_ptr="*fp32", w2_ptr="*bf16", b2_ptr="*fp32", g1_ptr="*bf16", gb1_ptr="*fp32",
                     g2_ptr="*bf16", gb2_ptr="*fp32", gate_ptr="*fp32", **tables)
-    flags = ("SPLIT", "EXPERTS_INNER", "GATE_IN", "SUM_STEPS", "Z_SOURCE", "HAS_CTX")
+    flags = ("SPLIT", "GATE_IN", "SUM_STEPS", "Z_SOURCE", "HAS_CTX")
 
     def switches(values):  # Z_SOURCE is one of kernels.Z_READ .. Z_PICKED_CODEWORDS, the others are on or off
         return {flag: value if flag == "Z_SOURCE" else bool(value) for flag, value in zip(flags, values)}
@@ -251,9 +240,8 @@ def test_fused_kernels_compile_for_hopper():
     source = dict(DC=128, CTX_PRECISION="tf32")
     # a decode reads z or sums it from tables (Z_SOURCE 0, 1); an encode's candidates are all codewords or
     # picked ones (2, 3), with a conditioning share or without
-    for values in ((1, 1, 0, 0, 0, 0), (1, 1, 1, 0, 0, 0), (1, 0, 0, 0, 0, 0), (1, 0, 1, 0, 0, 0), (0, 0, 0, 0, 0, 0),
-                   (1, 1, 1, 1, 0, 0), (0, 0, 0, 1, 0, 0), (1, 1, 1, 1, 1, 1), (1, 1, 1, 0, 1, 0), (0, 0, 0, 1, 1, 1),
-                   (1, 1, 1, 0, 2, 1), (0, 0, 0, 0, 3, 0)):
+    for values in ((1, 0, 0, 0, 0), (1, 1, 0, 0, 0), (0, 0, 0, 0, 0), (1, 1, 1, 0, 0), (0, 0, 1, 0, 0),
+                   (1, 1, 1, 1, 1), (1, 0, 1, 1, 1), (1, 1, 0, 1, 0), (0, 0, 1, 1, 1), (1, 1, 0, 2, 1), (0, 0, 0, 3, 0)):
         constexprs = dict(shape, L=2, **source, **switches(values))
         compiled = build(kernels._morph_kernel, pointers, constexprs)
         assert "wgmma.mma_async" in compiled.asm["ptx"] and compiled.asm["cubin"], values
@@ -261,8 +249,8 @@ def test_fused_kernels_compile_for_hopper():
     # float32 weights (a float32 or TF32 decode) take twice the shared memory a pipeline stage: a decode
     # from tables launches them with two stages, the other launches with three
     fp32_pointers = {name: "*fp32" if kind == "*bf16" else kind for name, kind in pointers.items()}
-    for values, stages in (((1, 1, 1, 1, 1, 1), 2), ((0, 0, 0, 0, 1, 1), 2), ((1, 1, 1, 0, 1, 1), 2),
-                           ((1, 1, 1, 1, 0, 0), 3), ((1, 1, 1, 0, 0, 0), 3), ((1, 1, 1, 0, 3, 1), 3)):
+    for values, stages in (((1, 1, 1, 1, 1), 2), ((0, 0, 0, 1, 1), 2), ((1, 1, 0, 1, 1), 2),
+                           ((1, 1, 1, 0, 0), 3), ((1, 1, 0, 0, 0), 3), ((1, 1, 0, 3, 1), 3)):
         constexprs = dict(shape, L=2, **dict(source, CTX_PRECISION="ieee"), **switches(values))
         compiled = build(kernels._morph_kernel, fp32_pointers, constexprs, stages)
         assert compiled.metadata.shared <= HOPPER_SHARED_BYTES, ("float32", values, compiled.metadata.shared)
@@ -292,22 +280,22 @@ def test_graphed_decode_equals_eager_decode_and_follows_new_weights(routing, ker
     """Small CUDA decodes replay a recorded graph (padded to a power of two); they give what the eager
     decode gives, for every batch size, and a change of the weights records the graph again."""
     torch.manual_seed(0)
-    model = perturb(RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=32, routing=routing,
-                                      ctx_dim=ctx_dim)), scale=0.2).cuda().set_execution(kernel=kernel)
+    network = perturb(RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=32, routing=routing,
+                                        ctx_dim=ctx_dim)), scale=0.2).cuda()
+    model, eager_engine = run(network, kernel=kernel), run(network, kernel=kernel, cuda_graphs=False)
     for n in (5, 1000, 3000):
         codes = torch.randint(0, 32, (n, 4), device="cuda")
         ctx = torch.randn(n, 32, device="cuda") if ctx_dim else None
-        eager = model.set_execution(cuda_graphs=False).decode(codes, ctx)
-        graphed = model.set_execution(cuda_graphs=True).decode(codes, ctx)
+        eager = eager_engine.decode(codes, ctx)
+        graphed = model.decode(codes, ctx)
         torch.testing.assert_close(model.decode(codes, ctx), graphed)  # the replay, not the recording
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
     assert len(model._graphs._graphs) == 1 and not model._graphs._failed
     with torch.no_grad():
-        model.codebooks.mul_(1.5)
-        model.expert_w1.mul_(1.5)
+        network.codebooks.mul_(1.5)
+        network.expert_w1.mul_(1.5)
     graphed = model.decode(codes, ctx)
-    torch.testing.assert_close(graphed, model.set_execution(cuda_graphs=False).decode(codes, ctx),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graphed, eager_engine.decode(codes, ctx), rtol=1e-5, atol=1e-5)
     graphed -= 1  # a normal tensor, as the eager decode returns
 
 
@@ -317,10 +305,10 @@ def test_graphed_decodes_from_several_threads_get_their_own_results():
     from concurrent.futures import ThreadPoolExecutor
 
     torch.manual_seed(0)
-    model = perturb(RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=32)), scale=0.2).cuda()
+    network = perturb(RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=32)), scale=0.2).cuda()
     batches = [torch.randint(0, 32, (700 + 37 * i, 4), device="cuda") for i in range(8)]
-    expected = [model.set_execution(cuda_graphs=False).decode(codes) for codes in batches]
-    model.set_execution(cuda_graphs=True)
+    expected = [run(network, cuda_graphs=False).decode(codes) for codes in batches]
+    model = run(network)
     with ThreadPoolExecutor(4) as pool:
         for _ in range(3):
             results = list(pool.map(model.decode, batches))
@@ -333,10 +321,10 @@ def test_graphed_decode_of_byte_codes_equals_int64():
     """Byte codes (uint8 at K = 256) skip the range check and so the host wait; the graphed decode of them is
     the eager decode of the same codes as int64."""
     torch.manual_seed(0)
-    model = perturb(RQMoE(RQMoEConfig(32, 4, 8, n_experts=2, n_layers=2, hidden=32)), scale=0.2).cuda()
+    network = perturb(RQMoE(RQMoEConfig(32, 4, 8, n_experts=2, n_layers=2, hidden=32)), scale=0.2).cuda()
     codes = torch.randint(0, 256, (1500, 4), device="cuda")
-    expected = model.set_execution(cuda_graphs=False).decode(codes)
-    got = model.set_execution(cuda_graphs=True).decode(codes.to(torch.uint8))
+    expected = run(network, cuda_graphs=False).decode(codes)
+    got = run(network).decode(codes.to(torch.uint8))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -349,8 +337,8 @@ def test_fused_encode_stays_within_the_memory_budget():
     tensors the estimate leaves out)."""
     budget = 64 << 20
     torch.manual_seed(0)
-    model = perturb(RQMoE(RQMoEConfig(128, 8, 8, n_experts=4, n_layers=2, hidden=256), mem_budget_bytes=budget),
-                    scale=0.02).cuda().set_execution(kernel="triton", dtype="bfloat16")
+    model = run(perturb(RQMoE(RQMoEConfig(128, 8, 8, n_experts=4, n_layers=2, hidden=256)), scale=0.02).cuda(),
+                kernel="triton", dtype="bfloat16", budget=budget)
     x = torch.randn(20000, 128, device="cuda") * 0.1
     expected = model.encode(x, n_candidates=32)  # warm-up: the kernel compiles, the caches fill
     torch.cuda.synchronize()

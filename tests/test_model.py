@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from faiss_rqmoe import RQMoE, RQMoEConfig
+from faiss_rqmoe import Engine, Execution, RQMoE, RQMoEConfig
 from faiss_rqmoe.lut import unpack_bits
 
 from conftest import clustered
@@ -25,14 +25,20 @@ def perturb(model, scale=0.05, seed=1):
     return model
 
 
+# the network's reference paths and the engine's fast ones, held to the same results
+THROUGH = {"network": lambda model: model, "engine": lambda model: Engine(model)}
+
+
+@pytest.mark.parametrize("through", THROUGH)
 @pytest.mark.parametrize("condition", ["instruction", "reconstruction", "none"])
-def test_untrained_model_is_faiss_rq(condition):
+def test_untrained_model_is_faiss_rq(condition, through):
     x = clustered(4000, d=32)
     M, nbits = 4, 6
     rq = faiss_rq(x, M, nbits)
     faiss_codes = unpack_bits(rq.compute_codes(x), M, nbits)
     model = RQMoE(RQMoEConfig(32, M, nbits, n_experts=2, n_layers=2, hidden=16, condition=condition))
     model.init_from_rq(rq, scale=float(np.abs(x).max()))
+    model = THROUGH[through](model)
     codes = model.encode(x).numpy()
     assert (codes == faiss_codes).mean() > 0.999
     recon = model.decode(codes).numpy()
@@ -49,6 +55,7 @@ def test_parallel_decode_equals_sequential(condition):
     parallel = model.decode(codes)
     sequential = model.decode_sequential(codes)
     torch.testing.assert_close(parallel, sequential, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(Engine(model).decode(codes), sequential, rtol=1e-5, atol=1e-5)
     # morphing actually changed something
     base = model.codebooks[torch.arange(5), codes].sum(1) * model.scale
     assert condition == "none" or (parallel - base).abs().max() > 1e-3
@@ -56,7 +63,7 @@ def test_parallel_decode_equals_sequential(condition):
 
 @pytest.mark.parametrize("condition", ["instruction", "reconstruction"])
 def test_inference_decode_equals_the_differentiable_one_bit_for_bit(condition):
-    """decode (no autograd: in-place morphing, step inputs summed from tables) and the training forward
+    """The engine's decode (no autograd: in-place morphing, step inputs summed from tables) and the training forward
     (autograd, step inputs projected) do the same arithmetic up to the order of summation."""
     model = perturb(RQMoE(RQMoEConfig(16, 4, 5, n_experts=3, n_layers=2, hidden=12, condition=condition,
                                       ctx_dim=16)))
@@ -66,7 +73,7 @@ def test_inference_decode_equals_the_differentiable_one_bit_for_bit(condition):
         differentiable = model(codes, model.normalize_ctx(ctx)).sum(1)
     assert differentiable.requires_grad
     # the same operations (in place or not): equal to float32 rounding of one order of summation
-    torch.testing.assert_close(model.decode(codes, ctx=ctx), differentiable.detach() * model.scale,
+    torch.testing.assert_close(Engine(model).decode(codes, ctx=ctx), differentiable.detach() * model.scale,
                                rtol=1e-6, atol=1e-6)
 
 
@@ -77,12 +84,12 @@ def test_decode_sums_step_inputs_from_tables_as_the_projection_computes_them(mon
     model = perturb(RQMoE(RQMoEConfig(16, 5, 5, n_experts=3, n_layers=2, hidden=12, ctx_dim=ctx_dim)))
     codes = torch.from_numpy(np.random.default_rng(3).integers(0, 32, (200, 5)))
     ctx = torch.randn(200, 16, generator=torch.Generator().manual_seed(4)) if ctx_dim else None
-    with torch.inference_mode():
-        assert model._z_from_tables()
-    from_tables = model.decode(codes, ctx=ctx)
-    monkeypatch.setitem(kernels.CONFIG, "decode_tables_max_bytes", 0)  # tables over the cap: projected
-    with torch.inference_mode():
-        assert not model._z_from_tables()
+    engine = Engine(model)
+    assert engine._z_from_tables()
+    from_tables = engine.decode(codes, ctx=ctx)
+    monkeypatch.setattr(kernels, "DECODE_TABLES_MAX_BYTES", 0)  # tables over the cap: projected
+    assert not engine._z_from_tables()
+    torch.testing.assert_close(from_tables, engine.decode(codes, ctx=ctx), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(from_tables, model.decode(codes, ctx=ctx), rtol=1e-5, atol=1e-5)
 
 
@@ -128,8 +135,7 @@ def test_encode_chunking_gives_identical_codes(budget):
     reference = perturb(RQMoE(cfg))
     x = torch.randn(700, 16)
     expected = reference.encode(x)
-    model = RQMoE(cfg, mem_budget_bytes=budget)
-    model.load_state_dict(reference.state_dict())
+    model = Engine(reference, mem_budget_bytes=budget)
     # other chunk sizes mean other matrix shapes, so BLAS may round differently: a code can flip only
     # between two codewords at the same distance (to float32 rounding), so the errors must agree
     for candidates in (None, 8):
@@ -140,19 +146,21 @@ def test_encode_chunking_gives_identical_codes(budget):
     torch.testing.assert_close(model.decode(expected), reference.decode(expected), rtol=1e-5, atol=1e-6)
 
 
-def test_candidate_preselection_with_all_candidates_is_exact():
+@pytest.mark.parametrize("through", THROUGH)
+def test_candidate_preselection_with_all_candidates_is_exact(through):
     cfg = RQMoEConfig(16, 3, 4, n_experts=2, n_layers=1, hidden=8)
-    model = perturb(RQMoE(cfg))
+    model = THROUGH[through](perturb(RQMoE(cfg)))
     x = torch.randn(200, 16)
     assert torch.equal(model.encode(x, n_candidates=cfg.K), model.encode(x))
 
 
+@pytest.mark.parametrize("through", THROUGH)
 @pytest.mark.parametrize("condition", ["instruction", "reconstruction", "none"])
-def test_beam_search_as_wide_as_all_prefixes_finds_the_best_code(condition):
+def test_beam_search_as_wide_as_all_prefixes_finds_the_best_code(condition, through):
     """M=3, K=4: a beam of K^2 keeps every prefix, so beam search must reach the brute-force optimum over
     all 64 codes; it never does worse than greedy, and a beam of 1 is greedy."""
     cfg = RQMoEConfig(8, 3, 2, n_experts=2, n_layers=1, hidden=16, condition=condition)
-    model = perturb(RQMoE(cfg), scale=0.3)
+    model = THROUGH[through](perturb(RQMoE(cfg), scale=0.3))
     x = torch.randn(300, 8) * 0.5
     every_code = torch.cartesian_prod(*[torch.arange(cfg.K)] * cfg.M)  # (64, 3)
     best_error = ((x[:, None] - model.decode(every_code)[None]) ** 2).sum(-1).min(1).values
@@ -170,16 +178,16 @@ def test_beam_search_as_wide_as_all_prefixes_finds_the_best_code(condition):
 
 
 def test_cpu_chunks_encode_and_decode_as_one_chunk(monkeypatch):
-    from faiss_rqmoe import model as model_module
+    from faiss_rqmoe import engine as engine_module
 
     cfg = RQMoEConfig(16, 4, 5, n_experts=2, n_layers=2, hidden=16)
-    model = perturb(RQMoE(cfg))
+    model = Engine(perturb(RQMoE(cfg)))
     x = torch.randn(300, 16)
     encodings = {"greedy": (8, 1), "exact": (None, 1), "beam": (8, 3)}
     whole = {name: model.encode(x, n_candidates=a, beam_size=b) for name, (a, b) in encodings.items()}
     decoded = model.decode(whole["exact"])
-    monkeypatch.setattr(model_module, "CPU_CHUNK_BYTES", 60_000)
-    assert model.cpu_chunk_items(8) < 20 and model.cpu_chunk_items(cfg.K) == 1  # every call below is chunked
+    monkeypatch.setattr(engine_module, "CPU_CHUNK_BYTES", 60_000)
+    assert model.rows_per_chunk(8) < 20 and model.rows_per_chunk(cfg.K) == 1  # every call below is chunked
     error = lambda codes: ((x - model.decode(codes)) ** 2).sum(1)  # noqa: E731
     for name, (a, b) in encodings.items():
         chunked = model.encode(x, n_candidates=a, beam_size=b)
@@ -192,25 +200,25 @@ def test_cpu_chunks_encode_and_decode_as_one_chunk(monkeypatch):
 def test_kept_temporaries_change_no_result_and_are_per_thread(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    from faiss_rqmoe import model as model_module
+    from faiss_rqmoe import engine as engine_module
 
-    model = perturb(RQMoE(RQMoEConfig(16, 4, 5, n_experts=2, n_layers=3, hidden=16, ctx_dim=8)))
+    model = Engine(perturb(RQMoE(RQMoEConfig(16, 4, 5, n_experts=2, n_layers=3, hidden=16, ctx_dim=8))))
     x = torch.randn(400, 16)
     ctx = torch.randn(400, 8, generator=torch.Generator().manual_seed(5))
-    monkeypatch.setattr(model_module, "CPU_CHUNK_BYTES", 200_000)  # many chunks, the last one smaller
+    monkeypatch.setattr(engine_module, "CPU_CHUNK_BYTES", 200_000)  # many chunks, the last one smaller
     codes = model.encode(x, n_candidates=8, ctx=ctx)  # CPU calls keep their temporaries themselves
     decoded = model.decode(codes, ctx=ctx)
-    with model.kept_temporaries():  # nested, and across calls of other shapes
+    with model.temporaries():  # nested, and across calls of other shapes
         assert torch.equal(model.encode(x, n_candidates=8, ctx=ctx), codes)
         model.decode(codes[:7], ctx=ctx[:7])
         torch.testing.assert_close(model.decode(codes, ctx=ctx), decoded, rtol=1e-6, atol=1e-6)
-    assert model._kept() == {}  # released
+    assert model._spare(torch.device("cpu")) is None  # released
     # against a reference without any kept tensor: the products' out= changes no value
-    monkeypatch.setattr(type(model), "_kept", lambda self: {})
+    monkeypatch.setattr(Engine, "_spare", lambda self, device: None)
     torch.testing.assert_close(model.decode(codes, ctx=ctx), decoded, rtol=1e-6, atol=1e-6)
     assert torch.equal(model.encode(x, n_candidates=8, ctx=ctx), codes)
     monkeypatch.undo()
-    monkeypatch.setattr(model_module, "CPU_CHUNK_BYTES", 200_000)
+    monkeypatch.setattr(engine_module, "CPU_CHUNK_BYTES", 200_000)
     # threads sharing the model each keep their own: interleaved steps corrupt nothing
     parts = [slice(i * 100, (i + 1) * 100) for i in range(4)]
     with ThreadPoolExecutor(4) as pool:
@@ -222,11 +230,10 @@ def test_kept_temporaries_change_no_result_and_are_per_thread(monkeypatch):
 
 
 def test_fast_paths_follow_the_callers_precision_and_grad_mode():
-    from faiss_rqmoe.encode import encode_scaled
-
     reference = perturb(RQMoE(RQMoEConfig(16, 4, 5, n_experts=2, n_layers=2, hidden=16)))
-    model = RQMoE(reference.config)
-    model.load_state_dict(reference.state_dict())
+    network = RQMoE(reference.config)
+    network.load_state_dict(reference.state_dict())
+    model = Engine(network)
     codes = torch.randint(0, 32, (100, 4), generator=torch.Generator().manual_seed(6))
     x = torch.randn(100, 16, generator=torch.Generator().manual_seed(7))
     expected = reference.encode(x, n_candidates=8)
@@ -236,16 +243,17 @@ def test_fast_paths_follow_the_callers_precision_and_grad_mode():
         model.encode(x, n_candidates=8)
     assert torch.equal(model.encode(x, n_candidates=8), expected)
     # temporaries kept under inference mode are not written again under no_grad (training's encodes)
-    with model.kept_temporaries():
+    with model.temporaries():
         model.decode(codes)
         model.encode(x, n_candidates=8)
         with torch.no_grad():
-            assert torch.equal(encode_scaled(model, x / model.scale, 8, 1, None), expected)
-            torch.testing.assert_close(model(codes).sum(1) * model.scale, decoded, rtol=1e-5, atol=1e-5)
+            assert torch.equal(model.encode_scaled(x / network.scale, 8, 1, None), expected)
+            torch.testing.assert_close(network(codes).sum(1) * network.scale, decoded, rtol=1e-5, atol=1e-5)
     # a float64 model decodes without the float32 tables
-    as_double = RQMoE(model.config)
-    as_double.load_state_dict(model.state_dict())
-    torch.testing.assert_close(as_double.double().decode(codes), decoded, rtol=1e-5, atol=1e-5, check_dtype=False)
+    as_double = RQMoE(network.config)
+    as_double.load_state_dict(network.state_dict())
+    torch.testing.assert_close(Engine(as_double.double()).decode(codes), decoded, rtol=1e-5, atol=1e-5,
+                               check_dtype=False)
 
 
 @pytest.mark.parametrize("budget", [20_000, 1 << 30])
@@ -253,8 +261,7 @@ def test_beam_search_chunking_and_preselection(budget):
     cfg = RQMoEConfig(16, 4, 5, n_experts=2, n_layers=2, hidden=16)
     reference = perturb(RQMoE(cfg))
     x = torch.randn(500, 16)
-    model = RQMoE(cfg, mem_budget_bytes=budget)
-    model.load_state_dict(reference.state_dict())
+    model = Engine(reference, mem_budget_bytes=budget)
     assert torch.equal(model.encode(x, n_candidates=8, beam_size=4), reference.encode(x, 8, beam_size=4))
     # pre-selecting all K candidates is the exact beam search
     assert torch.equal(model.encode(x, n_candidates=cfg.K, beam_size=3), reference.encode(x, beam_size=3))
@@ -316,15 +323,16 @@ def test_weights_stamp_is_every_parameter_and_buffer_and_follows_changes(config)
     parameters() + buffers() (same tensors, same order), and move when any of them changes in place."""
     from faiss_rqmoe.graphs import stamp
     model = RQMoE(config)
+    engine = Engine(model)
     tensors = list(model.parameters()) + list(model.buffers())
-    assert model._weights_stamp() == stamp(tensors)
+    assert engine._weights_stamp() == stamp(tensors)
     with torch.no_grad():
         for tensor in tensors:
-            before = model._weights_stamp()
+            before = engine._weights_stamp()
             tensor.add_(0) if tensor.dtype != torch.bool else tensor.logical_or_(tensor)
-            assert model._weights_stamp() != before
+            assert engine._weights_stamp() != before
     model.extra = torch.nn.Linear(2, 2)  # a submodule: the stamp must cover its weights too
-    assert model._weights_stamp() == stamp(list(model.parameters()) + list(model.buffers()))
+    assert engine._weights_stamp() == stamp(list(model.parameters()) + list(model.buffers()))
 
 
 def test_decode_of_byte_codes_equals_int64():
@@ -336,6 +344,7 @@ def test_decode_of_byte_codes_equals_int64():
     expected = model.decode(codes)
     for as_bytes in (codes.astype(np.uint8), torch.from_numpy(codes.astype(np.uint8))):
         torch.testing.assert_close(model.decode(as_bytes), expected, rtol=0, atol=0)
+        torch.testing.assert_close(Engine(model).decode(as_bytes), Engine(model).decode(codes), rtol=0, atol=0)
         torch.testing.assert_close(model.decode_sequential(as_bytes), model.decode_sequential(codes), rtol=0, atol=0)
 
 
@@ -363,8 +372,9 @@ def test_gpu_encode_decode_match_cpu():
     model = perturb(RQMoE(cfg))
     x = torch.randn(300, 16)
     codes = model.encode(x)
-    gpu = RQMoE(cfg).cuda()
-    gpu.load_state_dict(model.state_dict())
+    on_gpu = RQMoE(cfg).cuda()
+    on_gpu.load_state_dict(model.state_dict())
+    gpu = Engine(on_gpu, Execution(dtype="float32"))
     assert (gpu.encode(x).cpu() == codes).float().mean() > 0.99
     torch.testing.assert_close(gpu.decode(codes).cpu(), model.decode(codes), rtol=1e-4, atol=1e-4)
     beam_cpu = model.encode(x, 8, beam_size=4)
@@ -375,14 +385,14 @@ def test_fused_kernel_chunks_are_larger_and_encode_the_same(monkeypatch):
     """Where the fused kernel runs, a morphed row needs no hidden units outside the kernel, so encoding takes
     larger chunks of the memory budget; the codes do not depend on the chunking (forced chunks of 7 give the
     same codes)."""
-    model = RQMoE(RQMoEConfig(16, 3, 4, n_experts=2, n_layers=1, hidden=64), mem_budget_bytes=1 << 20)
-    torch_rows = model.rows_per_chunk(8)
-    monkeypatch.setattr(RQMoE, "_use_triton", lambda self, device: True)
-    assert model.rows_per_chunk(8) >= 2 * torch_rows
-    monkeypatch.setattr(RQMoE, "_use_triton", lambda self, device: False)
+    model = Engine(RQMoE(RQMoEConfig(16, 3, 4, n_experts=2, n_layers=1, hidden=64)), mem_budget_bytes=1 << 20)
+    torch_rows = model.rows_per_chunk(8, cpu_cap=False)
+    monkeypatch.setattr(Engine, "fused", lambda self, device: True)
+    assert model.rows_per_chunk(8, cpu_cap=False) >= 2 * torch_rows
+    monkeypatch.setattr(Engine, "fused", lambda self, device: False)
     x = torch.randn(3 * torch_rows + 5, 16)
     whole = model.encode(x, n_candidates=8)
-    monkeypatch.setattr(RQMoE, "rows_per_chunk", lambda self, rows, scored=False: 7)
+    monkeypatch.setattr(Engine, "chunk_items", lambda self, rows, beam_size=1: 7)
     torch.testing.assert_close(model.encode(x, n_candidates=8), whole, rtol=0, atol=0)
 
 
@@ -393,9 +403,9 @@ def test_a_codec_without_networks_ignores_the_kernel_choice(monkeypatch):
 
     monkeypatch.setattr(kernels, "interpreting", lambda: True)  # as if the kernel could run here
     x = np.random.default_rng(0).random((40, 96), dtype=np.float32)
-    plain = RQMoE(RQMoEConfig(96, 3, 4, condition="none")).set_execution(kernel="triton")
+    plain = Engine(RQMoE(RQMoEConfig(96, 3, 4, condition="none")), Execution(kernel="triton"))
     assert plain.decode(plain.encode(x, n_candidates=8)).shape == (40, 96)
-    networks = RQMoE(RQMoEConfig(96, 3, 4, n_experts=2, hidden=24)).set_execution(kernel="triton")
+    networks = Engine(RQMoE(RQMoEConfig(96, 3, 4, n_experts=2, hidden=24)), Execution(kernel="triton"))
     with pytest.raises(ValueError, match="power of two"):
         networks.encode(x, n_candidates=8)
 
@@ -425,7 +435,7 @@ def test_bfloat16_decodes_on_the_cpu_close_to_float32():
     model = perturb(RQMoE(RQMoEConfig(32, 4, 5, n_experts=2, n_layers=2, hidden=32)), scale=0.05)
     codes = torch.randint(0, 32, (200, 4))
     reference = model.decode(codes)
-    fast = model.set_execution(dtype="bfloat16").decode(codes)
+    fast = Engine(model, Execution(dtype="bfloat16")).decode(codes)
     assert fast.dtype == torch.float32 and fast.shape == reference.shape
     error = float((fast - reference).norm() / reference.norm())
     assert 0 < error < 2e-2, error
@@ -437,14 +447,14 @@ def test_fused_chunks_stay_within_the_kernels_int32_offsets(monkeypatch):
     from faiss_rqmoe import kernels
 
     cfg = RQMoEConfig(128, 8, 8, n_experts=1, n_layers=2, hidden=256)
-    model = RQMoE(cfg, mem_budget_bytes=1 << 40)
-    monkeypatch.setattr(RQMoE, "_use_triton", lambda self, device: True)
+    model = Engine(RQMoE(cfg), mem_budget_bytes=1 << 40)
+    monkeypatch.setattr(Engine, "fused", lambda self, device: True)
     for rows_per_item, scored in ((256, True), (64, True), (cfg.n_morph_steps, False)):
-        assert model.rows_per_chunk(rows_per_item, scored) * rows_per_item * cfg.d < 2 ** 31
+        assert model.rows_per_chunk(rows_per_item, scored, cpu_cap=False) * rows_per_item * cfg.d < 2 ** 31
     # a decode from tables with that many codes sums the steps inside its programs: it addresses (rows, d)
     rows = kernels.decode_sum_rows(cfg, 1 << 40)
-    assert rows >= kernels.CONFIG["steps_in_program_min_rows"] and rows * cfg.d < 2 ** 31
+    assert rows >= kernels.STEPS_IN_PROGRAM_MIN_ROWS and rows * cfg.d < 2 ** 31
     if kernels.triton is not None:
         with pytest.raises(ValueError, match="int32 offsets"):  # z read for every step: (S, R, d)
-            kernels._dense_launch(model, 0, cfg.n_morph_steps, kernels.max_rows(cfg, cfg.n_morph_steps) + 1,
-                                  None, False)
+            kernels._dense_launch(cfg, None, "bfloat16", 0, cfg.n_morph_steps,
+                                  kernels.max_rows(cfg, cfg.n_morph_steps) + 1, None, False)

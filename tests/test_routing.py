@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from faiss_rqmoe import RQMoE, RQMoEConfig
+from faiss_rqmoe import Engine, Execution, RQMoE, RQMoEConfig
 
 from conftest import clustered
 
@@ -47,9 +47,10 @@ def test_routed_morph_matches_the_per_row_reference(routing):
     model = routed_model(routing)
     z = torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        got = model._morph(0, 3, z)
+        got, fast = model.morph(0, 3, z), Engine(model).morph(0, 3, z)
         expected = torch.stack([reference_morph(model, s, z[s]) for s in range(3)])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_routing_picks_different_experts_for_different_rows():
@@ -68,6 +69,7 @@ def test_routed_parallel_decode_equals_sequential_and_the_training_forward(condi
     codes = torch.randint(0, 32, (300, 4), generator=torch.Generator().manual_seed(3))
     parallel = model.decode(codes)
     torch.testing.assert_close(parallel, model.decode_sequential(codes), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(Engine(model).decode(codes), parallel, rtol=1e-5, atol=1e-5)
     with torch.enable_grad():
         differentiable = model(codes).sum(1)
     torch.testing.assert_close(parallel, differentiable.detach() * model.scale, rtol=1e-5, atol=1e-5)
@@ -79,7 +81,8 @@ def test_routed_encode_is_the_greedy_argmin_of_routed_decoding():
     model = routed_model("top1")
     c = model.config
     x = torch.randn(30, 16, generator=torch.Generator().manual_seed(4)) * 0.5
-    codes = model.encode(x)
+    codes = Engine(model).encode(x)
+    assert torch.equal(codes, model.encode(x))
     with torch.no_grad():
         for i in range(len(x)):
             residual = x[i].clone()
@@ -149,25 +152,25 @@ def test_fused_kernel_refuses_top2_routing():
     if not (kernels.available() or kernels.interpreting()):
         pytest.skip("needs CUDA or the Triton interpreter")
     # on a GPU machine the data must be on the GPU: CPU data takes the torch path whatever the kernel setting
-    model = routed_model("top2").to("cuda" if kernels.available() else "cpu").set_execution(kernel="triton")
+    model = routed_model("top2").to("cuda" if kernels.available() else "cpu")
     with torch.no_grad(), pytest.raises(ValueError, match="top-1 routing"):
-        model._morph(0, 1, torch.randn(1, 8, 16).to(model.device))
+        Engine(model, Execution(kernel="triton")).morph(0, 1, torch.randn(1, 8, 16).to(model.device))
 
 
 def test_graph_buckets_and_model_copies():
-    """CUDA graphs serve batches padded to powers of two up to MAX_ROWS; a copied model starts without any
-    (tests/test_gpu.py checks the replays themselves)."""
+    """CUDA graphs serve batches padded to powers of two up to MAX_ROWS; a copied graph cache starts without
+    any (tests/test_gpu.py checks the replays themselves)."""
     import copy
 
     from faiss_rqmoe import graphs
 
     assert [graphs.bucket(n) for n in (1, 1024, 1025, graphs.MAX_ROWS)] == [1024, 1024, 2048, graphs.MAX_ROWS]
     assert graphs.bucket(graphs.MAX_ROWS + 1) is None
-    model = routed_model("top1")
-    model._graphs._failed.add("something")
-    assert not copy.deepcopy(model)._graphs._failed
+    engine = Engine(routed_model("top1"))
+    engine._graphs._failed.add("something")
+    assert not copy.deepcopy(engine._graphs)._failed
     with pytest.raises(ValueError, match="cuda_graphs"):
-        model.set_execution(cuda_graphs="yes")
+        Execution(cuda_graphs="yes")
 
 
 def test_top2_set_to_the_fused_kernel_still_decodes_on_the_cpu():
@@ -179,7 +182,7 @@ def test_top2_set_to_the_fused_kernel_still_decodes_on_the_cpu():
     model = routed_model("top2")
     codes = torch.randint(0, 32, (40, 4), generator=torch.Generator().manual_seed(7))
     expected = model.decode(codes)
-    torch.testing.assert_close(model.set_execution(kernel="triton").decode(codes), expected)
+    torch.testing.assert_close(Engine(model, Execution(kernel="triton")).decode(codes), expected)
 
 
 def test_routed_morph_under_autocast_stays_close_to_float32():
@@ -192,9 +195,8 @@ def test_routed_morph_under_autocast_stays_close_to_float32():
             model.gate_b2.copy_(torch.tensor([0.0, 4.0, 8.0, 12.0]))
         z = torch.randn(3, 60, 16, generator=torch.Generator().manual_seed(8))
         with torch.inference_mode():
-            reference = model._morph(0, 3, z)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                approx = z + model._morph_delta(0, 3, z).float()
+            reference = model.morph(0, 3, z)
+            approx = Engine(model, Execution(dtype="bfloat16")).morph(0, 3, z)
         assert float((approx - reference).norm() / reference.norm()) < 0.02, routing
 
 

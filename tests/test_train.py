@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from faiss_rqmoe import RQMoE, RQMoEConfig, train_rqmoe
-from faiss_rqmoe.model import Execution
+from faiss_rqmoe.engine import Engine, Execution
 from faiss_rqmoe.train import TrainConfig, normalized_residual_loss
 
 from conftest import clustered
@@ -110,7 +110,6 @@ def test_graphed_training_steps_equal_the_eager_steps(kernel, dtype):
     after replays, the model encodes and decodes as a fresh copy of it does (no caches)."""
     import copy
 
-    from faiss_rqmoe.encode import encode_scaled
     from faiss_rqmoe.train import _set_lr, make_optimizer, train_step
     from faiss_rqmoe.train_graph import WARMUP_STEPS, GraphedTrainStep
 
@@ -122,33 +121,36 @@ def test_graphed_training_steps_equal_the_eager_steps(kernel, dtype):
     xs = torch.randn(8 * 64, 16, device="cuda")
     probe = xs[:200]
 
-    def check_no_stale_caches(model):
+    execution = Execution(kernel=kernel, dtype=dtype)
+
+    def check_no_stale_caches(engine):
         with torch.no_grad():
-            fresh = copy.deepcopy(model)
-            assert torch.equal(encode_scaled(model, probe, 4), encode_scaled(fresh, probe, 4))
-            codes = encode_scaled(fresh, probe, 4)
-        torch.testing.assert_close(model.decode(codes), fresh.decode(codes), rtol=0, atol=0)
+            fresh = Engine(copy.deepcopy(engine.model), execution)
+            assert torch.equal(engine.encode_scaled(probe, 4), fresh.encode_scaled(probe, 4))
+            codes = fresh.encode_scaled(probe, 4)
+        torch.testing.assert_close(engine.decode(codes), fresh.decode(codes), rtol=0, atol=0)
 
     runs = []
     for graphed in (False, True):
-        model = copy.deepcopy(base).set_execution(kernel=kernel, dtype=dtype).train()
+        model = copy.deepcopy(base).train()
+        engine = Engine(model, execution)
         optimizer = make_optimizer(model, TrainConfig(lr=1e-2), capturable=True)
 
-        def eager(x, ctx, model=model, optimizer=optimizer):
-            return train_step(model, model, optimizer, x, ctx, 4)
+        def eager(x, ctx, engine=engine, optimizer=optimizer):
+            return train_step(engine, engine.model, optimizer, x, ctx, 4)
 
-        runner = GraphedTrainStep(model, optimizer, eager, 64) if graphed else None
+        runner = GraphedTrainStep(model, engine, optimizer, eager, 64) if graphed else None
         losses = []
         for i in range(8):
             if i == 5:
                 _set_lr(optimizer, 1e-3)
-                check_no_stale_caches(model)  # fills the eager caches between replays
+                check_no_stale_caches(engine)  # fills the eager caches between replays
             x = xs[i * 64:(i + 1) * 64]
             losses.append(float(runner(x, None) if runner is not None else eager(x, None)))
         if graphed:
             assert runner(xs[:32], None) is None
             assert runner.replays == 8 - WARMUP_STEPS and not runner.failed
-        check_no_stale_caches(model)
+        check_no_stale_caches(engine)
         runs.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}))
     (eager_losses, eager_state), (graph_losses, graph_state) = runs
     assert graph_losses == pytest.approx(eager_losses, rel=1e-4)
@@ -182,24 +184,22 @@ def test_training_loop_replays_its_steps_and_learns_as_the_eager_loop(caplog):
 def test_graphable_follows_the_execution_the_batches_are_encoded_with():
     """Steps are recorded only where nothing in them waits on the device. For top-1 routing that depends on
     the execution of the batch encoding (the fused kernel routes on the device, the torch path counts rows
-    on the host), not on the model's own execution or on the grad mode training runs in."""
+    on the host), not on the grad mode training runs in."""
     from faiss_rqmoe.train_graph import graphable
 
     cuda = torch.device("cuda")  # only the device type is read: this runs without a GPU
     top1 = RQMoE(RQMoEConfig(16, 3, 8, n_experts=2, n_layers=1, hidden=32, routing="top1"))
     kernel, torch_path = Execution(kernel="triton", dtype="bfloat16"), Execution(kernel="torch")
-    assert graphable(top1, cuda, 16, 1, kernel)
-    assert not graphable(top1, cuda, 16, 1, torch_path)
-    top1.execution = kernel
-    assert not graphable(top1, cuda, 16, 1, torch_path) and top1.execution == kernel  # restored
-    dense = RQMoE(RQMoEConfig(16, 3, 8, n_experts=2, n_layers=1, hidden=32))
-    assert graphable(dense, cuda, 16, 1, torch_path)
+    assert graphable(Engine(top1, kernel), cuda, 16, 1)
+    assert not graphable(Engine(top1, torch_path), cuda, 16, 1)
+    dense = Engine(RQMoE(RQMoEConfig(16, 3, 8, n_experts=2, n_layers=1, hidden=32)), torch_path)
+    assert graphable(dense, cuda, 16, 1)
     assert not graphable(dense, cuda, None, 1)  # exact encoding: torch.unique waits on the device
     assert not graphable(dense, cuda, 256, 1)  # as many candidates as codewords is exact encoding too
     assert not graphable(dense, cuda, 16, 2)  # data parallel
     assert not graphable(dense, torch.device("cpu"), 16, 1)
     top2 = RQMoE(RQMoEConfig(16, 3, 8, n_experts=4, n_layers=1, hidden=32, routing="top2"))
-    assert not graphable(top2, cuda, 16, 1, kernel)
+    assert not graphable(Engine(top2, torch_path), cuda, 16, 1)
 
 
 def test_training_encodes_its_batches_in_bfloat16_on_cuda_only():
@@ -215,18 +215,20 @@ def test_training_encodes_its_batches_in_bfloat16_on_cuda_only():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_training_on_gpu_encodes_batches_in_bfloat16_and_validates_in_the_models_precision(monkeypatch):
-    from faiss_rqmoe import train
-
-    seen, encode = [], train.encode_scaled
-    monkeypatch.setattr(train, "encode_scaled",
-                        lambda model, *args, **kw: seen.append((model.training, model.execution.dtype)) or
-                        encode(model, *args, **kw))
+def test_training_on_gpu_encodes_batches_in_bfloat16_and_validates_as_the_codec_runs(monkeypatch):
+    seen, encode = [], Engine.encode_scaled
+    monkeypatch.setattr(Engine, "encode_scaled",
+                        lambda engine, *args, **kw: seen.append((engine.model.training,
+                                                                 engine.backend(torch.device("cuda")).precision))
+                        or encode(engine, *args, **kw))
     model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
+    exact = Execution(kernel="torch", dtype="float32")
+    train_rqmoe(model, clustered(2000, d=16), max_epochs=2, device="cuda", progress=False, execution=exact)
+    assert {dtype for training, dtype in seen if training} == {"float32"}  # the torch path: left as it is
+    seen.clear()
     train_rqmoe(model, clustered(2000, d=16), max_epochs=2, device="cuda", progress=False)
     assert {dtype for training, dtype in seen if training} == {"bfloat16"}
-    assert {dtype for training, dtype in seen if not training} <= {"float32"}
-    assert model.execution.dtype == "float32"
+    assert {dtype for training, dtype in seen if not training} == {Engine(model).backend(torch.device("cuda")).precision}
 
 
 def test_plateau_counts_trained_epochs_only():

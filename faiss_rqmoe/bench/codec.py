@@ -19,6 +19,7 @@ import torch
 from . import baselines, datasets, evaluation
 from ..config import Condition, RQMoEConfig
 from ..devices import resolve_device
+from ..engine import Engine, Execution
 from ..model import RQMoE
 from ..train import train_rqmoe
 from .meta import dataset_meta, load_split, run_meta, timed, write_result
@@ -74,15 +75,15 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
                          hidden=args.hidden, routing=args.routing,
                          instr_dim=args.instr_dim if mode is Condition.INSTRUCTION else None)
     torch.manual_seed(args.seed)
-    # the execution is set before training: training encodes its batches with its kernel choice (and its
-    # precision under --encode-precision model)
-    model = RQMoE(config, mem_budget_bytes=args.mem_budget_gib << 30).set_execution(kernel=args.kernel,
-                                                                                    dtype=args.precision)
+    # training encodes its batches with the run's kernel choice (and its precision under --encode-precision model)
+    execution = Execution(kernel=args.kernel, dtype=args.precision)
+    model = RQMoE(config)
     train_config = train_config_from_args(args, device)
     start = time.perf_counter()
-    history = train_rqmoe(model, ds.xt, ds.xval, train_config)
+    history = train_rqmoe(model, ds.xt, ds.xval, train_config, execution=execution)
     train_s = time.perf_counter() - start
     model.to(device)
+    model = Engine(model, execution, mem_budget_bytes=args.mem_budget_gib << 30)
     candidates, beam = args.encode_candidates, args.encode_beam
     model.encode(ds.xb[:4096], candidates, beam)  # warm-up
     codes, encode_s = timed(lambda: model.encode(ds.xb, candidates, beam), device, warmup=False)
@@ -97,7 +98,7 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
     for bs in DECODE_BATCHES:
         batch = codes[:bs]
         _, par_s = timed(lambda: model.decode(batch), device, repeats=5)
-        _, seq_s = timed(lambda: model.decode_sequential(batch), device, repeats=5)
+        _, seq_s = timed(lambda: model.model.decode_sequential(batch), device, repeats=5)
         row[f"decode_vps_bs{bs}"] = len(batch) / par_s
         row[f"decode_seq_vps_bs{bs}"] = len(batch) / seq_s
     row["decode_vps"] = row[f"decode_vps_bs{DECODE_BATCHES[-1]}"]
@@ -108,7 +109,7 @@ def learned_row(key: str, ds: datasets.Dataset, n_bytes: int, args, device: torc
             row[f"mse_{name}_encode_sample"] = evaluation.mse(sample, model.decode(codes_sample()).cpu().numpy())
         row["mse_run_encode_sample"] = evaluation.mse(sample, recon[:args.exact_sample].cpu().numpy())
     row.update(quality(ds, recon.cpu().numpy()))
-    extras = {"history": history.to_dict(), "mse_per_step": mse_per_step(model, ds.xb[:20_000], codes[:20_000])}
+    extras = {"history": history.to_dict(), "mse_per_step": mse_per_step(model.model, ds.xb[:20_000], codes[:20_000])}
     return row, extras
 
 
@@ -119,7 +120,7 @@ def pretrained_row(name: str, ds: datasets.Dataset, args, device: torch.device) 
     index = load(name, device=device)
     if index.nlist != 1:
         raise ValueError(f"bench codec measures flat codecs; {name} is an IVF codec (use bench search --pretrained)")
-    model = index.model.set_execution(kernel=args.kernel, dtype=args.precision)
+    model = Engine(index.model, Execution(kernel=args.kernel, dtype=args.precision))
     candidates, beam = args.encode_candidates, args.encode_beam
     codes, encode_s = timed(lambda: model.encode(ds.xb, candidates, beam), device, warmup=False)
     recon, decode_s = timed(lambda: model.decode(codes), device)
@@ -127,7 +128,7 @@ def pretrained_row(name: str, ds: datasets.Dataset, args, device: torch.device) 
            "encode_vps": len(ds.xb) / encode_s, "decode_vps": len(ds.xb) / decode_s, "config": index.config.to_dict(),
            "encode_candidates": candidates, "encode_beam": beam}
     row.update(quality(ds, recon.cpu().numpy()))
-    return row, {"mse_per_step": mse_per_step(model, ds.xb[:20_000], codes[:20_000])}
+    return row, {"mse_per_step": mse_per_step(index.model, ds.xb[:20_000], codes[:20_000])}
 
 
 def run_codec(args) -> dict:

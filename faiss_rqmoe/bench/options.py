@@ -8,7 +8,7 @@ import typing
 
 import torch
 
-from ..model import DTYPES, KERNELS
+from ..engine import DTYPES, KERNELS
 from ..train import AUTO, TRAIN_OPTION_CHOICES, TRAIN_OPTION_HELP, TrainConfig
 
 # the spelling of a flag before its field was renamed, still read by recorded commands
@@ -88,10 +88,10 @@ def add_codec_options(parser: argparse.ArgumentParser, bytes_help: str = "code s
     group.add_argument("--kernel", choices=KERNELS, default="auto",
                        help="execution of the networks at inference, training's encoding of each batch "
                             "included: auto (Triton on CUDA), torch or triton")
-    group.add_argument("--precision", choices=DTYPES, default="float32",
+    group.add_argument("--precision", choices=DTYPES, default="auto",
                        help="matmul inputs at inference (training's batch encoding too with --encode-precision "
-                            "model): float32, tfloat32 or bfloat16 (on a CPU: a decode's products, torch's CPU "
-                            "autocast)")
+                            "model): auto (bfloat16 where the fused kernel runs, else float32), float32, "
+                            "tfloat32 or bfloat16 (on a CPU: a decode's products, torch's CPU autocast)")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

@@ -100,8 +100,7 @@ def build_index(args, ds: datasets.Dataset, device: torch.device, result: dict):
         description = _description(args, n_bytes)
         index = index_factory(ds.d, description, evaluation.faiss_metric(ds.metric), train_config=train_config_from_args(args, device),
                               **options)
-    index.model.mem_budget_bytes = args.mem_budget_gib << 30
-    index.model.set_execution(kernel=args.kernel, dtype=args.precision)
+    index.set_execution(kernel=args.kernel, dtype=args.precision, mem_budget_bytes=args.mem_budget_gib << 30)
     if args.trained_index:
         result["train_s"] = None  # trained by another command
     else:

@@ -24,7 +24,7 @@ import torch
 from .. import graphs
 from ..config import RQMoEConfig
 from ..devices import resolve_device
-from ..encode import encode_scaled
+from ..engine import Engine, Execution
 from ..model import RQMoE
 from ..train import TrainConfig, make_optimizer, train_step
 from ..train_graph import WARMUP_STEPS, GraphedTrainStep, graphable
@@ -45,7 +45,7 @@ ENCODINGS = {"greedy16": (16, 1), "beam4x16": (16, 4), "exact": (None, 1)}
 def random_model(config: RQMoEConfig, device: torch.device, seed: int = 0) -> RQMoE:
     """A model with random, non-trivial weights (speed does not depend on their values)."""
     torch.manual_seed(seed)
-    model = RQMoE(config, mem_budget_bytes=4 << 30)
+    model = RQMoE(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -54,6 +54,13 @@ def random_model(config: RQMoEConfig, device: torch.device, seed: int = 0) -> RQ
 
 
 MAX_REPEATS = 10_000  # a batch-1 024 graph replay takes ~0.1 ms: 50 repeats timed only 6 ms of it
+
+
+def random_engine(config: RQMoEConfig, device: torch.device, kernel: str = "auto", precision: str = "auto",
+                  cuda_graphs: bool = True) -> Engine:
+    """An engine over ``random_model``, running it as asked, with a 4 GiB memory budget."""
+    return Engine(random_model(config, device), Execution(kernel=kernel, dtype=precision, cuda_graphs=cuda_graphs),
+                  mem_budget_bytes=4 << 30)
 
 
 def _vps(n: int, fn, device: torch.device, min_seconds: float = 0.3) -> float:
@@ -66,24 +73,25 @@ def _vps(n: int, fn, device: torch.device, min_seconds: float = 0.3) -> float:
 
 def measure_ours(name: str, config: RQMoEConfig, device: torch.device, batches: List[int], kernel: str,
                  precision: str, n_encode: int, train_steps: int) -> List[dict]:
-    model = random_model(config, device).set_execution(kernel=kernel, dtype=precision)
+    engine = random_engine(config, device, kernel, precision)
+    eager = random_engine(config, device, kernel, precision, cuda_graphs=False)
     K, M = config.K, config.M
     rows = []
     for batch in batches:
         codes = torch.randint(0, K, (batch, M), device=device)
+        backend = engine.backend(device)
         row = {"method": name, "device": str(device), "kernel": kernel, "precision": precision, "batch": batch,
+               "runs": {"fused": backend.fused, "precision": backend.precision},
                "config": config.to_dict(), "macs_per_vector": config.macs_per_vector()}
         with torch.inference_mode():
-            row["decode_vps"] = _vps(batch, lambda: model.decode(codes), device)
+            row["decode_vps"] = _vps(batch, lambda: engine.decode(codes), device)
             if device.type == "cuda" and K == 256:  # codes as an index stores them: no range check, no host wait
                 as_bytes = codes.to(torch.uint8)
-                row["decode_bytes_vps"] = _vps(batch, lambda: model.decode(as_bytes), device)
+                row["decode_bytes_vps"] = _vps(batch, lambda: engine.decode(as_bytes), device)
             if device.type == "cuda" and graphs.bucket(batch):  # the same decode without CUDA graphs
-                model.set_execution(cuda_graphs=False)
-                row["decode_eager_vps"] = _vps(batch, lambda: model.decode(codes), device)
-                model.set_execution(cuda_graphs=True)
-            if batch <= 8192:  # the sequential decoder is the reference, not a fast path
-                row["decode_seq_vps"] = _vps(batch, lambda: model.decode_sequential(codes), device)
+                row["decode_eager_vps"] = _vps(batch, lambda: eager.decode(codes), device)
+            if batch <= 8192:  # the network's sequential decoder is the reference, not a fast path
+                row["decode_seq_vps"] = _vps(batch, lambda: engine.model.decode_sequential(codes), device)
         row["decode_tflops"] = row["decode_vps"] * 2 * config.macs_per_vector() / 1e12
         rows.append(row)
         logger.info("%s", row)
@@ -92,7 +100,7 @@ def measure_ours(name: str, config: RQMoEConfig, device: torch.device, batches: 
     with torch.inference_mode():
         for label, (candidates, beam) in ENCODINGS.items():
             n = n_encode if candidates is not None else max(1, n_encode // 4)
-            encode[label] = _vps(n, lambda: encode_scaled(model, x[:n], candidates, beam), device, min_seconds=0.5)
+            encode[label] = _vps(n, lambda: engine.encode_scaled(x[:n], candidates, beam), device, min_seconds=0.5)
     rows[-1]["encode_vps"] = encode
     if train_steps:  # the batch's encoding runs on the row's kernel and precision, its backward in float32
         rows[-1]["train_sps"] = measure_training(config, device, train_steps, kernel=kernel, precision=precision)
@@ -106,22 +114,23 @@ def measure_ours(name: str, config: RQMoEConfig, device: torch.device, batches: 
 
 
 def measure_training(config: RQMoEConfig, device: torch.device, steps: int, batch: int = 1024,
-                     kernel: str = "auto", precision: str = "float32", graphed: bool = False) -> Optional[float]:
+                     kernel: str = "auto", precision: str = "auto", graphed: bool = False) -> Optional[float]:
     """Training samples a second: ``train_step`` (greedy encoding with the device's default candidate
     count, under the row's kernel and precision rather than TrainConfig.encode_precision, then forward and
     backward in float32); graphed: each step replayed from a recorded CUDA graph, as the training loop
     runs full batches on one GPU (train_graph.py); None where the step cannot be recorded."""
-    model = random_model(config, device).set_execution(kernel=kernel, dtype=precision).train()
+    engine = random_engine(config, device, kernel, precision)
+    model = engine.model.train()
     train_config = TrainConfig(device=str(device))
     candidates = train_config.resolved_encode_candidates(device)
-    capturable = graphed and graphable(model, device, candidates, 1)
+    capturable = graphed and graphable(engine, device, candidates, 1)
     if graphed and not capturable:
         return None
     optimizer = make_optimizer(model, train_config, capturable=capturable)
-    eager = lambda xs: train_step(model, model, optimizer, xs, None, candidates)  # noqa: E731
+    eager = lambda xs: train_step(engine, model, optimizer, xs, None, candidates)  # noqa: E731
     step = eager
     if capturable:
-        runner = GraphedTrainStep(model, optimizer, lambda xs, ctx: eager(xs), batch)
+        runner = GraphedTrainStep(model, engine, optimizer, lambda xs, ctx: eager(xs), batch)
         step = lambda xs: runner(xs, None)  # noqa: E731
     xs = torch.randn(batch * 4, config.d, device=device) * 0.1
     for _ in range(WARMUP_STEPS + 1 if capturable else 1):  # compiles, and the recording
@@ -201,7 +210,7 @@ def interleaved_decode(configs: Dict[str, RQMoEConfig], device: torch.device, ba
     With peers, the public QINCo1 code takes its turn too. Returns {"batch", "rounds", "decode_vps": {method:
     median}}, a method named "<name> <precision>" where the precision is not float32."""
     decoders = {name if precision == "float32" else f"{name} {precision}":
-                random_model(config, device).set_execution(dtype=precision).decode
+                random_engine(config, device, precision=precision).decode
                 for name, config in configs.items() for precision in precisions}
     first = next(iter(configs.values()))
     for name, make, decode, _ in peer_makers(Path(peers), first.d, first.M, first.hidden) if peers else []:
@@ -222,38 +231,31 @@ def interleaved_decode(configs: Dict[str, RQMoEConfig], device: torch.device, ba
     return {"batch": batch, "rounds": rounds, "decode_vps": medians}
 
 
-# the launch settings --sweep tries, each as changes to kernels.CONFIG's defaults (rows a program, hidden
-# units a chunk, warps, pipeline stages, one program per expert, the expert the fastest-varying program index,
-# the gates computed once before the split launch, from how many rows a decode sums the steps inside the
-# programs, a decode's step inputs summed from tables inside the programs)
-NEVER = 1 << 62
-TILE_SWEEP = (dict(steps_in_program_min_rows=NEVER, z_from_tables=False),
-              dict(z_from_tables=False),
-              dict(z_from_tables=True, gathered_gate_once_max_rows=NEVER),
-              dict(z_from_tables=True, gate_once=False),
-              dict(z_from_tables=True))
+# the tile settings --sweep tries, each as changes to kernels.TILES (rows a program, hidden units a chunk,
+# warps, pipeline stages)
+TILE_SWEEP = ({}, dict(num_stages=2), dict(num_warps=8), dict(BLOCK_R=32), dict(HC=32))
 
 
 def sweep_kernel_tiles(device: torch.device, batches: List[int], precision: str) -> List[dict]:
-    """Decode vectors/s of the fused kernel for each launch setting of TILE_SWEEP, on byte codes (no range
+    """Decode vectors/s of the fused kernel for each tile setting of TILE_SWEEP, on byte codes (no range
     check: the kernel's time, not a host wait)."""
     from .. import kernels
 
     config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
-    model = random_model(config, device).set_execution(kernel="triton", dtype=precision)
-    saved, rows = dict(kernels.CONFIG), []
+    engine = random_engine(config, device, "triton", precision)
+    saved, rows = dict(kernels.TILES), []
     try:
         for changes in TILE_SWEEP:
-            kernels.CONFIG.update(saved, **changes)
+            kernels.TILES.update(saved, **changes)
             for batch in batches:
                 codes = torch.randint(0, config.K, (batch, config.M), device=device).to(torch.uint8)
                 with torch.inference_mode():
-                    vps = _vps(batch, lambda: model.decode(codes), device)
-                rows.append({"tiles": dict(kernels.CONFIG), "precision": precision, "batch": batch,
+                    vps = _vps(batch, lambda: engine.decode(codes), device)
+                rows.append({"tiles": dict(kernels.TILES), "precision": precision, "batch": batch,
                              "decode_bytes_vps": vps})
                 logger.info("%s", rows[-1])
     finally:
-        kernels.CONFIG.update(saved)
+        kernels.TILES.update(saved)
     return rows
 
 
@@ -267,7 +269,7 @@ def profile_decode(device: torch.device, batch: int, kernel: str, precision: str
 
     config = RQMoEConfig(128, 8, 8, **METHODS["RQ-MoE"])
     # no CUDA graphs: replaying one recorded before the profiler starts is not safe, and it would show its copies
-    model = random_model(config, device).set_execution(kernel=kernel, dtype=precision, cuda_graphs=False)
+    model = random_engine(config, device, kernel, precision, cuda_graphs=False)
     cuda = device.type == "cuda"
     codes = torch.randint(0, config.K, (batch, config.M), device=device)
     if cuda:
