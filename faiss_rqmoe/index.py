@@ -735,8 +735,9 @@ class IndexRQMoE:
         """All stored vectors within ``radius`` of each query, among the nshort re-ranked candidates.
 
         x: (nq, d) float32; radius: float. L2: squared distance < radius;
-        inner product: similarity > radius. Returns (lims (nq+1,) int64,
-        D float32, I int64) as faiss does (lims int64 for a torch x): the results of query q are
+        inner product: similarity > radius. Returns (lims (nq+1,) uint64,
+        D float32, I int64) as faiss does (lims int64 for a torch x, as
+        faiss.contrib.torch_utils gives): the results of query q are
         D[lims[q]:lims[q+1]], I[lims[q]:lims[q+1]].
         """
         self._require_trained("range_search")
