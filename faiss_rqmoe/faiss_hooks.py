@@ -50,20 +50,20 @@ def _is_path(obj) -> bool:
     return isinstance(obj, (str, os.PathLike))
 
 
-def _reader_bytes_if_ours(reader):
-    """The unread bytes of a faiss.VectorIOReader that holds a file of the package's format, else None."""
-    from .io import is_serialized_index
+def _reader_buffer_if_ours(reader):
+    """A binary file object over the unread bytes of a faiss.VectorIOReader that holds a file of the
+    package's format (which it then counts as read), else None."""
+    from .io import package_buffer
 
     if not isinstance(reader, faiss.VectorIOReader):
         return None
     size, start = reader.data.size(), int(reader.rp)
     if size - start < 8 or sniff(bytes(reader.data.at(start + i) for i in range(8)))[0] != "npz":
         return None
-    data = faiss.vector_to_array(reader.data)[start:]
-    if not is_serialized_index(data):
-        return None
-    reader.rp = size
-    return data
+    buffer = package_buffer(faiss.vector_to_array(reader.data)[start:])
+    if buffer is not None:
+        reader.rp = size
+    return buffer
 
 
 # ------------------------------------------------------------------- hooks
@@ -84,13 +84,14 @@ def _write_index(original, args, kwargs):
 
 def _read_index(original, args, kwargs):
     if args:
-        from .io import deserialize_index, read_index
+        from .devices import resolve_device
+        from .io import index_from_buffer, read_index
 
         if _is_path(args[0]) and is_package_file(args[0]):
             return read_index(args[0])
-        data = _reader_bytes_if_ours(args[0])
-        if data is not None:
-            return deserialize_index(data)
+        buffer = _reader_buffer_if_ours(args[0])
+        if buffer is not None:
+            return index_from_buffer(buffer, resolve_device(None))
     return original(*args, **kwargs)
 
 
@@ -103,11 +104,13 @@ def _serialize_index(original, args, kwargs):
 
 
 def _deserialize_index(original, args, kwargs):
-    from .io import deserialize_index, is_serialized_index
+    from .devices import resolve_device
+    from .io import package_buffer, index_from_buffer
 
-    if args and is_serialized_index(args[0]):
-        return deserialize_index(args[0])
-    return original(*args, **kwargs)
+    buffer = package_buffer(args[0]) if args else None
+    if buffer is None:
+        return original(*args, **kwargs)
+    return index_from_buffer(buffer, resolve_device(None))
 
 
 def _clone_index(original, args, kwargs):
@@ -179,6 +182,12 @@ def _targets():
 
 
 # ------------------------------------------------------------------ switch
+def faiss_function(name: str):
+    """faiss's own module function ``name``, hooked or not."""
+    function = getattr(faiss, name)
+    return getattr(function, _ORIGINAL, function)
+
+
 def install() -> None:
     """Hook faiss's functions (idempotent: hooks already in place are kept, never wrapped twice)."""
     for owner, name in _targets():

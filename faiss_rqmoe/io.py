@@ -20,7 +20,8 @@ import faiss
 import numpy as np
 
 from .config import RQMoEConfig
-from .storage import FileFormatError, arrays_to_state, is_package_file, load_arrays, save_arrays, state_to_arrays
+from .storage import (FileFormatError, arrays_to_state, is_package_file, load_arrays, save_arrays, sniff,
+                      state_to_arrays)
 
 INDEX_FORMAT = "faiss_rqmoe.index"
 INDEX_FORMAT_VERSION = 2
@@ -97,6 +98,7 @@ def read_index(path, device=None):
 
 
 def _index_from(arrays, meta, device, label: str):
+    from .faiss_hooks import faiss_function
     from .index import IndexRQMoE
     from .train import TrainConfig, TrainHistory
 
@@ -125,7 +127,7 @@ def _index_from(arrays, meta, device, label: str):
     try:
         index = IndexRQMoE(config, device=device, train_config=train_config, **settings)
         state = arrays_to_state(arrays, "model.", {k: v.cpu() for k, v in index.model.state_dict().items()}, label)
-        ivf = faiss.deserialize_index(faiss_bytes)
+        ivf = faiss_function("deserialize_index")(faiss_bytes)  # faiss's own: a file holds no nested file
     except FileFormatError:
         raise
     except (RuntimeError, TypeError, ValueError, MemoryError) as exc:
@@ -147,16 +149,27 @@ def serialize_index(index) -> np.ndarray:
     return np.frombuffer(buffer.getbuffer(), dtype=np.uint8).copy()
 
 
+def package_buffer(data):
+    """A binary file object over ``data`` (a (n,) uint8 array or bytes-like) when it holds a file of the
+    package's format, else None. Only bytes that start as a zip archive are copied: faiss's never do."""
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8 or data.ndim != 1:
+            return None
+        head = data[:8].tobytes()
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        head = bytes(data[:8])
+    else:
+        return None
+    if sniff(head)[0] != "npz":
+        return None
+    buffer = io.BytesIO(data.tobytes() if isinstance(data, np.ndarray) else data)
+    return buffer if is_package_file(buffer) else None
+
+
 def is_serialized_index(data) -> bool:
     """Whether ``data`` (a (n,) uint8 array or bytes-like) holds a file of the package's format, as
     ``serialize_index`` gives; faiss's serialized indexes never do."""
-    if isinstance(data, np.ndarray):
-        if data.dtype != np.uint8 or data.ndim != 1:
-            return False
-        data = memoryview(np.ascontiguousarray(data))
-    elif not isinstance(data, (bytes, bytearray, memoryview)):
-        return False
-    return is_package_file(io.BytesIO(data))
+    return package_buffer(data) is not None
 
 
 def deserialize_index(data, device=None):
@@ -165,11 +178,15 @@ def deserialize_index(data, device=None):
     ``faiss.deserialize_index``. Never executes code from the data."""
     from .devices import resolve_device
 
-    if not is_serialized_index(data):
+    buffer = package_buffer(data)
+    if buffer is None:
         return faiss.deserialize_index(data)
-    device = resolve_device(device)
-    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
-    arrays, meta = load_arrays(io.BytesIO(raw), "an IndexRQMoE file")
+    return index_from_buffer(buffer, resolve_device(device))
+
+
+def index_from_buffer(buffer, device):
+    """The IndexRQMoE of a binary file object that ``package_buffer`` accepted, on ``device``."""
+    arrays, meta = load_arrays(buffer, "an IndexRQMoE file")
     return _index_from(arrays, meta, device, "<bytes>")
 
 
@@ -224,7 +241,9 @@ def pickle_payload(index) -> bytes:
     """What a pickle of ``index`` holds: ``serialize_index``'s bytes, or for an untrained index the JSON
     of its settings."""
     if index.is_trained:
-        return serialize_index(index).tobytes()
+        buffer = io.BytesIO()
+        write_index(index, buffer)
+        return buffer.getvalue()
     return json.dumps(_untrained_header(index)).encode("utf-8")
 
 
@@ -236,8 +255,9 @@ def index_from_pickle(payload: bytes):
 
     if not isinstance(payload, bytes):
         raise TypeError(f"a pickled IndexRQMoE holds bytes, got {type(payload).__name__}")
-    if is_serialized_index(payload):
-        return deserialize_index(payload)
+    buffer = package_buffer(payload)
+    if buffer is not None:
+        return index_from_buffer(buffer, resolve_device(None))
     try:
         meta = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -16,7 +16,7 @@ import torch
 
 import faiss_rqmoe
 from faiss_rqmoe import faiss_hooks, lut
-from faiss_rqmoe.storage import FileFormatError
+from faiss_rqmoe.storage import FileFormatError, load_arrays, save_arrays
 
 from conftest import clustered
 
@@ -132,6 +132,17 @@ def test_pickle_holds_the_file_format_and_only_its_reader(flat, queries):
     assert len(blobs) == 1 and faiss_rqmoe.io.is_serialized_index(blobs[0])
     with pytest.raises(FileFormatError):
         faiss_rqmoe.io.index_from_pickle(pickle.dumps(["not", "an", "index"]))
+
+
+def test_a_file_nested_in_the_faiss_part_is_refused(flat, tmp_path):
+    """The faiss part of a file is read by faiss's own reader, so a file cannot smuggle in another."""
+    arrays, meta = load_arrays(io.BytesIO(faiss_rqmoe.serialize_index(flat).tobytes()))
+    arrays["faiss_index"] = faiss_rqmoe.serialize_index(flat)
+    path = tmp_path / "nested.rqmoe"
+    save_arrays(path, arrays, meta)
+    for read in (faiss.read_index, faiss_rqmoe.read_index):
+        with pytest.raises(FileFormatError, match="corrupted"):
+            read(str(path))
 
 
 def test_faiss_parameter_space_sets_search_parameters(ivf, queries):
