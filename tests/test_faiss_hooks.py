@@ -166,6 +166,16 @@ def test_faiss_parameter_space_sets_search_parameters(ivf, queries):
         space.set_index_parameter(clone, "nshort", 0)
 
 
+def test_faiss_parameter_space_reaches_an_hnsw_coarse_quantizer():
+    index, _ = _trained("IVF8_HNSW4,RQMoE4x6_N1L1H8", 10)
+    reference = faiss.index_factory(D, "IVF8_HNSW4,Flat")
+    space = faiss.ParameterSpace()
+    for target in (reference, index):
+        space.set_index_parameters(target, "nprobe=3,quantizer_efSearch=7")
+        hnsw = faiss.downcast_index(target.quantizer).hnsw
+        assert (target.nprobe, hnsw.efSearch) == (3, 7)
+
+
 def _faiss_outcomes(folder):
     """What faiss's hooked functions give for faiss's own objects and files: results or (type, message)."""
     rng = np.random.default_rng(0)
