@@ -7,8 +7,8 @@ accept an IndexRQMoE and the package's files and bytes, so programs that
 persist and tune through faiss (LangChain's and LlamaIndex's faiss stores,
 benchmark harnesses) hold one unchanged. Everything else goes to faiss's own
 function, with faiss's results and exceptions: a hook only diverts an
-IndexRQMoE object, or a file or byte string that starts as the package's
-format does (a zip archive, which no faiss index file is).
+IndexRQMoE object, or a file or byte string of the package's format (a zip
+archive holding the package's header; no faiss index file is a zip archive).
 
 Turn them off with the environment variable ``FAISS_RQMOE_FAISS_HOOKS=0``
 (read at import) or ``faiss_rqmoe.faiss_hooks.uninstall()``; ``install()``
