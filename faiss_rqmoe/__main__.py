@@ -144,6 +144,7 @@ def demo(args) -> int:
           f"{recalls[rows[1][0]][1] - rq[1]:+.3f}.")
 
     out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "faiss_rqmoe_demo" / "demo_index.rqmoe"
+    out.parent.mkdir(parents=True, exist_ok=True)  # write_index, like faiss's, creates no folders
     faiss_rqmoe.write_index(index, out)
     print(f"\nsaved to {out.resolve()} ({out.stat().st_size / 1e6:.1f} MB). Load it with:\n"
           f"    import faiss_rqmoe\n    index = faiss_rqmoe.read_index({str(out.resolve())!r})\n"

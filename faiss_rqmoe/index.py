@@ -28,6 +28,7 @@ from .arrays import (as_id_list, as_ids, as_vectors, as_vectors_on, check_positi
 from .config import Condition, RQMoEConfig
 from .devices import resolve_device
 from .engine import DEFAULT_MEM_BUDGET_BYTES, Engine, Execution
+from .faiss_hooks import count_ivf_search
 from .model import RQMoE
 from .progress import folded_faiss_warnings, matmul_rate, timed_stage
 from .train import AUTO, TrainConfig, TrainHistory, reconstruction_mse, train_faiss_rq, train_rqmoe
@@ -244,6 +245,71 @@ class IndexRQMoE:
         return (f"IndexRQMoE(d={self.d}, M={self.config.M}, nbits={self.config.nbits}, nlist={self._nlist}, "
                 f"metric={METRICS[self.metric_type]}, ntotal={self.ntotal}, is_trained={self.is_trained}, "
                 f"device={self.device})")
+
+    # ---------------------------------------------------- copy and pickle
+    def __copy__(self) -> "IndexRQMoE":
+        """An independent index (``io.clone_index``): faiss's ``copy.copy`` of an index is one too, and
+        a copy that shared the storage would see the original's ``add`` and ``reset``."""
+        from .io import clone_index
+
+        return clone_index(self)
+
+    def __deepcopy__(self, memo) -> "IndexRQMoE":
+        from .io import clone_index
+
+        clone = clone_index(self)
+        memo[id(self)] = clone
+        return clone
+
+    def __reduce__(self):
+        """Pickles hold the bytes of the package's file format (``io.pickle_payload``); unpickling reads
+        them with its reader onto the default device, as ``read_index`` does."""
+        from .io import index_from_pickle, pickle_payload
+
+        return index_from_pickle, (pickle_payload(self),)
+
+    def merge_from(self, other: "IndexRQMoE", add_id: int = 0) -> None:
+        """Move the vectors of ``other`` into this index, as faiss's ``IndexIVF.merge_from`` does: their
+        ids become id + add_id, and ``other`` is left empty (trained).
+
+        other: an IndexRQMoE with the same d, metric, codec (config and weights), lookup-table
+        codebooks and coarse centroids, e.g. a ``clone_index`` of the same trained index, filled
+        apart. ValueError names the first difference; TypeError for another kind of index.
+        """
+        if not isinstance(other, IndexRQMoE):
+            raise TypeError(f"merge_from expects an IndexRQMoE, got {type(other).__name__}: "
+                            "indexes of different types cannot be merged")
+        if other is self:
+            raise ValueError("merge_from: cannot merge an index into itself")
+        if isinstance(add_id, bool) or not isinstance(add_id, (int, np.integer)):
+            raise TypeError(f"merge_from: add_id must be an integer, got {add_id!r}")
+        self._require_trained("merge_from")
+        other._require_trained("being merged")
+        mismatch = self._merge_mismatch(other)
+        if mismatch:
+            raise ValueError(f"merge_from: the indexes differ in {mismatch}; only indexes that share one "
+                             "trained codec and its lists (e.g. clones of one trained index) can be merged")
+        self.ivf.merge_from(other.ivf, int(add_id))
+        self._mirror = None  # rebuilt from the lists at the next search
+        if other._mirror is not None:
+            other._mirror.reset()
+
+    def _merge_mismatch(self, other: "IndexRQMoE") -> str:
+        """What keeps ``other``'s codes from meaning the same here ('' when nothing does)."""
+        pairs = (("d", self.d, other.d), ("metric_type", self.metric_type, other.metric_type),
+                 ("config", self.config, other.config), ("nlist", self.nlist, other.nlist))
+        for name, mine, theirs in pairs:
+            if mine != theirs:
+                return f"{name}: {mine} here, {theirs} in other"
+        if not np.array_equal(self.centroids, other.centroids):
+            return "coarse centroids"
+        if not np.array_equal(self.static_codebooks, other.static_codebooks):
+            return "lookup-table codebooks"
+        mine, theirs = self.model.state_dict(), other.model.state_dict()
+        for key, value in mine.items():
+            if not torch.equal(value.cpu(), theirs[key].cpu()):
+                return f"codec weights ({key})"
+        return ""
 
     def _require_trained(self, what: str):
         if not self.is_trained:
@@ -621,6 +687,8 @@ class IndexRQMoE:
         masks: per mirror segment, the vectors a selector keeps (None: all)."""
         inner_product = self.metric_type == faiss.METRIC_INNER_PRODUCT
         probes, coarse = self._coarse(xq, nprobe)
+        if not probes.is_cuda:  # faiss's CPU IVF indexes count their scans; its GPU ones do not
+            count_ivf_search(probes.numpy(), [seg.offsets.numpy() for seg in mirror.segments])
         device = self.model.device
         shortlist = scan.scan(mirror, self._on_device("codebooks", self.static_codebooks), xq,
                               probes.to(device), coarse.to(device), nshort, inner_product, masks)
@@ -693,8 +761,9 @@ class IndexRQMoE:
         """All stored vectors within ``radius`` of each query, among the nshort re-ranked candidates.
 
         x: (nq, d) float32; radius: float. L2: squared distance < radius;
-        inner product: similarity > radius. Returns (lims (nq+1,) int64,
-        D float32, I int64) as faiss does: the results of query q are
+        inner product: similarity > radius. Returns (lims (nq+1,) uint64,
+        D float32, I int64) as faiss does (lims int64 for a torch x, as
+        faiss.contrib.torch_utils gives): the results of query q are
         D[lims[q]:lims[q+1]], I[lims[q]:lims[q+1]].
         """
         self._require_trained("range_search")
@@ -706,7 +775,8 @@ class IndexRQMoE:
         D, I = D.cpu().numpy(), I.cpu().numpy()
         keep = (I >= 0) & np.isfinite(D) & ((D > radius) if self.metric_type == faiss.METRIC_INNER_PRODUCT
                                             else (D < radius))
-        lims = np.zeros(len(D) + 1, dtype=np.int64)
+        # faiss's dtypes: lims uint64 for numpy callers, int64 for torch ones (as faiss.contrib.torch_utils)
+        lims = np.zeros(len(D) + 1, dtype=np.int64 if isinstance(x, torch.Tensor) else np.uint64)
         lims[1:] = np.cumsum(keep.sum(1))
         return lims, D[keep].astype(np.float32), I[keep].astype(np.int64)
 

@@ -9,6 +9,7 @@ and nothing is allocated beyond the file's own size. Every failure is a
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -25,6 +26,11 @@ META_KEY = "__meta_json__"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 PathOrFile = Union[str, os.PathLike, io.IOBase]
+
+
+class MissingFolderError(FileNotFoundError, RuntimeError):
+    """A write to a path whose folder does not exist: a FileNotFoundError, and the RuntimeError that
+    ``faiss.write_index`` raises for the same path, so handlers written for either catch it."""
 
 
 class FileFormatError(ValueError):
@@ -57,10 +63,12 @@ def _payload(arrays: Dict[str, np.ndarray], meta: dict) -> Dict[str, np.ndarray]
     return payload
 
 
-def save_arrays(target: PathOrFile, arrays: Dict[str, np.ndarray], meta: dict) -> None:
+def save_arrays(target: PathOrFile, arrays: Dict[str, np.ndarray], meta: dict, make_parents: bool = True) -> None:
     """Write numeric arrays and a JSON-serialisable ``meta`` dict to one file (or binary file object).
 
-    arrays: name -> numpy array of a numeric dtype. A path is written
+    arrays: name -> numpy array of a numeric dtype. make_parents: create
+    missing folders of a path (False: a ``MissingFolderError``, as
+    ``faiss.write_index`` refuses such a path). A path is written
     atomically: the bytes go to a temporary file beside it, which is synced
     and renamed over ``target``, so an interrupted write leaves the previous
     file intact. OS errors name ``target``, never the temporary file.
@@ -72,6 +80,8 @@ def save_arrays(target: PathOrFile, arrays: Dict[str, np.ndarray], meta: dict) -
     path = Path(target)
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file name")
+    if not make_parents and not path.parent.is_dir():
+        raise MissingFolderError(errno.ENOENT, f"could not open {path} for writing: no such folder {path.parent}")
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +124,27 @@ def sniff(head: bytes) -> Tuple[str, str]:
         return "text", "a text file"
     except UnicodeDecodeError:
         return "unknown", f"unknown binary data (starts with {head[:8].hex()})"
+
+
+def is_package_file(source: PathOrFile) -> bool:
+    """Whether ``source`` (a path or a seekable binary file object) is an archive with this module's
+    header, i.e. a file ``save_arrays`` wrote (checked or not). False for anything else, unreadable or
+    missing paths included; never raises."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return is_package_file(f)
+        start = source.tell()
+        try:
+            if sniff(source.read(8))[0] != "npz":
+                return False
+            source.seek(start)
+            with zipfile.ZipFile(source) as archive:
+                return f"{META_KEY}.npy" in archive.namelist()
+        finally:
+            source.seek(start)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return False
 
 
 def _open_source(source: PathOrFile, what: str):

@@ -150,7 +150,7 @@ def test_range_search_equals_brute_force(ivf_l2, sift):
     flat = faiss.IndexFlatL2(128)
     flat.add(ivf_l2.reconstruct_n(0, ivf_l2.ntotal))
     lims_ref, D_ref, I_ref = flat.range_search(xq, radius)
-    assert lims.shape == (11,) and lims.dtype == np.int64
+    assert lims.shape == (11,) and (lims.dtype, Dr.dtype, Ir.dtype) == (lims_ref.dtype, D_ref.dtype, I_ref.dtype)
     for q in range(10):
         assert set(Ir[lims[q]:lims[q + 1]]) == set(I_ref[lims_ref[q]:lims_ref[q + 1]])
 

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import faiss
 import torch
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     index.train(ds.xt, ds.xval)
     if rank == 0:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # write_index, like faiss's, creates no folders
         write_index(index, args.out)
         history = index.train_history.to_dict() if index.train_history else {}
         print(json.dumps({"out": args.out, "processes": world, "train_s": time.perf_counter() - start,
