@@ -12,6 +12,7 @@ unpickling an index runs this module's reader and nothing else.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -31,24 +32,42 @@ READABLE_VERSIONS = (1, 2)  # version 1 files lack the header's table of array c
 # TrainConfig fields renamed since files were first written: {old name: new name}
 RENAMED_TRAIN_OPTIONS = {"encode_candidates": "train_encode_candidates"}
 
+
+def _settings(index) -> dict:
+    """What an index's constructor takes, and how its codec runs, as JSON (files and pickles, trained or not)."""
+    return {"config": index.config.to_dict(), "nlist": index._nlist, "metric_type": int(index.metric_type),
+            "hnsw_m": index.hnsw_m, "nprobe": index.nprobe, "nshort": index.nshort,
+            "encode_candidates": index.encode_candidates, "encode_beam": index.encode_beam,
+            "train_options": index.train_options, "execution": dataclasses.asdict(index.execution),
+            "mem_budget_bytes": index.mem_budget_bytes}
+
+
+def _index_with_settings(meta: dict, device):
+    """A new, untrained IndexRQMoE as ``_settings`` describes it (KeyError, TypeError or ValueError where
+    the JSON is inconsistent)."""
+    from .index import IndexRQMoE
+    from .train import TrainConfig
+
+    train_options = dict(meta.get("train_options") or {})
+    for old, new in RENAMED_TRAIN_OPTIONS.items():  # files written before the rename
+        if old in train_options:
+            train_options[new] = train_options.pop(old)
+    index = IndexRQMoE(RQMoEConfig.from_dict(meta["config"]), meta["nlist"], meta["metric_type"],
+                       hnsw_m=meta["hnsw_m"], nprobe=meta["nprobe"], nshort=meta["nshort"],
+                       encode_candidates=meta["encode_candidates"], encode_beam=meta.get("encode_beam", 1),
+                       train_config=TrainConfig.from_options(train_options), device=device)
+    execution = meta.get("execution") or {}  # files written before the engine: the defaults
+    return index.set_execution(kernel=execution.get("kernel"), dtype=execution.get("dtype"),
+                               cuda_graphs=execution.get("cuda_graphs"),
+                               mem_budget_bytes=meta.get("mem_budget_bytes"))
+
+
 def _index_arrays_and_meta(index):
     arrays = state_to_arrays(index.model.state_dict(), "model.")
     arrays["faiss_index"] = faiss.serialize_index(index.ivf)
-    meta = {
-        "format": INDEX_FORMAT,
-        "version": INDEX_FORMAT_VERSION,
-        "config": index.config.to_dict(),
-        "nlist": index._nlist,
-        "metric_type": int(index.metric_type),
-        "hnsw_m": index.hnsw_m,
-        "nprobe": index.nprobe,
-        "nshort": index.nshort,
-        "encode_candidates": index.encode_candidates,
-        "encode_beam": index.encode_beam,
-        "train_options": index.train_options,
-        "train_history": None if index.train_history is None else index.train_history.to_dict(),
-        "pretrained": index.pretrained,
-    }
+    meta = {"format": INDEX_FORMAT, "version": INDEX_FORMAT_VERSION, **_settings(index),
+            "train_history": None if index.train_history is None else index.train_history.to_dict(),
+            "pretrained": index.pretrained}
     return arrays, meta
 
 
@@ -99,8 +118,7 @@ def read_index(path, device=None):
 
 def _index_from(arrays, meta, device, label: str):
     from .faiss_hooks import faiss_function
-    from .index import IndexRQMoE
-    from .train import TrainConfig, TrainHistory
+    from .train import TrainHistory
 
     if meta.get("format") != INDEX_FORMAT:
         raise FileFormatError(f"{label} is not an IndexRQMoE file (format {meta.get('format')!r})")
@@ -108,24 +126,15 @@ def _index_from(arrays, meta, device, label: str):
         raise FileFormatError(f"{label} has format version {meta.get('version')!r}; this faiss_rqmoe reads "
                               f"versions {list(READABLE_VERSIONS)}")
     try:
-        config = RQMoEConfig.from_dict(meta["config"])
-        train_options = dict(meta.get("train_options") or {})
-        for old, new in RENAMED_TRAIN_OPTIONS.items():  # files written before the rename
-            if old in train_options:
-                train_options[new] = train_options.pop(old)
-        train_config = TrainConfig.from_options(train_options)
         history = meta.get("train_history")
         history = None if history is None else TrainHistory.from_dict(history)
-        settings = dict(nlist=meta["nlist"], metric=meta["metric_type"], hnsw_m=meta["hnsw_m"],
-                        nprobe=meta["nprobe"], nshort=meta["nshort"],
-                        encode_candidates=meta["encode_candidates"], encode_beam=meta.get("encode_beam", 1))
+        index = _index_with_settings(meta, device)
     except (KeyError, TypeError, ValueError) as exc:
         raise FileFormatError(f"{label} is corrupted: its header is inconsistent: {exc}") from None
     faiss_bytes = arrays.pop("faiss_index", None)
     if faiss_bytes is None or faiss_bytes.dtype != np.uint8 or faiss_bytes.ndim != 1:
         raise FileFormatError(f"{label} is corrupted: the faiss index bytes are missing or not a uint8 array")
     try:
-        index = IndexRQMoE(config, device=device, train_config=train_config, **settings)
         state = arrays_to_state(arrays, "model.", {k: v.cpu() for k, v in index.model.state_dict().items()}, label)
         ivf = faiss_function("deserialize_index")(faiss_bytes)  # faiss's own: a file holds no nested file
     except FileFormatError:
@@ -192,7 +201,7 @@ def index_from_buffer(buffer, device):
 
 def clone_index(index):
     """A deep copy of an IndexRQMoE, trained or not, on the same device (or of a faiss index, with
-    ``faiss.clone_index``). Search settings, encoding settings and memory budget come along."""
+    ``faiss.clone_index``). Search settings, encoding settings, execution and memory budget come along."""
     if isinstance(index, faiss.Index):
         return faiss.clone_index(index)
     if index.is_trained:
@@ -204,9 +213,6 @@ def clone_index(index):
     else:
         clone = _untrained_from(_untrained_header(index), index.device)
     clone.auto_architecture = index.auto_architecture
-    for name in ("mem_budget_bytes", "execution"):  # how the codec runs, not what it computes: not in the file
-        if hasattr(index.model, name):
-            setattr(clone.model, name, getattr(index.model, name))
     return clone
 
 
@@ -214,25 +220,16 @@ def clone_index(index):
 def _untrained_header(index) -> dict:
     """An untrained index as JSON: what its constructor took (an untrained codec's weights are not kept:
     training starts them afresh)."""
-    return {"format": UNTRAINED_FORMAT, "version": 1, "config": index.config.to_dict(), "nlist": index._nlist,
-            "metric_type": int(index.metric_type), "hnsw_m": index.hnsw_m, "nprobe": index.nprobe,
-            "nshort": index.nshort, "encode_candidates": index.encode_candidates,
-            "encode_beam": index.encode_beam, "train_options": index.train_options,
-            "auto_architecture": index.auto_architecture}
+    return {"format": UNTRAINED_FORMAT, "version": 1, **_settings(index), "auto_architecture": index.auto_architecture}
 
 
 def _untrained_from(meta: dict, device):
-    from .index import IndexRQMoE
-    from .train import TrainConfig
-
     if meta.get("format") != UNTRAINED_FORMAT or meta.get("version") != 1:
         raise FileFormatError(f"not a pickled untrained IndexRQMoE (format {meta.get('format')!r})")
     try:
-        return IndexRQMoE(RQMoEConfig.from_dict(meta["config"]), meta["nlist"], meta["metric_type"],
-                          hnsw_m=meta["hnsw_m"], nprobe=meta["nprobe"], nshort=meta["nshort"],
-                          encode_candidates=meta["encode_candidates"], encode_beam=meta["encode_beam"],
-                          train_config=TrainConfig.from_options(meta["train_options"] or {}),
-                          auto_architecture=meta["auto_architecture"], device=device)
+        index = _index_with_settings(meta, device)
+        index.auto_architecture = bool(meta["auto_architecture"])
+        return index
     except (KeyError, TypeError, ValueError) as exc:
         raise FileFormatError(f"a pickled untrained IndexRQMoE is corrupted: {exc}") from None
 

@@ -47,6 +47,30 @@ def test_beam_encoding_settings_survive_write_read(index, sift, tmp_path):
     assert ((index.sa_decode(codes) - x) ** 2).sum(1).mean() < greedy_error
 
 
+def test_execution_and_memory_budget_survive_write_read_and_copies(index, tmp_path):
+    """How the codec runs is the index's setting: a file, a clone and a pickle keep it; an older file
+    without it reads with the defaults."""
+    import copy
+    import pickle
+
+    from faiss_rqmoe import Execution
+
+    saved = index.execution, index.mem_budget_bytes
+    index.set_execution(kernel="torch", dtype="bfloat16", cuda_graphs=False, mem_budget_bytes=1 << 25)
+    try:
+        path = tmp_path / "execution.rqmoe"
+        faiss_rqmoe.write_index(index, path)
+        for other in (faiss_rqmoe.read_index(path), faiss_rqmoe.clone_index(index), copy.copy(index),
+                      pickle.loads(pickle.dumps(index))):
+            assert other.execution == Execution("torch", "bfloat16", False)
+            assert other.mem_budget_bytes == 1 << 25 and other.engine.execution == other.execution
+    finally:
+        index.execution, index.mem_budget_bytes = saved
+    with pytest.raises(ValueError, match="Execution.dtype must be one of"):
+        index.set_execution(dtype="float16")
+    assert index.execution == saved[0]
+
+
 class _Exploit:
     def __reduce__(self):
         import os

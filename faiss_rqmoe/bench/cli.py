@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hidden width H of every method's networks and the peers' (default 256)")
     speed.add_argument("--batches", type=int, nargs="+", default=[1024, 8192, 100_000], help="decode batch sizes")
     speed.add_argument("--kernels", nargs="+", default=["torch", "triton"], help="execution kernels on CUDA")
+    speed.add_argument("--executions", nargs="+", default=None, metavar="KERNEL:PRECISION",
+                       help="on CUDA, these (kernel, precision) pairs instead of every --kernels and --precisions "
+                            "pair, e.g. auto:auto (the defaults) triton:bfloat16 torch:float32")
     speed.add_argument("--precisions", nargs="+", default=["float32", "tfloat32", "bfloat16"],
                        help="matmul precisions on CUDA")
     speed.add_argument("--n-encode", type=int, default=20_000, help="vectors encoded on a GPU")

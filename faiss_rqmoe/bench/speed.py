@@ -291,6 +291,24 @@ def profile_decode(device: torch.device, batch: int, kernel: str, precision: str
                                              for name, ms in own[:12]]}
 
 
+def executions(args, device: torch.device) -> List[tuple]:
+    """The (kernel, precision) pairs measured on ``device``: on CUDA --executions, or every pair of --kernels
+    and --precisions but torch in TF32 (it follows its own switch) and Triton in float32 (exact float32 dots
+    run without tensor cores); on a CPU the torch path at --cpu-precisions."""
+    if device.type != "cuda":
+        return [("torch", precision) for precision in args.cpu_precisions]
+    if args.executions:
+        pairs = [tuple(item.split(":")) for item in args.executions]
+        bad = [item for item, pair in zip(args.executions, pairs) if len(pair) != 2]
+        if bad:
+            raise ValueError(f"--executions takes KERNEL:PRECISION pairs, e.g. auto:auto, got {bad}")
+        for kernel, precision in pairs:  # clear errors for unknown names before anything runs
+            Execution(kernel=kernel, dtype=precision)
+        return pairs
+    return [(kernel, precision) for kernel in args.kernels for precision in args.precisions
+            if (kernel, precision) not in (("torch", "tfloat32"), ("triton", "float32"))]
+
+
 def run_speed(args) -> dict:
     """The speed table on every requested device; see the module docstring."""
     devices = [resolve_device(d) for d in args.devices]
@@ -307,21 +325,16 @@ def run_speed(args) -> dict:
     configs = {name: RQMoEConfig(args.d, args.M, 8, **{**METHODS[name], "hidden": args.hidden})
                for name in args.methods}
     for device in devices:
-        kernels = args.kernels if device.type == "cuda" else ["torch"]
-        precisions = args.precisions if device.type == "cuda" else args.cpu_precisions
         batches = args.batches if device.type == "cuda" else [b for b in args.batches if b <= args.cpu_max_batch]
         for name, config in configs.items():
-            for kernel in kernels:
+            for kernel, precision in executions(args, device):
                 if kernel == "triton" and config.top_k not in (None, 1):
                     continue  # the fused kernels run dense experts or top-1 routing
-                for precision in precisions:
-                    if (kernel, precision) in (("torch", "tfloat32"), ("triton", "float32")):
-                        continue  # torch follows its own TF32 switch; exact float32 dots in Triton run without tensor cores
-                    result["rows"].extend(measure_ours(
-                        name, config, device, batches, kernel, precision,
-                        args.n_encode if device.type == "cuda" else args.cpu_n_encode,
-                        args.train_steps if device.type == "cuda" else args.cpu_train_steps))
-                    write_result(result, args.out)
+                result["rows"].extend(measure_ours(
+                    name, config, device, batches, kernel, precision,
+                    args.n_encode if device.type == "cuda" else args.cpu_n_encode,
+                    args.train_steps if device.type == "cuda" else args.cpu_train_steps))
+                write_result(result, args.out)
         if device.type == "cpu" and args.interleaved_rounds and batches:
             result["interleaved_cpu"] = interleaved_decode(configs, device, min(batches), args.interleaved_rounds,
                                                            args.peers, args.cpu_precisions)
