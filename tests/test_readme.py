@@ -35,4 +35,4 @@ def test_readme_keeps_the_two_commands():
     assert ('pip install torch==2.13.0 && pip install -e ".[data]" && python -m faiss_rqmoe demo --quick'
             in section)
     assert 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q' in section
-    assert "\n## Benchmarks and results\n" in text
+    assert "\n## Results\n" in text

@@ -4,6 +4,7 @@
     faiss-rqmoe bench search --dataset default --nlist 1024 --device cuda --out search.json
     faiss-rqmoe bench speed  --devices cuda cpu --out speed.json
     faiss-rqmoe bench report *.json --md table.md
+    faiss-rqmoe bench render          # docs/results.md, docs/figures/ and the README's tables
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ JOBS = {
     "report": "print result files as markdown tables",
     "merge": "combine codec results measured on the same split into one file",
     "plot": "draw the figures of result files as PNG",
+    "render": "write docs/results.md, the README's results tables and docs/figures/ from notebooks/results/",
 }
 
 
@@ -128,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help=JOBS["report"], description=JOBS["report"])
     report.add_argument("files", nargs="+", help="result files")
     report.add_argument("--md", default=None, help="also write the tables to this markdown file")
+    render = sub.add_parser("render", help=JOBS["render"], description=JOBS["render"])
+    render.add_argument("--results", default="notebooks/results", help="the result files' folder")
+    render.add_argument("--docs", default="docs", help="where results.md and figures/ go")
+    render.add_argument("--readme", default="README.md", help="the README whose results tables are rewritten")
+    render.add_argument("--no-figures", action="store_true", help="leave the figures as they are")
+    render.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if results.md or the README's tables differ from a fresh rendering")
     return parser
 
 
@@ -144,6 +153,9 @@ def main(argv=None) -> int:
         from .build import run_build
         print(run_build(args)["rows"])
         return 0
+    if args.command == "render":
+        from .results_page import run_render
+        return run_render(args)
     if args.command in ("report", "merge", "plot"):
         from .report import run_merge, run_plot, run_report
         {"report": run_report, "merge": run_merge, "plot": run_plot}[args.command](args)

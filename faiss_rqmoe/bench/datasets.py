@@ -206,7 +206,8 @@ def build_info(name: str) -> Optional[dict]:
 def default_descriptors(progress: bool = True) -> np.ndarray:
     """The default real set: SIFT on scikit-image's photos at 1x and 2x, deduplicated, shuffled.
 
-    Built once (about a minute on 2 cores) and cached. Returns (n, 128) uint8 (memory-mapped).
+    Built once and cached (``build_info`` records the counts and time of the build). Returns (n, 128) uint8
+    (memory-mapped).
     OpenCV picks SIMD code paths by CPU, and its SIFT output differs between them: the same
     versions built 734 915 rows on an AVX2 and on an AVX-512 machine, with different values.
     To compare numbers across machines, build on one and copy the cache, or pin the dispatch
@@ -245,8 +246,8 @@ def wallpaper_image_paths() -> List[Path]:
 def wallpaper_descriptors(progress: bool = True) -> np.ndarray:
     """The wallpaper set: SIFT at 1x on Debian's wallpapers, deduplicated, shuffled, cached: (n, 128) uint8.
 
-    On Debian 12 with OpenCV 5.0: 100 distinct image files, 8 461 442 descriptors, 8 385 691 unique,
-    built in about 19 minutes on 2 shared cores (build_info(WALLPAPER_NAME) has the numbers of yours).
+    On Debian 12 with OpenCV 5.0: 100 distinct image files, 8 461 442 descriptors, 8 385 691 unique; the
+    build takes minutes, not seconds (build_info(WALLPAPER_NAME) records the counts and time of yours).
     """
     return _cached(WALLPAPER_NAME, lambda: _build_sift_set(wallpaper_image_paths(), (1,), progress))
 

@@ -53,7 +53,7 @@ def random_model(config: RQMoEConfig, device: torch.device, seed: int = 0) -> RQ
     return model.to(device).eval()
 
 
-MAX_REPEATS = 10_000  # a batch-1 024 graph replay takes ~0.1 ms: 50 repeats timed only 6 ms of it
+MAX_REPEATS = 10_000  # a small batch replayed from a CUDA graph is so short that a low cap times only milliseconds
 
 
 def random_engine(config: RQMoEConfig, device: torch.device, kernel: str = "auto", precision: str = "auto",
