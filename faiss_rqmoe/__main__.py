@@ -14,7 +14,7 @@ PROG = "faiss-rqmoe"
 DESCRIPTION = """\
 RQ-MoE (Residual Quantization via Mixture of Experts) as a drop-in FAISS index.
 
-  faiss-rqmoe demo --quick        a pretrained SIFT codec against faiss IVF-RQ and IVF-PQ (under a minute on 2 cores)
+  faiss-rqmoe demo --quick        a pretrained SIFT codec against faiss IVF-RQ and IVF-PQ (about a minute on 2 cores)
   faiss-rqmoe demo                the same, training the codec from scratch (a few minutes)
   faiss-rqmoe data NAME           build (once, offline) and cache a data set: default, wallpaper, text
   faiss-rqmoe bench JOB ...       the benchmark: codec, search, speed, build, report, merge, plot
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="an IVF RQ-MoE index on the built-in SIFT set against faiss, in one table",
                        description=DEMO_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="start from the pretrained SIFT codec (under a minute on 2 CPU cores)")
+                   help="start from the pretrained SIFT codec (about a minute on 2 CPU cores)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--bytes", type=int, default=8, help="code bytes a vector: 8 or 16 (default 8)")
     p.add_argument("--time-budget-s", type=float, default=None,

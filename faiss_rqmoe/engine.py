@@ -444,7 +444,7 @@ class Engine:
 
     def _weights_stamp(self) -> tuple:
         """stamp() of every parameter and buffer of the network, read from its own dicts (it has no
-        submodules unless a subclass adds some), which is 5x faster than parameters(): a graphed decode of
+        submodules unless a subclass adds some), much faster than parameters(): a graphed decode of
         1 024 codes pays this on the host every call."""
         m = self.model
         if m._modules:

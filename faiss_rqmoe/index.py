@@ -40,8 +40,8 @@ SEARCH_PARAMETERS = ("nprobe", "nshort", "sel")
 # Database encoding when the caller chooses nothing: (cpu, cuda)
 AUTO_ENCODE_CANDIDATES = (16, 32)
 AUTO_ENCODE_BEAM = (1, 4)
-# a plain-RQ codec encodes exactly with at least this beam; faiss's default is 5, and 8 gave 0.7 % lower MSE
-# on the text set for 1.6x the encoding time (docs/experiments.md, section 3)
+# a plain-RQ codec encodes exactly with at least this beam: above faiss's default of 5, a lower MSE for a
+# moderately longer encode (docs/experiments.md, section 3)
 RQ_ENCODE_BEAM = 8
 ENCODE_CHUNK = 16_384
 

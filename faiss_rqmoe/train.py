@@ -82,15 +82,14 @@ class TrainConfig:
     gate load-balancing loss (Σ_n mean(a_n)² a step). Encoding while
     training: ``train_encode_candidates`` (None: exact; "auto": 16 on a CPU, 32 on
     a GPU) and ``encode_precision``, the matmul inputs of that encoding on
-    CUDA ("auto": bfloat16 unless the model's kernel is "torch"; it learned
-    as much a sample as float32 and ran the loop 1.3-2× as fast,
-    docs/experiments.md, section 1e; "model": the model's own
-    ``Execution``; or a dtype); validation and the trained codec keep the
-    model's execution. Start: faiss RQ trained on at most ``rq_train_max`` vectors with
+    CUDA ("auto": bfloat16 unless the codec's kernel is "torch": it learns
+    as much a sample as float32 in a faster loop, docs/experiments.md,
+    section 1e; "model": the codec's own ``Execution``; or a dtype);
+    validation runs the codec's execution. Start: faiss RQ trained on at most ``rq_train_max`` vectors with
     beam ``rq_beam`` and ``rq_train_type`` progressive_dim (faiss's default)
     | kmeans; "auto" for both is faiss's default (progressive_dim, beam 5)
     below 50 000 training vectors and kmeans with beam 1 from there, which
-    measured better and several times faster (docs/experiments.md). The index also reads ``lut_train_max``: vectors its lookup
+    trains better and faster there (docs/experiments.md). The index also reads ``lut_train_max``: vectors its lookup
     tables are fitted on, and ``keep_rq_if_better``: keep the faiss RQ start
     when it encodes the validation vectors better than the learned codec.
     ``checkpoint_path``: written after every epoch and
@@ -238,7 +237,7 @@ TRAIN_OPTION_HELP = {
     "rq_train_max": "training vectors for the faiss RQ start",
     "rq_beam": "beam of the faiss RQ start's training ('auto': 5 below 50 000 training vectors, faiss's "
                "default, else 1, which measured better there)",
-    "rq_train_type": "faiss RQ training: progressive_dim (faiss's default), kmeans (2-5x faster) or 'auto' "
+    "rq_train_type": "faiss RQ training: progressive_dim (faiss's default), kmeans (faster) or 'auto' "
                      "(progressive_dim below 50 000 vectors, else kmeans)",
     "lut_train_max": "vectors the index's lookup tables are fitted on",
     "keep_rq_if_better": "keep the faiss RQ start when it encodes the validation vectors better",
@@ -319,9 +318,9 @@ def reconstruction_mse(engine: Engine, xs: torch.Tensor, n_candidates: Optional[
 # ------------------------------------------------------------------ the RQ start
 def expected_rq_train_s(n: int, d: int, M: int, K: int, beam: int, train_type: str) -> float:
     """A forecast of faiss RQ training time on this machine, for the progress bar: per step, k-means on
-    at most 256 vectors a centroid and a beam encoding of the training set, with constants measured for
-    d=128, K=256 on a 2-core machine whose float32 products ran at 70 G multiply-adds a second, scaled
-    by this machine's rate (within about 2x of the real time on the runs measured)."""
+    at most 256 vectors a centroid and a beam encoding of the training set, with constants fitted at
+    d=128, K=256 on a machine of a known float32 multiply-add rate and scaled by this machine's rate (a
+    forecast for a progress bar, not a promise)."""
     work = d * K / (128 * 256)
     kmeans_s = 6.1e-6 * min(n, 256 * K) * (12.0 if train_type == "progressive_dim" else 1.0)
     beam_s = 1.9e-6 * n * beam
