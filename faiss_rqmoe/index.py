@@ -40,9 +40,9 @@ SEARCH_PARAMETERS = ("nprobe", "nshort", "sel")
 # Database encoding when the caller chooses nothing: (cpu, cuda)
 AUTO_ENCODE_CANDIDATES = (16, 32)
 AUTO_ENCODE_BEAM = (1, 4)
-# a plain-RQ codec encodes exactly with at least this beam: above faiss's default of 5, a lower MSE for a
-# moderately longer encode (docs/experiments.md, section 3)
-RQ_ENCODE_BEAM = 8
+# a plain-RQ codec (condition 'none', e.g. the RQ start kept after training) encodes exactly with at least
+# faiss's default beam; on the CPU through faiss's own encoder, the same search in C++
+RQ_ENCODE_BEAM = 5
 ENCODE_CHUNK = 16_384
 
 
@@ -532,6 +532,9 @@ class IndexRQMoE:
     def _val_mse(self, model: RQMoE, x: np.ndarray, ctx: Optional[np.ndarray], plain: bool = False) -> float:
         candidates, beam = self._encoding()
         if plain:
+            if model.device.type == "cpu":
+                rq = self._faiss_rq(model)
+                return float(((rq.decode(rq.compute_codes(x)) - x) ** 2).sum(1).mean())
             candidates, beam = None, max(beam, RQ_ENCODE_BEAM)
         xs = torch.from_numpy(x).to(model.device) / model.scale
         ctx_s = None if ctx is None else model.normalize_ctx(torch.from_numpy(ctx).to(model.device))
@@ -562,9 +565,16 @@ class IndexRQMoE:
         model, engine = self.model, self.engine
         candidates, beam = self._encoding()
         out = np.empty((len(residuals), self.config.M), dtype=np.int64)
+        rq = self._faiss_rq(model) if self.config.mode is Condition.NONE and model.device.type == "cpu" else None
         bar = tqdm(total=len(residuals), desc=desc, unit="vec", delay=2.0, disable=not self.train_config.progress)
         with torch.inference_mode(), bar:
             for i0 in range(0, len(residuals), ENCODE_CHUNK):
+                if rq is not None:
+                    chunk = residuals[i0:i0 + ENCODE_CHUNK]
+                    out[i0:i0 + ENCODE_CHUNK] = lut.unpack_bits(rq.compute_codes(chunk), self.config.M,
+                                                                self.config.nbits)
+                    bar.update(len(chunk))
+                    continue
                 chunk = torch.from_numpy(residuals[i0:i0 + ENCODE_CHUNK]).to(model.device)
                 ctx = None
                 if self.config.ctx_dim:
@@ -574,6 +584,17 @@ class IndexRQMoE:
                                                                  ctx).cpu().numpy()
                 bar.update(len(chunk))
         return out
+
+    def _faiss_rq(self, model: RQMoE) -> faiss.ResidualQuantizer:
+        """faiss's residual quantizer on a plain-RQ codec's codebooks (raw units), encoding with beam
+        RQ_ENCODE_BEAM: the CPU's encoder for such a codec."""
+        c = model.config
+        rq = faiss.ResidualQuantizer(c.d, c.M, c.nbits)
+        faiss.copy_array_to_vector(np.ascontiguousarray(model.rq_codebooks(), dtype=np.float32).ravel(),
+                                   rq.codebooks)
+        rq.is_trained = True
+        rq.max_beam_size = RQ_ENCODE_BEAM
+        return rq
 
     def _decode_on_device(self, codes: torch.Tensor, list_nos: torch.Tensor) -> torch.Tensor:
         """Reconstructions (n, d) float32 on the codec's device of codes (n, M) stored in lists list_nos (n,)."""

@@ -247,3 +247,21 @@ def test_training_that_never_beats_its_rq_start_warns(sift):
                                       device="cpu")
     with pytest.warns(UserWarning, match="did not encode the validation vectors better than its faiss RQ start"):
         index.train(sift.xt[:700], sift.xval[:100])
+
+
+def test_a_plain_rq_codec_stores_what_faiss_rq_would(sift):
+    """A plain-RQ codec (the RQ start an index keeps when training did not beat it) encodes on the CPU with
+    faiss's own residual quantizer on its codebooks: the same codes as faiss's RQ with faiss's default beam,
+    and the same reconstructions."""
+    index = faiss_rqmoe.index_factory(128, "RQMoE4x8_rq", device="cpu", progress=False)
+    index.train(sift.xt[:3000])
+    rq = faiss.ResidualQuantizer(128, 4, 8)
+    faiss.copy_array_to_vector(index.model.rq_codebooks().ravel(), rq.codebooks)
+    rq.is_trained, rq.max_beam_size = True, 5
+    x = sift.xb[:500]
+    residuals = x - index.centroids[0]  # a flat index has one list, centred on the training mean
+    codes = index.sa_encode(x)
+    # a flat index's standalone code: no list number, the 4 code bytes, then the quantized norm
+    assert np.array_equal(codes[:, :4], rq.compute_codes(residuals))
+    np.testing.assert_allclose(index.sa_decode(codes), rq.decode(rq.compute_codes(residuals)) + index.centroids[0],
+                               rtol=1e-5, atol=1e-3)
