@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 import torch
 
-from . import lut
+from . import lut, scan_kernel
 
 MAX_SEGMENTS = 8
 INT32_SPAN = 1 << 31
@@ -451,7 +451,19 @@ def _candidates_by_list(read: Callable, luts: torch.Tensor, probes: torch.Tensor
     return best, ids, probes.gather(1, where // k), codes
 
 
-STRATEGIES = ("auto", "by_list", "gather")
+def _segment_candidates_fused(seg: Segment, luts: torch.Tensor, probes: torch.Tensor, coarse: torch.Tensor, k: int,
+                              inner_product: bool, mask: Optional[torch.Tensor]):
+    """The same top-k as ``_segment_candidates``, from the fused Triton scan (``scan_kernel``): luts (B, M, K),
+    probes (B, P) with -1 for none, coarse (B, P)."""
+    dist, rows = scan_kernel.scan_segment(luts, probes, coarse, seg.offsets, seg.codes, seg.terms, mask, k,
+                                          inner_product)
+    found = rows >= 0
+    rows = rows.clamp(min=0)
+    list_nos = torch.searchsorted(seg.offsets, rows, right=True) - 1  # empty lists share their offset
+    return dist, seg.ids_of(rows).masked_fill(~found, -1), list_nos, seg.codes[rows]
+
+
+STRATEGIES = ("auto", "by_list", "gather", "fused")
 LIST_BLOCK_ENTRIES = 1 << 20  # by_list: distances computed at once for one list (4 MB of float32)
 
 
@@ -463,9 +475,11 @@ def scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor
     mirror: a ``CodeMirror`` or a ``ListMirror``; codebooks: (M, K, d) float32 static codebooks on the
     mirror's device; xq: (nq, d) float32 there; probes: (nq, P) int64 list numbers (-1: none); coarse: (nq, P)
     float32, ||q - c||² (L2) or <q, c> (IP) of each probe; masks: the mirror's ``selector_masks`` or None.
-    strategy (a ``CodeMirror``'s): "gather" (all candidates of a query chunk in a few large gathers: the
-    GPU's), "by_list" (one list at a time, its codes shared by the queries that probe it: the CPU's) or
-    "auto" (by device); a ``ListMirror`` is always scanned list by list.
+    strategy (a ``CodeMirror``'s): "fused" (the Triton scan of ``scan_kernel``, one program a query keeping
+    its top k on chip: a GPU's where Triton is installed and k <= ``scan_kernel.MAX_K``), "gather" (all
+    candidates of a query chunk in a few large torch gathers: a GPU's otherwise), "by_list" (one list at a
+    time, its codes shared by the queries that probe it: the CPU's) or "auto" (by device, Triton and k); a
+    ``ListMirror`` is always scanned list by list.
     Temporaries stay near ``budget_bytes`` (queries are taken in chunks). Returns a ``Shortlist``.
     """
     if strategy not in STRATEGIES:
@@ -475,7 +489,12 @@ def scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor
     device = xq.device
     lists_mirror = isinstance(mirror, ListMirror)
     by_list = lists_mirror or strategy == "by_list" or (strategy == "auto" and device.type == "cpu")
+    fused = not by_list and (strategy == "fused" or (
+        strategy == "auto" and device.type == "cuda" and scan_kernel.available() and k <= scan_kernel.MAX_K))
+    if fused and k > scan_kernel.MAX_K:
+        raise ValueError(f"strategy 'fused' keeps at most {scan_kernel.MAX_K} candidates a query, got k={k}")
     worst = -torch.inf if inner_product else torch.inf
+    unclamped = probes
     missing = probes < 0
     probes = probes.clamp(min=0)
     coarse = torch.where(missing, torch.full_like(coarse, worst), coarse)
@@ -484,10 +503,12 @@ def scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor
     if lists_mirror:
         sources = [_mirror_lists(mirror, masks)]
         sizes = [0 if s is None else s.codes.shape[0] for s in mirror.lists()]
-    else:
+    elif by_list:
         sources = [_segment_lists(seg, None if masks is None else masks[s]) for s, seg in enumerate(mirror.segments)]
         sizes = [int((seg.offsets[1:] - seg.offsets[:-1]).max()) for seg in mirror.segments]
-    if by_list:
+    if fused:  # a chunk's tables, the kernel's keys and the candidates' rows, ids and codes
+        per_query = 4 * M * K + 8 * scan_kernel.kept_slots(k) * probes.shape[1] + (M + 40) * k * 2
+    elif by_list:
         # a chunk's tables and candidate buffers, and one list's temporaries if every query probed the largest
         per_query = 8 * M * K + (20 + M) * probes.shape[1] * k + max(sizes + [1]) * 24
     else:
@@ -503,7 +524,11 @@ def scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor
     for i0 in range(0, nq, chunk):
         sl = slice(i0, i0 + chunk)
         luts = (xq[sl] @ flat_books.T).reshape(-1, M, K)
-        if by_list:
+        if fused:
+            parts = [_segment_candidates_fused(seg, luts, unclamped[sl], coarse[sl], k, inner_product,
+                                               None if masks is None else masks[s])
+                     for s, seg in enumerate(mirror.segments)]
+        elif by_list:
             parts = [_candidates_by_list(read, luts, probes[sl], coarse[sl], k, inner_product, K, sub_dtype)
                      for read in sources]
         else:

@@ -240,3 +240,91 @@ def test_a_gpu_store_keeps_ids_as_int32_offsets_where_they_span_less_than_2_31()
         assert np.isin(found[found >= 0], wide).all()
         results.append(np.where(found == wide[0], ids[0], found))
     np.testing.assert_array_equal(results[0], results[1])
+
+
+FUSED_CHECK = """
+import sys
+import faiss, numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from faiss_rqmoe import scan, scan_kernel
+from test_scan import faiss_lists, probe, same_shortlist
+
+# (inner product, selector, probes, k, programs a launch, candidates a block): the probes cover empty lists and
+# go beyond nlist (-1 padding); k > ntotal in the last case; a query's probes split over programs and blocks
+# wider than the kept top-k in the second
+cases = ((False, False, 14, 20, 1, 16), (True, True, 4, 10, 12, 64), (False, True, 3, 40, 1, 16))
+for ip, with_sel, nprobe, k, programs, block in cases:
+    scan_kernel.TARGET_PROGRAMS, scan_kernel.CONFIG["BLOCK_N"] = programs, block
+    n = 40 if k == 40 else 240
+    ivf, _, centroids, books, codes, lists, ids = faiss_lists(8, ip, n=n, nlist=12, M=3)
+    gone = ids[::5].copy()  # removed ids: the store is rebuilt from the lists faiss reordered
+    ivf.remove_ids(faiss.IDSelectorBatch(len(gone), faiss.swig_ptr(gone)))
+    store = scan.CodeMirror.from_faiss(ivf, books, centroids, 3, 8, torch.device("cpu"), with_terms=not ip)
+    extra = np.arange(3) + 10**7  # a second segment, as a later add makes
+    terms = scan.vector_terms(torch.from_numpy(books), torch.from_numpy(centroids), torch.from_numpy(codes[:3]),
+                              torch.from_numpy(lists[:3])).numpy()
+    store.add(codes[:3], lists[:3], extra, None if ip else terms)
+    xq = np.random.default_rng(k).standard_normal((3, 8)).astype(np.float32) * 3
+    probes, coarse = probe(xq, centroids, nprobe, ip)
+    masks = store.selector_masks(faiss.IDSelectorRange(0, 500_000)) if with_sel else None
+    args = (torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes), torch.from_numpy(coarse), k, ip)
+    reference = scan.scan(store, *args, masks=masks, strategy="gather")
+    fused = scan.scan(store, *args, masks=masks, strategy="fused")
+    same_shortlist(fused, reference)
+    assert not np.isin(fused.ids.numpy(), gone).any()
+    if with_sel:
+        found = fused.ids.numpy()[fused.valid.numpy()]
+        assert ((found >= 0) & (found < 500_000)).all()
+    if k == 40:
+        assert not fused.valid.numpy().all()
+print("fused scan ok")
+"""
+
+
+def same_shortlist(got, want, tolerance=1e-5):
+    """Two shortlists agree: same validity, distances within tolerance (relative, and absolute near 0), the
+    same ids and codes but where two candidates tie to within that tolerance (either may come first)."""
+    assert torch.equal(got.valid, want.valid)
+    torch.testing.assert_close(got.distances, want.distances, rtol=tolerance, atol=tolerance * 10)
+    d = want.distances.numpy()
+    for q in range(d.shape[0]):
+        for j in np.nonzero(got.ids[q].numpy() != want.ids[q].numpy())[0]:
+            ties = np.abs(d[q] - d[q, j]) <= tolerance * max(1.0, abs(d[q, j])) * 10
+            assert ties.sum() > 1 or (j == d.shape[1] - 1), (q, j)
+    same = (got.ids == want.ids) & want.valid
+    assert torch.equal(got.codes[same], want.codes[same]) and torch.equal(got.list_nos[same], want.list_nos[same])
+
+
+def test_fused_scan_in_the_triton_interpreter():
+    """The Triton scan (scan_kernel) returns the torch scan's shortlist on the CPU through Triton's
+    interpreter: both metrics, a selector, removed ids, empty lists, nprobe > nlist, k > the stored vectors,
+    two segments, a query's probes split over programs; skipped where Triton is not installed."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", FUSED_CHECK, os.path.dirname(__file__)], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert run.returncode == 0 and "fused scan ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_fused_scan_compiles_for_hopper():
+    """The Triton scan compiles to Hopper machine code (sm_90) without a GPU, for both metrics, with and
+    without a selector, at the largest kept top-k, with blocks as wide as the top-k and wider."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as compile_kernel
+
+    from faiss_rqmoe import scan_kernel
+
+    pointers = dict(luts_ptr="*fp32", probes_ptr="*i64", coarse_ptr="*fp32", offsets_ptr="*i64", codes_ptr="*u8",
+                    terms_ptr="*fp32", mask_ptr="*u8", keys_ptr="*i64", P="i32", n_split="i32")
+    for ip, with_mask, kept, block in ((False, False, 64, 128), (True, True, 64, 64),
+                                       (False, True, scan_kernel.MAX_K, scan_kernel.MAX_K)):
+        constexprs = dict(M=8, K=256, MP=8, KP=kept, BLOCK_N=block, INNER_PRODUCT=ip, HAS_MASK=with_mask)
+        signature = dict(pointers, **{name: "constexpr" for name in constexprs})
+        compiled = compile_kernel(ASTSource(scan_kernel._scan_kernel, signature, constexprs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=scan_kernel.CONFIG["num_warps"]))
+        assert compiled.asm["cubin"], (ip, with_mask, kept, block)
