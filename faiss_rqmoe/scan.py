@@ -490,7 +490,8 @@ def scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor
     lists_mirror = isinstance(mirror, ListMirror)
     by_list = lists_mirror or strategy == "by_list" or (strategy == "auto" and device.type == "cpu")
     fused = not by_list and (strategy == "fused" or (
-        strategy == "auto" and device.type == "cuda" and scan_kernel.available() and k <= scan_kernel.MAX_K))
+        strategy == "auto" and device.type == "cuda" and scan_kernel.CONFIG["enabled"] and scan_kernel.available()
+        and k <= scan_kernel.MAX_K))
     if fused and k > scan_kernel.MAX_K:
         raise ValueError(f"strategy 'fused' keeps at most {scan_kernel.MAX_K} candidates a query, got k={k}")
     worst = -torch.inf if inner_product else torch.inf

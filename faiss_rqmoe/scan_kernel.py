@@ -32,8 +32,9 @@ try:
 except ImportError:  # CPU-only installs: the torch scan is used
     triton = None
 
-# Candidates a program scores at a time, at least the kept top-k (a power of two); warps a program.
-CONFIG = {"BLOCK_N": 128, "num_warps": 4}
+# Candidates a program scores at a time, at least the kept top-k (a power of two); warps a program;
+# enabled: whether scan(strategy="auto") takes this kernel on CUDA (off: the torch gather, e.g. to compare).
+CONFIG = {"BLOCK_N": 128, "num_warps": 4, "enabled": True}
 # The largest shortlist kept on chip: a program's keys (KP int64) and a block's sort stay in registers.
 MAX_K = 256
 # Programs a launch aims at: a batch with fewer queries splits each query's probes over several programs
