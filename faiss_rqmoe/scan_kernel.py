@@ -139,6 +139,8 @@ def scan_segment(luts: torch.Tensor, probes: torch.Tensor, coarse: torch.Tensor,
     M, K = luts.shape[1], luts.shape[2]
     if k > MAX_K:
         raise ValueError(f"the fused scan keeps at most {MAX_K} candidates a query, got k={k}")
+    if codes.shape[0] >= 1 << 31:  # a key holds its row in 32 bits; the store adds in segments well below
+        raise ValueError(f"the fused scan addresses at most 2^31 - 1 rows a segment, got {codes.shape[0]}")
     KP = kept_slots(k)
     if n_split <= 0:
         n_split = min(P, max(1, -(-TARGET_PROGRAMS // max(1, B))))
