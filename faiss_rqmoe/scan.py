@@ -538,6 +538,11 @@ def scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor
                      for s, seg in enumerate(mirror.segments)]
         if not parts:
             continue
+        if len(parts) == 1:  # one store's candidates come sorted already: no merge (fewer launches on a GPU)
+            dist, ids, list_nos, codes = parts[0]
+            top = dist.shape[1]
+            out_d[sl, :top], out_i[sl, :top], out_l[sl, :top], out_c[sl, :top] = dist, ids, list_nos, codes
+            continue
         dist = torch.cat([p[0] for p in parts], 1)
         if dist.shape[1] == 0:
             continue

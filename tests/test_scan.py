@@ -217,6 +217,22 @@ def test_the_cpu_scan_after_removals_and_with_a_selector(ip):
         assert not np.isin(short.ids.numpy(), gone).any()
 
 
+def test_lists_that_cannot_be_read_in_place_are_copied(monkeypatch):
+    """Inverted lists other than faiss's ArrayInvertedLists (on disk, memory-mapped) may hand out temporary
+    pointers: the CPU store copies them and scans the copies to the same shortlist."""
+    ivf, mirror, centroids, books, codes, lists, ids = faiss_lists(8, False, n=600)
+    xq = np.random.default_rng(6).standard_normal((10, 8)).astype(np.float32) * 3
+    probes, coarse = probe(xq, centroids, 4, False)
+    args = (torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes), torch.from_numpy(coarse),
+            30, False)
+    in_place = scan.scan(mirror, *args)
+    monkeypatch.setattr(scan.faiss, "ArrayInvertedLists", type("OtherLists", (), {}))
+    copied = scan.ListMirror.from_faiss(ivf, books, centroids, 4, 8, with_terms=True)
+    first = next(s for s in copied.lists() if s is not None)
+    assert first.codes.data_ptr() != int(ivf.invlists.get_codes(copied.lists().index(first)))
+    same_shortlist(scan.scan(copied, *args), in_place)
+
+
 def test_a_gpu_store_keeps_ids_as_int32_offsets_where_they_span_less_than_2_31():
     """M + 8 bytes a vector for 8-bit codes (codes, an int32 id offset, the term); ids spanning 2^31 or more
     stay int64; either way the scan returns the ids as added."""
