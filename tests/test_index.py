@@ -107,9 +107,10 @@ def test_recall_grows_with_nprobe_and_nshort(ivf_l2, sift):
 
     by_nprobe = [recall(p, 50) for p in (1, 2, 4, 16)]
     by_nshort = [recall(16, s) for s in (10, 20, 50, 200)]
+    # two stored vectors with the same code tie exactly, and which comes first is arbitrary: a query or two
     tol = 2 / len(xq)
     assert all(b >= a - tol for a, b in zip(by_nprobe, by_nprobe[1:])) and by_nprobe[-1] > by_nprobe[0]
-    assert all(b >= a - tol for a, b in zip(by_nshort, by_nshort[1:])) and by_nshort[-1] >= by_nshort[0]
+    assert all(b >= a - tol for a, b in zip(by_nshort, by_nshort[1:])) and by_nshort[-1] >= by_nshort[0] - tol
     assert by_nshort[-1] > 0.1  # 3-byte codes; chance is 1/3000
 
 
