@@ -196,6 +196,8 @@ def run_search(args) -> dict:
     result = {"kind": "search", "meta": run_meta(args.argv, device), "methods": {}}
     if args.bundle:
         index, refs, xq, gt, bundle_meta = _load_bundle(Path(args.bundle), device)
+        # a file keeps no execution settings
+        index.set_execution(kernel=args.kernel, dtype=args.precision, mem_budget_bytes=args.mem_budget_gib << 30)
         result.update(dataset=bundle_meta["dataset"], built_on=bundle_meta["built_on"])
         result["train_s"] = bundle_meta["train_s"]
     else:
