@@ -161,7 +161,7 @@ class IndexRQMoE:
         self.static_codebooks: Optional[np.ndarray] = None  # (M, K, d): the lookup-table codebooks
         self.train_history: Optional[TrainHistory] = None
         self.pretrained: Optional[str] = None  # name of the pretrained codec this index started from
-        self._mirror: Optional[scan.CodeMirror] = None
+        self._mirror = None  # scan.ListMirror (CPU) or scan.CodeMirror (GPU), built at the first search
         self._mirror_lock = threading.Lock()
         self._device_cache = {}
         self._nprobe = 1

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="NPROBE:NSHORT points at which to time single queries searched one at a time "
                              "(ours; faiss's at the same nprobe)")
     search.add_argument("--latency-queries", type=int, default=200, help="queries timed alone a --latency point")
+    search.add_argument("--profile", nargs="*", default=[],
+                        help="NPROBE:NSHORT points at which to profile one search of all queries and of one query "
+                             "alone (torch.profiler: each kernel's own time, written under 'profile')")
     search.add_argument("--gpu-scans", nargs="+", choices=["auto", "fused", "gather"], default=["auto"],
                         help="with --device cuda, run the grid with each scan: fused (the Triton kernel), gather "
                              "(torch) or auto (fused where Triton is installed)")

@@ -74,6 +74,31 @@ def latency(search, xq, params: dict, n: int) -> dict:
                 p90_ms=1e3 * float(np.percentile(times, 90)))
 
 
+def profile_search(search, queries, params: dict, repeats: int = 3) -> dict:
+    """Where one search(queries, params) spends its time (torch.profiler over ``repeats`` searches after a
+    warm-up): the wall time of one, and each CUDA kernel's (on a GPU) or operator's (on a CPU) own time in one
+    and its share of their sum, largest first. A diagnostic: it shows whether the scan, the decode or the
+    launches between them bound a search."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = isinstance(queries, torch.Tensor) and queries.is_cuda
+    _finish(search(queries, params))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        _finish(search(queries, params))
+    wall_ms = (time.perf_counter() - start) / repeats * 1e3
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            _finish(search(queries, params))
+    # own times: an operator's total would count the kernels it launched a second time
+    own = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / repeats / 1e3)
+           for e in prof.key_averages()]
+    own = sorted(((name, ms) for name, ms in own if ms > 0), key=lambda item: -item[1])
+    total_ms = max(sum(ms for _, ms in own), 1e-9)
+    return dict(params, queries=len(queries), repeats=repeats, wall_ms=wall_ms, profiled_ms=total_ms,
+                top=[{"name": name[:120], "ms": ms, "share": ms / total_ms} for name, ms in own[:15]])
+
+
 def memory_per_vector(index) -> dict:
     """Bytes a stored vector: faiss's lists (codes with the norm byte, int64 id) and the scan's store beside
     them (on the CPU the terms only, on a GPU the copy there), as the index holds them now."""
@@ -236,6 +261,14 @@ def run_search(args) -> dict:
             rows += [dict(row, **stamp) for row in qps_grid(ours, queries, gt, grid)]
             latencies += [dict(row, **stamp) for row in (latency(ours, xq, p, args.latency_queries)
                                                          for p in points(args.latency))]
+        if args.profile:
+            # eager decodes: replaying a CUDA graph recorded before the profiler starts is not safe
+            execution = index.execution
+            index.set_execution(cuda_graphs=False)
+            scan_kernel.CONFIG["enabled"] = saved
+            result["profile"] = [dict(profile_search(ours, q, p), batch=name) for p in points(args.profile)
+                                 for name, q in (("all queries", queries), ("one query", xq[:1]))]
+            index.execution = execution
     finally:
         scan_kernel.CONFIG["enabled"] = saved
     result["methods"]["IVF-RQ-MoE"] = {"config": index.config.to_dict(), "device": str(device), "mse": result.get("mse"),
