@@ -178,7 +178,8 @@ class CodeMirror:
         """The mirror of everything an IVF index stores: codebooks (M, K, d) and centroids (nlist, d) float32."""
         mirror = cls(ivf.nlist, M, nbits, device, with_terms)
         ids, list_nos, raw = lut.all_codes(ivf)
-        codes = lut.unpack_bits(raw, M, nbits)
+        # 8-bit codes are faiss's first M bytes: kept as bytes, not widened to int64 (8x the host memory)
+        codes = raw[:, :M] if nbits == 8 else lut.unpack_bits(raw, M, nbits)
         terms = None
         if with_terms and len(ids):
             terms = vector_terms(torch.from_numpy(codebooks).to(device), torch.from_numpy(centroids).to(device),
