@@ -344,3 +344,37 @@ def test_fused_scan_compiles_for_hopper():
                                   target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=scan_kernel.CONFIG["num_warps"]))
         assert compiled.asm["cubin"], (ip, with_mask, kept, block)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ip", [False, True])
+def test_fused_scan_on_a_gpu_equals_the_torch_scan(ip):
+    """On CUDA at a real shape (8 bytes of 8 bits, a few thousand vectors a list): the fused scan's shortlist is
+    the torch gather's, for a batch, a single query (its probes split over programs), a selector and the
+    largest on-chip k; and scan(strategy="auto") takes the kernel."""
+    pytest.importorskip("triton")
+    from faiss_rqmoe import scan_kernel
+
+    centroids, books, codes, lists, ids = setup(n=100_000, nlist=32, M=8, K=256, d=32)
+    device = torch.device("cuda")
+    store = scan.CodeMirror(32, 8, 8, device, with_terms=not ip)
+    terms = scan.vector_terms(torch.from_numpy(books), torch.from_numpy(centroids), torch.from_numpy(codes),
+                              torch.from_numpy(lists)).numpy()
+    store.add(codes, lists, ids, None if ip else terms)
+    xq = np.random.default_rng(7).standard_normal((300, 32)).astype(np.float32) * 3
+    probes, coarse = probe(xq, centroids, 8, ip)
+    masks = store.selector_masks(faiss.IDSelectorRange(0, 500_000))
+    for rows, k, with_sel in ((slice(None), 50, False), (slice(0, 1), 50, False), (slice(None), 10, True),
+                              (slice(None), scan_kernel.MAX_K, False)):
+        args = (torch.from_numpy(books).to(device), torch.from_numpy(xq[rows]).to(device),
+                torch.from_numpy(probes[rows]).to(device), torch.from_numpy(coarse[rows]).to(device), k, ip)
+        kept = masks if with_sel else None
+        want = scan.scan(store, *args, masks=kept, strategy="gather")
+        got = scan.scan(store, *args, masks=kept, strategy="fused")
+        same_shortlist(_on_host(got), _on_host(want), tolerance=1e-4)
+    auto = scan.scan(store, *args, strategy="auto")
+    assert torch.equal(auto.ids, got.ids)
+
+
+def _on_host(short):
+    return scan.Shortlist(*(t.cpu() for t in (short.distances, short.ids, short.list_nos, short.codes, short.valid)))
