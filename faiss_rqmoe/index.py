@@ -161,7 +161,7 @@ class IndexRQMoE:
         self.static_codebooks: Optional[np.ndarray] = None  # (M, K, d): the lookup-table codebooks
         self.train_history: Optional[TrainHistory] = None
         self.pretrained: Optional[str] = None  # name of the pretrained codec this index started from
-        self._mirror: Optional[scan.CodeMirror] = None
+        self._mirror = None  # scan.ListMirror (CPU) or scan.CodeMirror (GPU), built at the first search
         self._mirror_lock = threading.Lock()
         self._device_cache = {}
         self._nprobe = 1
@@ -364,12 +364,23 @@ class IndexRQMoE:
             self._device_cache[name] = cached
         return cached[1]
 
-    def _code_mirror(self) -> scan.CodeMirror:
+    def _code_mirror(self):
+        """What the scan reads beside faiss's lists: on the CPU a ``scan.ListMirror`` (the terms only; codes
+        and ids read in place from the lists), on a GPU a ``scan.CodeMirror`` (codes, ids and terms there).
+        Rebuilt from the faiss index when it no longer matches it."""
         with self._mirror_lock:
+            if self._mirror is not None and not self._mirror.in_step(self.ivf):
+                self._mirror = None
             if self._mirror is None:
-                self._mirror = scan.CodeMirror.from_faiss(
-                    self.ivf, self.static_codebooks, self.centroids, self.config.M, self.config.nbits,
-                    self.model.device, with_terms=self.metric_type == faiss.METRIC_L2)
+                with_terms = self.metric_type == faiss.METRIC_L2
+                if self.model.device.type == "cpu":
+                    self._mirror = scan.ListMirror.from_faiss(
+                        self.ivf, self.static_codebooks, self.centroids, self.config.M, self.config.nbits,
+                        with_terms)
+                else:
+                    self._mirror = scan.CodeMirror.from_faiss(
+                        self.ivf, self.static_codebooks, self.centroids, self.config.M, self.config.nbits,
+                        self.model.device, with_terms)
             return self._mirror
 
     def restore(self, state: dict, ivf, history: Optional[TrainHistory] = None, pretrained: Optional[str] = None,
@@ -665,6 +676,8 @@ class IndexRQMoE:
         sa_codes = lut.encode_sa_codes(self.ivf, codes, list_nos)
         new_ids = np.arange(self.ntotal, self.ntotal + len(x), dtype=np.int64) if ids is None else ids
         mirror = self._mirror
+        if mirror is not None and not mirror.in_step(self.ivf):  # the lists changed elsewhere: rebuilt at search
+            mirror = self._mirror = None
         terms = None
         if mirror is not None and mirror.with_terms:
             terms = scan.vector_terms(self._on_device("codebooks", self.static_codebooks),
@@ -696,20 +709,18 @@ class IndexRQMoE:
         coarse, probes = self.ivf.quantizer.search(xq.numpy(), nprobe)
         return torch.from_numpy(probes), torch.from_numpy(coarse)
 
-    def _selector_masks(self, mirror: scan.CodeMirror, sel):
-        if sel is None:
-            return None
-        return [torch.from_numpy(scan.selector_mask(sel, seg.ids_host)).to(mirror.device) for seg in mirror.segments]
+    def _selector_masks(self, mirror, sel):
+        return None if sel is None else mirror.selector_masks(sel)
 
-    def _shortlist_distances(self, mirror: scan.CodeMirror, xq: torch.Tensor, nshort: int, nprobe: int,
+    def _shortlist_distances(self, mirror, xq: torch.Tensor, nshort: int, nprobe: int,
                              masks=None):
         """Scan, decode and score: xq (nq, d) float32 on the codec's device -> exact distances (nq, nshort)
         float32 (worst where empty) and ids (nq, nshort) int64 (-1 where empty), on that device.
-        masks: per mirror segment, the vectors a selector keeps (None: all)."""
+        masks: the mirror's ``selector_masks`` (None: all vectors)."""
         inner_product = self.metric_type == faiss.METRIC_INNER_PRODUCT
         probes, coarse = self._coarse(xq, nprobe)
         if not probes.is_cuda:  # faiss's CPU IVF indexes count their scans; its GPU ones do not
-            count_ivf_search(probes.numpy(), [seg.offsets.numpy() for seg in mirror.segments])
+            count_ivf_search(probes.numpy(), mirror.list_offsets())
         device = self.model.device
         shortlist = scan.scan(mirror, self._on_device("codebooks", self.static_codebooks), xq,
                               probes.to(device), coarse.to(device), nshort, inner_product, masks)

@@ -9,73 +9,75 @@ table a query (not one a probed list, as faiss computes for by-residual
 codes), and the last term is one float a stored vector, computed when it is
 added (for inner product: <q, c> + <q, r̂>, no stored term).
 
-``CodeMirror`` holds a copy of the stored codes, ids and terms on the
-device that scans them, grouped by inverted list, in a few segments (one an
-``add``; merged when they grow many). The faiss index stays the storage of
-record and the file format; the mirror is rebuilt from it on load.
+Two stores feed the scan:
+
+- ``ListMirror`` (the CPU's) keeps only the term a vector, list by list,
+  beside faiss's inverted lists, and reads the codes and ids from those
+  lists in place: 4 bytes a vector (none for inner product) beyond what
+  faiss stores.
+- ``CodeMirror`` (a GPU's) holds a copy of the codes, ids and terms on the
+  device that scans them, grouped by inverted list, in a few segments (one
+  an ``add``; merged when they grow many): M + 8 bytes a vector for 8-bit
+  codes whose ids span less than 2^31 (stored as int32 offsets from the
+  segment's smallest id), M + 12 otherwise.
+
+The faiss index stays the storage of record and the file format; either
+store is rebuilt from it on load.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+import threading
+from typing import Callable, List, Optional, Tuple
 
 import faiss
 import numpy as np
 import torch
 
-from . import lut
+from . import lut, scan_kernel
 
 MAX_SEGMENTS = 8
+INT32_SPAN = 1 << 31
 
 
-def code_dtype(nbits: int, device: torch.device) -> torch.dtype:
-    """How a mirror stores sub-codes: on a GPU the narrowest dtype that holds nbits bits; on the CPU
-    int64 positions m * K + i_m in the flattened (M * K) table, ready to gather (converting and offsetting
-    uint8 codes at every scan cost more than the gather itself on two cores)."""
-    if device.type == "cpu":
-        return torch.int64
-    return torch.uint8 if nbits <= 8 else torch.int32
+def code_dtype(nbits: int) -> torch.dtype:
+    """The narrowest dtype that holds a sub-code of nbits bits (uint8 for 8-bit codes, which a decode takes
+    without a range check)."""
+    return torch.uint8 if nbits <= 8 else torch.int16 if nbits <= 15 else torch.int32
+
+
+def narrow_ids(ids: np.ndarray) -> Tuple[np.ndarray, int]:
+    """ids (n,) int64 as (stored, base) with ids == stored + base: int32 offsets from the smallest id where
+    the ids span less than 2^31 (sequential ids always do), else the int64 ids themselves and base 0."""
+    if len(ids) and int(ids.max()) - int(ids.min()) < INT32_SPAN:
+        base = int(ids.min())
+        return (ids - base).astype(np.int32), base
+    return np.ascontiguousarray(ids, dtype=np.int64), 0
 
 
 @dataclasses.dataclass
 class Segment:
     """Stored vectors grouped by list: rows offsets[l]:offsets[l+1] belong to list l.
 
-    codes (n, M) as ``code_dtype`` stores them (on the CPU already offset by m * K), ids (n,) int64,
-    terms (n,) float32 (L2) or None (IP), all on the scan device; offsets (nlist+1,) int64 there too;
-    ids_host (n,) int64 numpy for selectors."""
+    codes (n, M) as ``code_dtype`` stores them; ids (n,) int32 offsets from id_base, or int64 ids
+    (id_base 0); terms (n,) float32 (L2) or None (IP); offsets (nlist+1,) int64; all on the scan device.
+    """
 
     codes: torch.Tensor
     ids: torch.Tensor
+    id_base: int
     terms: Optional[torch.Tensor]
     offsets: torch.Tensor
-    ids_host: np.ndarray
     K: int
 
-    @property
-    def offset(self) -> bool:
-        """Whether codes hold positions in the flattened table (m * K + i_m) rather than sub-codes."""
-        return self.codes.dtype == torch.int64
-
-    @property
-    def sub_code_dtype(self) -> torch.dtype:
-        """The dtype ``sub_codes`` returns: as stored on a GPU (uint8 for 8-bit codes, which a decode takes
-        without a range check), int64 on the CPU."""
-        return torch.int64 if self.offset else self.codes.dtype
-
-    def sub_codes(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The sub-codes i_m of some rows (all without ``rows``), as ``sub_code_dtype``."""
-        codes = self.codes if rows is None else self.codes[rows]
-        if self.offset:
-            codes = codes - torch.arange(codes.shape[-1], device=codes.device) * self.K
-        return codes
+    def ids_of(self, rows) -> torch.Tensor:
+        """The int64 ids of some rows: an index tensor or a slice."""
+        ids = self.ids[rows]
+        return ids.long() + self.id_base if ids.dtype != torch.int64 else ids
 
     def table_positions(self, rows) -> torch.Tensor:
-        """The positions m * K + i_m (int64) of some rows' sub-codes in a flattened (M * K) table: rows
-        are an index tensor or a slice; the inverse of ``sub_codes``."""
+        """The positions m * K + i_m (int64) of some rows' sub-codes in a flattened (M * K) table."""
         codes = self.codes[rows]
-        if self.offset:
-            return codes
         return codes.long() + torch.arange(codes.shape[-1], device=codes.device) * self.K
 
     @property
@@ -92,12 +94,12 @@ class Segment:
 def vector_terms(codebooks: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, list_nos: torch.Tensor,
                  chunk: int = 65_536) -> torch.Tensor:
     """||r̂||² + 2 <c, r̂> for each stored vector: codebooks (M, K, d), centroids (nlist, d), codes (n, M)
-    int64 and list_nos (n,) int64, all on one device. Returns (n,) float32."""
+    integers and list_nos (n,) int64, all on one device. Returns (n,) float32."""
     M = codebooks.shape[0]
     steps = torch.arange(M, device=codes.device)
     out = torch.empty(codes.shape[0], dtype=torch.float32, device=codes.device)
     for i0 in range(0, codes.shape[0], chunk):
-        recon = codebooks[steps, codes[i0:i0 + chunk]].sum(1)  # (b, d)
+        recon = codebooks[steps, codes[i0:i0 + chunk].long()].sum(1)  # (b, d)
         out[i0:i0 + chunk] = (recon * (recon + 2 * centroids[list_nos[i0:i0 + chunk]])).sum(1)
     return out
 
@@ -119,8 +121,8 @@ class CodeMirror:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held: (M sub-codes + 8 id bytes + 4 term bytes) a vector + 8 (nlist+1) a segment; a
-        sub-code is 1 byte on a GPU (nbits <= 8), 8 on the CPU (see ``code_dtype``)."""
+        """Device bytes held: (M sub-codes + 4 id bytes + 4 term bytes) a vector for 8-bit codes whose ids span
+        less than 2^31 (8 id bytes otherwise; no term for inner product) + 8 (nlist+1) a segment."""
         return sum(s.nbytes for s in self.segments)
 
     def add(self, codes: np.ndarray, list_nos: np.ndarray, ids: np.ndarray, terms: Optional[np.ndarray]) -> None:
@@ -133,14 +135,11 @@ class CodeMirror:
         offsets = np.zeros(self.nlist + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         as_device = lambda a, dtype=None: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)  # noqa
-        dtype = code_dtype(self.nbits, self.device)
-        stored = codes[order].astype(np.int64)
-        if dtype == torch.int64:
-            stored += np.arange(self.M, dtype=np.int64) * (1 << self.nbits)
+        stored_ids, id_base = narrow_ids(np.asarray(ids, dtype=np.int64)[order])
         self.segments.append(Segment(
-            codes=as_device(stored, dtype), ids=as_device(ids[order]),
-            terms=as_device(terms[order]) if self.with_terms else None, offsets=as_device(offsets),
-            ids_host=np.ascontiguousarray(ids[order]), K=1 << self.nbits))
+            codes=as_device(np.asarray(codes)[order], code_dtype(self.nbits)), ids=as_device(stored_ids),
+            id_base=id_base, terms=as_device(terms[order]) if self.with_terms else None,
+            offsets=as_device(offsets), K=1 << self.nbits))
         if len(self.segments) > MAX_SEGMENTS:
             self.compact()
 
@@ -151,8 +150,8 @@ class CodeMirror:
         parts = self.segments
         list_nos = np.concatenate([np.repeat(np.arange(self.nlist), np.diff(s.offsets.cpu().numpy()))
                                    for s in parts])
-        codes = np.concatenate([s.sub_codes().cpu().numpy() for s in parts])
-        ids = np.concatenate([s.ids_host for s in parts])
+        codes = np.concatenate([s.codes.cpu().numpy() for s in parts])
+        ids = np.concatenate([s.ids_of(slice(None)).cpu().numpy() for s in parts])
         terms = np.concatenate([s.terms.cpu().numpy() for s in parts]) if self.with_terms else None
         self.segments = []
         self.add(codes, list_nos, ids, terms)
@@ -160,18 +159,152 @@ class CodeMirror:
     def reset(self) -> None:
         self.segments = []
 
+    def in_step(self, ivf) -> bool:
+        """Whether the mirror holds as many vectors as the faiss index (the index keeps it in step)."""
+        return self.ntotal == ivf.ntotal
+
+    def list_offsets(self) -> List[np.ndarray]:
+        """Per segment, (nlist+1,) int64 host offsets of its lists."""
+        return [seg.offsets.cpu().numpy() for seg in self.segments]
+
+    def selector_masks(self, sel: faiss.IDSelector) -> List[torch.Tensor]:
+        """Per segment, (n,) bool on the device: the vectors ``sel`` keeps."""
+        return [torch.from_numpy(selector_mask(sel, seg.ids_of(slice(None)).cpu().numpy())).to(self.device)
+                for seg in self.segments]
+
     @classmethod
     def from_faiss(cls, ivf, codebooks: np.ndarray, centroids: np.ndarray, M: int, nbits: int,
                    device: torch.device, with_terms: bool) -> "CodeMirror":
         """The mirror of everything an IVF index stores: codebooks (M, K, d) and centroids (nlist, d) float32."""
         mirror = cls(ivf.nlist, M, nbits, device, with_terms)
         ids, list_nos, raw = lut.all_codes(ivf)
-        codes = lut.unpack_bits(raw, M, nbits)
+        # 8-bit codes are faiss's first M bytes: kept as bytes, not widened to int64 (8x the host memory)
+        codes = raw[:, :M] if nbits == 8 else lut.unpack_bits(raw, M, nbits)
         terms = None
         if with_terms and len(ids):
             terms = vector_terms(torch.from_numpy(codebooks).to(device), torch.from_numpy(centroids).to(device),
                                  torch.from_numpy(codes).to(device), torch.from_numpy(list_nos).to(device)).cpu().numpy()
         mirror.add(codes, list_nos, ids, terms)
+        return mirror
+
+
+@dataclasses.dataclass
+class StoredList:
+    """One inverted list as the CPU scan reads it: codes (n, M) sub-codes (a view into faiss's list for 8-bit
+    codes), ids (n,) int64 (a view into faiss's list), terms (n,) float32 or None (inner product)."""
+
+    codes: torch.Tensor
+    ids: torch.Tensor
+    terms: Optional[torch.Tensor]
+
+
+class ListMirror:
+    """The per-vector terms of an IVF index, list by list, on the CPU; codes and ids are read in place from the
+    faiss index's inverted lists (``lists``), so the scan adds 4 bytes a vector to what faiss stores (none for
+    inner product).
+
+    In-place reads need faiss's ``ArrayInvertedLists`` (what ``add`` and ``read_index`` build) and 8-bit codes;
+    other lists (on disk, other code widths) are copied into bytes when first scanned. faiss appends entries
+    to a list in the order they are added, which ``add`` follows; removals reorder lists, after which the
+    mirror is rebuilt (``from_faiss``). Views are refreshed after every ``add``, since faiss may move a
+    list's storage when it grows.
+    """
+
+    def __init__(self, ivf, M: int, nbits: int, with_terms: bool = True):
+        self.ivf, self.nlist, self.M, self.nbits, self.with_terms = ivf, ivf.nlist, M, nbits, with_terms
+        self.device = torch.device("cpu")
+        self.terms: Optional[List[np.ndarray]] = [np.empty(0, np.float32)] * self.nlist if with_terms else None
+        self.ntotal = 0
+        self._lists: Optional[List[Optional[StoredList]]] = None
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes the mirror holds beside faiss's lists: 4 a vector for L2 (its term), 0 for inner
+        product; copies of lists that cannot be read in place are not counted."""
+        return sum(t.nbytes for t in self.terms) if self.with_terms else 0
+
+    def add(self, codes: np.ndarray, list_nos: np.ndarray, ids: np.ndarray, terms: Optional[np.ndarray]) -> None:
+        """Record vectors just added to the faiss index, in the order they were added: list_nos (n,) int64,
+        terms (n,) float32 or None (codes and ids are read from faiss's lists)."""
+        self.ntotal += len(list_nos)
+        self._lists = None
+        if not self.with_terms or len(list_nos) == 0:
+            return
+        order = np.argsort(list_nos, kind="stable")
+        counts = np.bincount(list_nos, minlength=self.nlist)
+        parts = np.split(np.asarray(terms, dtype=np.float32)[order], np.cumsum(counts)[:-1])
+        for list_no in np.nonzero(counts)[0]:
+            self.terms[list_no] = np.concatenate([self.terms[list_no], parts[list_no]])
+
+    def reset(self) -> None:
+        self.terms = [np.empty(0, np.float32)] * self.nlist if self.with_terms else None
+        self.ntotal = 0
+        self._lists = None
+
+    def in_step(self, ivf) -> bool:
+        """Whether the mirror describes this faiss index as it is now (same object, as many vectors)."""
+        return ivf is self.ivf and ivf.ntotal == self.ntotal
+
+    def lists(self) -> List[Optional[StoredList]]:
+        """Every list as the scan reads it (None where empty), cached until the next ``add``."""
+        with self._lock:
+            if self._lists is None:
+                self._lists = self._read_lists()
+            return self._lists
+
+    def _read_lists(self) -> List[Optional[StoredList]]:
+        invlists = faiss.downcast_InvertedLists(self.ivf.invlists)
+        in_place = isinstance(invlists, faiss.ArrayInvertedLists)
+        code_size, dtype = invlists.code_size, code_dtype(self.nbits)
+        out = []
+        for list_no in range(self.nlist):
+            size = invlists.list_size(list_no)
+            if size == 0:
+                out.append(None)
+                continue
+            raw = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * code_size).reshape(size, code_size)
+            ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
+            if not in_place:  # the pointers may be temporary: keep copies
+                raw, ids = raw.copy(), ids.copy()
+            if self.nbits == 8:
+                codes = torch.from_numpy(raw)[:, :self.M]
+            else:
+                codes = torch.from_numpy(lut.unpack_bits(raw, self.M, self.nbits)).to(dtype)
+            terms = torch.from_numpy(self.terms[list_no]) if self.with_terms else None
+            out.append(StoredList(codes, torch.from_numpy(ids), terms))
+        return out
+
+    def list_offsets(self) -> List[np.ndarray]:
+        """The lists' offsets in one (nlist+1,) int64 array, as if they were one segment (the shape a
+        ``CodeMirror`` gives)."""
+        sizes = [0 if s is None else s.codes.shape[0] for s in self.lists()]
+        return [np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])]
+
+    def selector_masks(self, sel: faiss.IDSelector) -> List[Optional[torch.Tensor]]:
+        """Per list, (n,) bool: the vectors ``sel`` keeps (None where the list is empty)."""
+        stored = self.lists()
+        sizes = [0 if s is None else s.ids.shape[0] for s in stored]
+        if not any(sizes):
+            return [None] * self.nlist
+        keep = selector_mask(sel, np.concatenate([s.ids.numpy() for s in stored if s is not None]))
+        parts = np.split(keep, np.cumsum(sizes)[:-1])
+        return [None if s is None else torch.from_numpy(p) for s, p in zip(stored, parts)]
+
+    @classmethod
+    def from_faiss(cls, ivf, codebooks: np.ndarray, centroids: np.ndarray, M: int, nbits: int,
+                   with_terms: bool) -> "ListMirror":
+        """The terms of everything an IVF index stores, computed list by list: codebooks (M, K, d) and
+        centroids (nlist, d) float32."""
+        mirror = cls(ivf, M, nbits, with_terms)
+        mirror.ntotal = int(ivf.ntotal)
+        if with_terms:
+            books, cents = torch.from_numpy(codebooks), torch.from_numpy(centroids)
+            for list_no, stored in enumerate(mirror.lists()):
+                if stored is not None:
+                    list_nos = torch.full((stored.codes.shape[0],), list_no, dtype=torch.int64)
+                    mirror.terms[list_no] = vector_terms(books, cents, stored.codes, list_nos).numpy()
+            mirror._lists = None  # the views hold the empty terms read before
         return mirror
 
 
@@ -194,8 +327,8 @@ def selector_mask(sel: faiss.IDSelector, ids: np.ndarray) -> np.ndarray:
 class Shortlist:
     """The best candidates a query by the lookup-table distance: all (nq, k), k columns sorted.
 
-    valid: False where a query had fewer than k candidates (ids -1 there); codes (nq, k, M) sub-codes,
-    int64 on the CPU, as the mirror stores them on a GPU (uint8 for 8-bit codes).
+    valid: False where a query had fewer than k candidates (ids -1 there); codes (nq, k, M) sub-codes as
+    ``code_dtype`` holds them (uint8 for 8-bit codes).
     """
 
     distances: torch.Tensor
@@ -219,7 +352,7 @@ def _segment_candidates(seg: Segment, luts: torch.Tensor, probes: torch.Tensor, 
     width = int(n_cand.max()) if B else 0
     if width == 0:
         empty = torch.empty(B, 0, device=device)
-        return empty, empty.long(), empty.long(), torch.empty(B, 0, M, dtype=seg.sub_code_dtype, device=device)
+        return empty, empty.long(), empty.long(), torch.empty(B, 0, M, dtype=seg.codes.dtype, device=device)
     j = torch.arange(width, device=device).expand(B, width)
     probe_of = torch.searchsorted(ends_cum, j.contiguous(), right=True).clamp_(max=P - 1)  # (B, C)
     valid = j < n_cand.unsqueeze(1)
@@ -236,15 +369,40 @@ def _segment_candidates(seg: Segment, luts: torch.Tensor, probes: torch.Tensor, 
     top = min(k, width)
     best, where = scores.topk(top, dim=1, largest=inner_product)
     picked = rows.gather(1, where)
-    return best, seg.ids[picked].masked_fill(~torch.isfinite(best), -1), probes.gather(1, probe_of.gather(1, where)), \
-        seg.sub_codes(picked)
+    return best, seg.ids_of(picked).masked_fill(~torch.isfinite(best), -1), \
+        probes.gather(1, probe_of.gather(1, where)), seg.codes[picked]
 
 
-def _segment_candidates_by_list(seg: Segment, luts: torch.Tensor, probes: torch.Tensor, coarse: torch.Tensor,
-                                k: int, inner_product: bool, mask: Optional[torch.Tensor], K: int):
-    """The same top-k as ``_segment_candidates``, list by list: the queries that probe a list share its
-    codes as one gather index into their tables, which keeps the scan in cache on a CPU (a few ns a
-    candidate instead of tens). luts (B, M, K), probes/coarse (B, P)."""
+def _segment_lists(seg: Segment, mask: Optional[torch.Tensor]) -> Callable:
+    """A segment's lists as ``_candidates_by_list`` reads them: list_no -> (StoredList, mask) or None."""
+    offsets = seg.offsets.tolist()
+
+    def read(list_no: int):
+        r0, r1 = offsets[list_no], offsets[list_no + 1]
+        if r1 == r0:
+            return None
+        terms = None if seg.terms is None else seg.terms[r0:r1]
+        return StoredList(seg.codes[r0:r1], seg.ids_of(slice(r0, r1)), terms), \
+            None if mask is None else mask[r0:r1]
+    return read
+
+
+def _mirror_lists(mirror: ListMirror, masks: Optional[List[Optional[torch.Tensor]]]) -> Callable:
+    stored = mirror.lists()
+
+    def read(list_no: int):
+        if stored[list_no] is None:
+            return None
+        return stored[list_no], None if masks is None else masks[list_no]
+    return read
+
+
+def _candidates_by_list(read: Callable, luts: torch.Tensor, probes: torch.Tensor, coarse: torch.Tensor, k: int,
+                        inner_product: bool, K: int, code_type: torch.dtype):
+    """Top-k over the probed lists for a chunk of queries, list by list: the queries that probe a list share
+    its codes as one gather index into their tables, which keeps the scan in cache on a CPU (a few ns a
+    candidate instead of tens). read: list_no -> (StoredList, mask or None) or None for an empty list;
+    luts (B, M, K), probes/coarse (B, P)."""
     B, P = probes.shape
     M = luts.shape[1]
     device = luts.device
@@ -253,19 +411,23 @@ def _segment_candidates_by_list(seg: Segment, luts: torch.Tensor, probes: torch.
     pair_lists = probes.reshape(-1)
     order = torch.argsort(pair_lists, stable=True)
     lists, counts = torch.unique_consecutive(pair_lists[order], return_counts=True)
-    offsets = seg.offsets.tolist()
     pair_coarse = coarse.reshape(-1)
     best_d = torch.full((B * P, k), worst, device=device)
-    best_r = torch.zeros((B * P, k), dtype=torch.int64, device=device)
+    best_i = torch.full((B * P, k), -1, dtype=torch.int64, device=device)
+    best_c = torch.zeros((B * P, k, M), dtype=code_type, device=device)
+    step_offsets = (torch.arange(M, device=device) * K).unsqueeze(1)
     start = 0
     for l, count in zip(lists.tolist(), counts.tolist()):
         list_pairs = order[start:start + count]
         start += count
-        r0, r1 = offsets[l], offsets[l + 1]
-        if r1 == r0:
+        entry = read(l)
+        if entry is None:
             continue
-        positions = seg.table_positions(slice(r0, r1)).T.contiguous()  # (M, n_l): one gather index a step
-        block = max(1, LIST_BLOCK_ENTRIES // (r1 - r0))  # queries at a time: their (block, n_l) sums stay in cache
+        stored, mask = entry
+        size = stored.codes.shape[0]
+        # one gather index a step, (M, n_l) int64, built once for all the queries of the chunk that probe it
+        positions = stored.codes.T.long() + step_offsets
+        block = max(1, LIST_BLOCK_ENTRIES // size)  # queries at a time: their (block, n_l) sums stay in cache
         for b0 in range(0, count, block):
             pairs = list_pairs[b0:b0 + block]
             tables = flat_luts.index_select(0, pairs // P)  # (b, M * K)
@@ -275,34 +437,50 @@ def _segment_candidates_by_list(seg: Segment, luts: torch.Tensor, probes: torch.
             if inner_product:
                 scores = pair_coarse[pairs].unsqueeze(1) + table
             else:
-                scores = pair_coarse[pairs].unsqueeze(1) + seg.terms[r0:r1] - 2 * table
+                scores = pair_coarse[pairs].unsqueeze(1) + stored.terms - 2 * table
             if mask is not None:
-                scores.masked_fill_(~mask[r0:r1], worst)
-            top = min(k, r1 - r0)
+                scores.masked_fill_(~mask, worst)
+            top = min(k, size)
             d, where = scores.topk(top, dim=1, largest=inner_product)
             best_d[pairs, :top] = d
-            best_r[pairs, :top] = where + r0
+            best_i[pairs, :top] = stored.ids[where]
+            best_c[pairs, :top] = stored.codes[where].to(code_type)
     top = min(k, P * k)
     best, where = best_d.view(B, P * k).topk(top, dim=1, largest=inner_product)
-    picked = best_r.view(B, P * k).gather(1, where)
-    return best, seg.ids[picked].masked_fill(~torch.isfinite(best), -1), probes.gather(1, where // k), \
-        seg.sub_codes(picked)
+    ids = best_i.view(B, P * k).gather(1, where).masked_fill(~torch.isfinite(best), -1)
+    codes = best_c.view(B, P * k, M).gather(1, where.unsqueeze(-1).expand(-1, -1, M))
+    return best, ids, probes.gather(1, where // k), codes
 
 
-STRATEGIES = ("auto", "by_list", "gather")
+def _segment_candidates_fused(seg: Segment, luts: torch.Tensor, probes: torch.Tensor, coarse: torch.Tensor, k: int,
+                              inner_product: bool, mask: Optional[torch.Tensor]):
+    """The same top-k as ``_segment_candidates``, from the fused Triton scan (``scan_kernel``): luts (B, M, K),
+    probes (B, P) with -1 for none, coarse (B, P)."""
+    dist, rows = scan_kernel.scan_segment(luts, probes, coarse, seg.offsets, seg.codes, seg.terms, mask, k,
+                                          inner_product)
+    found = rows >= 0
+    rows = rows.clamp(min=0)
+    list_nos = torch.searchsorted(seg.offsets, rows, right=True) - 1  # empty lists share their offset
+    return dist, seg.ids_of(rows).masked_fill(~found, -1), list_nos, seg.codes[rows]
+
+
+STRATEGIES = ("auto", "by_list", "gather", "fused")
 LIST_BLOCK_ENTRIES = 1 << 20  # by_list: distances computed at once for one list (4 MB of float32)
 
 
-def scan(mirror: CodeMirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor,
-         coarse: torch.Tensor, k: int, inner_product: bool, masks: Optional[List[torch.Tensor]] = None,
+def scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor,
+         coarse: torch.Tensor, k: int, inner_product: bool, masks: Optional[list] = None,
          budget_bytes: int = 256 << 20, strategy: str = "auto") -> Shortlist:
     """The k best stored vectors a query by the lookup-table distance, over the probed lists.
 
-    codebooks: (M, K, d) float32 static codebooks on the mirror's device; xq: (nq, d) float32 there;
-    probes: (nq, P) int64 list numbers (-1: none); coarse: (nq, P) float32, ||q - c||² (L2) or <q, c>
-    (IP) of each probe; masks: per segment, (n,) bool of the vectors a selector keeps, or None.
-    strategy: "gather" (all candidates of a query chunk in a few large gathers: the GPU's), "by_list"
-    (one list at a time, its codes shared by the queries that probe it: the CPU's) or "auto" (by device).
+    mirror: a ``CodeMirror`` or a ``ListMirror``; codebooks: (M, K, d) float32 static codebooks on the
+    mirror's device; xq: (nq, d) float32 there; probes: (nq, P) int64 list numbers (-1: none); coarse: (nq, P)
+    float32, ||q - c||² (L2) or <q, c> (IP) of each probe; masks: the mirror's ``selector_masks`` or None.
+    strategy (a ``CodeMirror``'s): "fused" (the Triton scan of ``scan_kernel``, one program a query keeping
+    its top k on chip: a GPU's where Triton is installed and k <= ``scan_kernel.MAX_K``), "gather" (all
+    candidates of a query chunk in a few large torch gathers: a GPU's otherwise), "by_list" (one list at a
+    time, its codes shared by the queries that probe it: the CPU's) or "auto" (by device, Triton and k); a
+    ``ListMirror`` is always scanned list by list.
     Temporaries stay near ``budget_bytes`` (queries are taken in chunks). Returns a ``Shortlist``.
     """
     if strategy not in STRATEGIES:
@@ -310,35 +488,62 @@ def scan(mirror: CodeMirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: 
     M, K = codebooks.shape[0], codebooks.shape[1]
     nq = xq.shape[0]
     device = xq.device
-    by_list = strategy == "by_list" or (strategy == "auto" and device.type == "cpu")
+    lists_mirror = isinstance(mirror, ListMirror)
+    by_list = lists_mirror or strategy == "by_list" or (strategy == "auto" and device.type == "cpu")
+    fused = not by_list and (strategy == "fused" or (
+        strategy == "auto" and device.type == "cuda" and scan_kernel.CONFIG["enabled"] and scan_kernel.available()
+        and k <= scan_kernel.MAX_K))
+    if fused and k > scan_kernel.MAX_K:
+        raise ValueError(f"strategy 'fused' keeps at most {scan_kernel.MAX_K} candidates a query, got k={k}")
     worst = -torch.inf if inner_product else torch.inf
+    unclamped = probes
     missing = probes < 0
     probes = probes.clamp(min=0)
     coarse = torch.where(missing, torch.full_like(coarse, worst), coarse)
     flat_books = codebooks.reshape(M * K, -1)
-    if by_list:
+    sub_dtype = code_dtype(mirror.nbits)
+    if lists_mirror:
+        sources = [_mirror_lists(mirror, masks)]
+        sizes = [0 if s is None else s.codes.shape[0] for s in mirror.lists()]
+    elif by_list:
+        sources = [_segment_lists(seg, None if masks is None else masks[s]) for s, seg in enumerate(mirror.segments)]
+        sizes = [int((seg.offsets[1:] - seg.offsets[:-1]).max()) for seg in mirror.segments]
+    if fused:  # a chunk's tables, the kernel's keys and the candidates' rows, ids and codes
+        per_query = 4 * M * K + 8 * scan_kernel.kept_slots(k) * probes.shape[1] + (M + 40) * k * 2
+    elif by_list:
         # a chunk's tables and candidate buffers, and one list's temporaries if every query probed the largest
-        largest = max([int((seg.offsets[1:] - seg.offsets[:-1]).max()) for seg in mirror.segments] or [1])
-        per_query = 8 * M * K + 12 * probes.shape[1] * k + largest * 24
-        candidates = _segment_candidates_by_list
+        per_query = 8 * M * K + (20 + M) * probes.shape[1] * k + max(sizes + [1]) * 24
     else:
-        sizes = torch.zeros(nq, dtype=torch.int64, device=device)
+        cand = torch.zeros(nq, dtype=torch.int64, device=device)
         for seg in mirror.segments:
-            sizes += (seg.offsets[probes + 1] - seg.offsets[probes]).masked_fill(missing, 0).sum(1)
-        per_query = max(1, int(sizes.max()) if nq else 1) * (8 * M + 48) + 4 * M * K
-        candidates = _segment_candidates
+            cand += (seg.offsets[probes + 1] - seg.offsets[probes]).masked_fill(missing, 0).sum(1)
+        per_query = max(1, int(cand.max()) if nq else 1) * (8 * M + 48) + 4 * M * K
     chunk = max(1, budget_bytes // per_query)
     out_d = torch.full((nq, k), worst, device=device)
     out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
     out_l = torch.zeros((nq, k), dtype=torch.int64, device=device)
-    sub_dtype = mirror.segments[0].sub_code_dtype if mirror.segments else torch.int64
     out_c = torch.zeros((nq, k, M), dtype=sub_dtype, device=device)
     for i0 in range(0, nq, chunk):
         sl = slice(i0, i0 + chunk)
         luts = (xq[sl] @ flat_books.T).reshape(-1, M, K)
-        parts = [candidates(seg, luts, probes[sl], coarse[sl], k, inner_product,
-                            None if masks is None else masks[s], K)
-                 for s, seg in enumerate(mirror.segments)]
+        if fused:
+            parts = [_segment_candidates_fused(seg, luts, unclamped[sl], coarse[sl], k, inner_product,
+                                               None if masks is None else masks[s])
+                     for s, seg in enumerate(mirror.segments)]
+        elif by_list:
+            parts = [_candidates_by_list(read, luts, probes[sl], coarse[sl], k, inner_product, K, sub_dtype)
+                     for read in sources]
+        else:
+            parts = [_segment_candidates(seg, luts, probes[sl], coarse[sl], k, inner_product,
+                                         None if masks is None else masks[s], K)
+                     for s, seg in enumerate(mirror.segments)]
+        if not parts:
+            continue
+        if len(parts) == 1:  # one store's candidates come sorted already: no merge (fewer launches on a GPU)
+            dist, ids, list_nos, codes = parts[0]
+            top = dist.shape[1]
+            out_d[sl, :top], out_i[sl, :top], out_l[sl, :top], out_c[sl, :top] = dist, ids, list_nos, codes
+            continue
         dist = torch.cat([p[0] for p in parts], 1)
         if dist.shape[1] == 0:
             continue

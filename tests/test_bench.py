@@ -152,3 +152,29 @@ def test_a_decode_profile_splits_the_call_into_its_operators_own_times():
     assert 0 < sum(row["share"] for row in top) <= 1 + 1e-9
     assert profile["wall_ms"] > 0 and profile["profiled_ms"] > 0
     assert any("bmm" in row["name"] or "addmm" in row["name"] for row in top)  # the experts' products
+
+
+def test_bench_search_on_synthetic_clusters_times_single_queries_and_records_memory(tmp_path):
+    """`--dataset synthetic` needs no data files; `--latency` times queries searched alone for ours and faiss's;
+    `--profile` records where a search spends its time; every run records the bytes a vector of faiss's
+    lists and of the scan's store (on the CPU: the term)."""
+    from faiss_rqmoe.bench.search import synthetic_split
+
+    ds = synthetic_split(300, 500, 7, n_val=50, d=16, clusters=8)
+    assert ds.xb.shape == (500, 16) and ds.xq.shape == (7, 16) and ds.gt.shape == (7, 100)
+    assert (ds.gt[:, 0] == ((ds.xq[:, None] - ds.xb[None]) ** 2).sum(-1).argmin(1)).all()
+    out = tmp_path / "search.json"
+    bench.main(["search", "--dataset", "synthetic", "--clusters", "16", "--n-train", "1000", "--n-db", "800",
+                "--n-query", "20", "--bytes", "4", "--nlist", "8", "--nprobe", "2", "--nshort", "20",
+                "--n-experts", "2", "--n-layers", "1", "--hidden", "16", "--max-epochs", "1", "--train-candidates", "8",
+                "--encode-candidates", "8", "--no-keep-rq-if-better", "--no-refine", "--latency", "2:20",
+                "--latency-queries", "5", "--profile", "2:20", "--device", "cpu", "--quiet", "--out", str(out)])
+    result = json.loads(out.read_text())
+    ours = result["methods"]["IVF-RQ-MoE"]
+    assert result["dataset"]["name"] == "synthetic-16-clusters" and result["dataset"]["n_db"] == 800
+    assert ours["memory_bytes_per_vector"] == {"faiss_lists": 5 + 8, "scan_store": 4, "scan_store_device": "cpu"}
+    (point,) = ours["latency"]
+    assert point["nprobe"] == 2 and point["n"] == 5 and 0 < point["median_ms"] <= point["p90_ms"]
+    assert all(len(method["latency"]) == 1 for method in result["methods"].values())
+    assert [(p["batch"], p["queries"]) for p in result["profile"]] == [("all queries", 20), ("one query", 1)]
+    assert all(p["top"] and 0 < p["top"][0]["share"] <= 1 for p in result["profile"])

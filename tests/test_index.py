@@ -60,21 +60,40 @@ def test_flat_variant_scans_everything(sift):
     assert index.sa_code_size() == 4 + 1  # 4 bytes of codes + 1 norm byte, no list number
 
 
-def test_search_through_a_byte_mirror_gives_the_same_results(ivf_l2, sift, monkeypatch):
-    """On a GPU the code mirror keeps sub-codes as bytes and the shortlist hands them to the decode as they
-    are; the same layout on the CPU (code_dtype patched) gives the same neighbours and distances."""
+def test_the_cpu_index_keeps_a_term_a_vector_beside_faiss_and_searches_as_the_gpu_layout(ivf_l2, sift):
+    """On the CPU the scan reads codes and ids from faiss's lists in place and keeps 4 bytes a vector (its
+    term); the GPU's layout (codes, int32 id offsets and terms in one copy), built here on the CPU, gives the
+    same neighbours and distances."""
     from faiss_rqmoe import scan
 
     params = {"nprobe": 4, "nshort": 40}
     D, I = ivf_l2.search(sift.xq[:40], 10, params)
-    with monkeypatch.context() as patch:
-        patch.setattr(scan, "code_dtype", lambda nbits, device: torch.uint8)
-        ivf_l2.to("cpu")  # rebuilds the mirror
-        Db, Ib = ivf_l2.search(sift.xq[:40], 10, params)
-        assert ivf_l2._code_mirror().segments[0].codes.dtype == torch.uint8
-    ivf_l2.to("cpu")
-    np.testing.assert_array_equal(Ib, I)
-    np.testing.assert_allclose(Db, D, rtol=1e-5, atol=1e-3)
+    mirror = ivf_l2._code_mirror()
+    assert isinstance(mirror, scan.ListMirror) and mirror.nbytes == 4 * ivf_l2.ntotal
+    copy = scan.CodeMirror.from_faiss(ivf_l2.ivf, ivf_l2.static_codebooks, ivf_l2.centroids, ivf_l2.config.M,
+                                      ivf_l2.config.nbits, torch.device("cpu"), with_terms=True)
+    assert copy.segments[0].codes.dtype == torch.uint8 and copy.segments[0].ids.dtype == torch.int32
+    try:
+        ivf_l2._mirror = copy
+        Dc, Ic = ivf_l2.search(sift.xq[:40], 10, params)
+    finally:
+        ivf_l2._mirror = None
+    np.testing.assert_array_equal(Ic, I)
+    np.testing.assert_allclose(Dc, D, rtol=1e-5, atol=1e-3)
+
+
+def test_nprobe_beyond_nlist_and_k_beyond_ntotal_as_faiss(sift):
+    """nprobe > nlist probes every list; k > ntotal pads with -1 ids and infinite distances, as faiss does."""
+    index = build(sift, "IVF4,RQMoE4x6_N2L1H32", n_db=30)
+    D, I = index.search(sift.xq[:5], 40, params={"nprobe": 10, "nshort": 100})
+    assert (I[:, :30] >= 0).all() and (I[:, 30:] == -1).all() and np.isinf(D[:, 30:]).all()
+    assert all(sorted(row[:30]) == list(range(30)) for row in I)
+    reference = faiss.IndexIVFFlat(faiss.IndexFlatL2(128), 128, 4)
+    reference.train(sift.xt[:300])
+    reference.add(sift.xb[:30])
+    reference.nprobe = 10
+    _, I_ref = reference.search(sift.xq[:5], 40)
+    np.testing.assert_array_equal(I == -1, I_ref == -1)
 
 
 def test_recall_grows_with_nprobe_and_nshort(ivf_l2, sift):
@@ -88,9 +107,10 @@ def test_recall_grows_with_nprobe_and_nshort(ivf_l2, sift):
 
     by_nprobe = [recall(p, 50) for p in (1, 2, 4, 16)]
     by_nshort = [recall(16, s) for s in (10, 20, 50, 200)]
+    # two stored vectors with the same code tie exactly, and which comes first is arbitrary: a query or two
     tol = 2 / len(xq)
     assert all(b >= a - tol for a, b in zip(by_nprobe, by_nprobe[1:])) and by_nprobe[-1] > by_nprobe[0]
-    assert all(b >= a - tol for a, b in zip(by_nshort, by_nshort[1:])) and by_nshort[-1] >= by_nshort[0]
+    assert all(b >= a - tol for a, b in zip(by_nshort, by_nshort[1:])) and by_nshort[-1] >= by_nshort[0] - tol
     assert by_nshort[-1] > 0.1  # 3-byte codes; chance is 1/3000
 
 

@@ -73,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory to write our index, the faiss baselines, queries and ground truth to")
     search.add_argument("--bundle", default=None, help="search the indexes of a --save-bundle directory instead")
     search.add_argument("--search-queries", type=int, default=None, help="time only the first N queries")
+    search.add_argument("--clusters", type=int, default=1024,
+                        help="Gaussian clusters of --dataset synthetic (default 1024; sizes from --n-train, "
+                             "--n-db, --n-query: default 200 000, 1 000 000, 10 000)")
+    search.add_argument("--latency", nargs="*", default=[],
+                        help="NPROBE:NSHORT points at which to time single queries searched one at a time "
+                             "(ours; faiss's at the same nprobe)")
+    search.add_argument("--latency-queries", type=int, default=200, help="queries timed alone a --latency point")
+    search.add_argument("--profile", nargs="*", default=[],
+                        help="NPROBE:NSHORT points at which to profile one search of all queries and of one query "
+                             "alone (torch.profiler: each kernel's own time, written under 'profile')")
+    search.add_argument("--gpu-scans", nargs="+", choices=["auto", "fused", "gather"], default=["auto"],
+                        help="with --device cuda, run the grid with each scan: fused (the Triton kernel), gather "
+                             "(torch) or auto (fused where Triton is installed)")
     speed = sub.add_parser("speed", help=JOBS["speed"], description=JOBS["speed"])
     speed.add_argument("--devices", nargs="+", default=["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"],
                        help="devices to measure (default: cuda and cpu where there is a GPU, else cpu)")

@@ -62,7 +62,7 @@ def train_config_from_args(args, device: torch.device) -> TrainConfig:
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="default",
-                       help="default | small | wallpaper | text | a split written by datasets.export_split (.npz) | "
+                       help="default | small | wallpaper | text | synthetic (bench search: Gaussian clusters, see --clusters) | a split written by datasets.export_split (.npz) | "
                             "a .npy/.fvecs/.bvecs file")
     group.add_argument("--gt", default=None, help="ground-truth .ivecs/.npy for a dataset given as a vector file")
     group.add_argument("--n-train", type=int, default=None, help="training vectors (default: the split's)")

@@ -31,8 +31,15 @@ def search_table(result: dict) -> str:
     for name, method in result["methods"].items():
         for row in method["grid"]:
             params = ", ".join(f"{k}={row[k]}" for k in ("nprobe", "nshort", "k_factor") if k in row)
-            lines.append(f"| {name} | {method['bytes']} | {params} | {row['R@1']:.4f} | {row['R@10']:.4f} | "
+            scan = f", scan={row['scan']}" if "scan" in row else ""
+            lines.append(f"| {name} | {method['bytes']} | {params}{scan} | {row['R@1']:.4f} | {row['R@10']:.4f} | "
                          f"{row['qps']:.0f} |")
+    timed = [(name, row) for name, method in result["methods"].items() for row in method.get("latency", [])]
+    if timed:
+        lines += ["", "| method | params | one query alone, median ms | 90th percentile ms |", "|---|---|---:|---:|"]
+        for name, row in timed:
+            params = ", ".join(f"{k}={row[k]}" for k in ("nprobe", "nshort", "scan") if k in row)
+            lines.append(f"| {name} | {params} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} |")
     return "\n".join(lines)
 
 

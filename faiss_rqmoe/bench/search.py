@@ -2,9 +2,13 @@
 
 Our index runs an nprobe x nshort grid on the run's device (on CUDA the
 whole search runs on the GPU; ``--cpu-points`` re-runs some points with the
-same index on the CPU path). faiss IVF-PQ, IVF-RQ and IVF-PQ FastScan with
-exact refinement run an nprobe grid on the CPU threads. Every row carries
-nprobe, nshort, R@1, R@10 and queries a second.
+same index on the CPU path; ``--gpu-scans`` repeats the grid with the fused
+Triton scan and the torch gather). faiss IVF-PQ, IVF-RQ and IVF-PQ FastScan
+with exact refinement run an nprobe grid on the CPU threads. Every row carries
+nprobe, nshort, R@1, R@10 and queries a second; ``--latency`` adds the time
+of one query searched alone, and every method records its bytes a vector.
+``--dataset synthetic`` draws Gaussian clusters here (``synthetic_split``),
+so a run needs no data files.
 """
 from __future__ import annotations
 
@@ -12,13 +16,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import faiss
 import numpy as np
 import torch
 
 from . import baselines, datasets, evaluation
+from .. import scan_kernel
 from ..devices import resolve_device
 from ..factory import index_factory
 from ..io import read_index, write_index
@@ -30,13 +35,86 @@ BASELINE_SUFFIX = ".faissindex"
 K = 10
 
 
+def _finish(result):
+    """Wait for a CUDA result (a search returns before its last kernels end)."""
+    if isinstance(result, torch.Tensor) and result.is_cuda:
+        torch.cuda.synchronize(result.device)
+    return result
+
+
+def synthetic_split(n_train: int, n_db: int, n_query: int, n_val: Optional[int] = None, d: int = 128,
+                    clusters: int = 1024, seed: int = 0) -> datasets.Dataset:
+    """Gaussian clusters: centres drawn from N(0, 3² I), each vector a random centre plus N(0, I) noise,
+    float32 (d columns), with exact ground truth (100 neighbours) by faiss; deterministic for a seed.
+    n_val: validation vectors (default: a tenth of n_train, at most 10 000)."""
+    n_val = min(10_000, max(1, n_train // 10)) if n_val is None else n_val
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d), dtype=np.float32) * 3
+
+    def draw(n):
+        x = centres[rng.integers(0, clusters, n)]
+        x += rng.standard_normal((n, d), dtype=np.float32)
+        return x
+
+    xt, xval, xb, xq = draw(n_train), draw(n_val), draw(n_db), draw(n_query)
+    return datasets.Dataset(f"synthetic-{clusters}-clusters", xt, xval, xb, xq, datasets.ground_truth(xb, xq, k=100))
+
+
+def latency(search, xq, params: dict, n: int) -> dict:
+    """Milliseconds to answer one query searched alone (numpy in, numpy out, as a server would), over n
+    queries after a warm-up: median and 90th percentile."""
+    for q in xq[:min(20, n)]:
+        search(q[None], params)
+    times = []
+    for q in xq[:n]:
+        start = time.perf_counter()
+        _finish(search(q[None], params))
+        times.append(time.perf_counter() - start)
+    return dict(params, n=len(times), median_ms=1e3 * float(np.median(times)),
+                p90_ms=1e3 * float(np.percentile(times, 90)))
+
+
+def profile_search(search, queries, params: dict, repeats: int = 3) -> dict:
+    """Where one search(queries, params) spends its time (torch.profiler over ``repeats`` searches after a
+    warm-up): the wall time of one, and each CUDA kernel's (on a GPU) or operator's (on a CPU) own time in one
+    and its share of their sum, largest first. A diagnostic: it shows whether the scan, the decode or the
+    launches between them bound a search."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = isinstance(queries, torch.Tensor) and queries.is_cuda
+    _finish(search(queries, params))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        _finish(search(queries, params))
+    wall_ms = (time.perf_counter() - start) / repeats * 1e3
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            _finish(search(queries, params))
+    # own times: an operator's total would count the kernels it launched a second time
+    own = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / repeats / 1e3)
+           for e in prof.key_averages()]
+    own = sorted(((name, ms) for name, ms in own if ms > 0), key=lambda item: -item[1])
+    total_ms = max(sum(ms for _, ms in own), 1e-9)
+    return dict(params, queries=len(queries), repeats=repeats, wall_ms=wall_ms, profiled_ms=total_ms,
+                top=[{"name": name[:120], "ms": ms, "share": ms / total_ms} for name, ms in own[:15]])
+
+
+def memory_per_vector(index) -> dict:
+    """Bytes a stored vector: faiss's lists (codes with the norm byte, int64 id) and the scan's store beside
+    them (on the CPU the terms only, on a GPU the copy there), as the index holds them now."""
+    n = max(1, index.ntotal)
+    store = index._code_mirror()
+    return {"faiss_lists": (index.ivf.code_size + 8) * index.ntotal / n, "scan_store": store.nbytes / n,
+            "scan_store_device": str(store.device)}
+
+
 def qps_grid(search, xq, gt: np.ndarray, grid: List[dict]) -> List[dict]:
     """Recall and queries a second of search(xq, params) -> I (nq, >=10) at every grid point."""
     rows = []
     for params in grid:
-        search(xq[:100], params)  # warm-up
+        _finish(search(xq[:100], params))  # warm-up
         start = time.perf_counter()
-        I = search(xq, params)
+        I = _finish(search(xq, params))
         elapsed = time.perf_counter() - start
         I = I.cpu().numpy() if isinstance(I, torch.Tensor) else I
         row = dict(params)
@@ -143,10 +221,16 @@ def run_search(args) -> dict:
     result = {"kind": "search", "meta": run_meta(args.argv, device), "methods": {}}
     if args.bundle:
         index, refs, xq, gt, bundle_meta = _load_bundle(Path(args.bundle), device)
+        # a file keeps no execution settings
+        index.set_execution(kernel=args.kernel, dtype=args.precision, mem_budget_bytes=args.mem_budget_gib << 30)
         result.update(dataset=bundle_meta["dataset"], built_on=bundle_meta["built_on"])
         result["train_s"] = bundle_meta["train_s"]
     else:
-        ds = load_split(args)
+        if args.dataset == "synthetic":
+            ds = synthetic_split(args.n_train or 200_000, args.n_db or 1_000_000, args.n_query or 10_000,
+                                 clusters=args.clusters)
+        else:
+            ds = load_split(args)
         xq, gt = ds.xq, ds.gt
         result["dataset"] = dataset_meta(ds)
         index = build_index(args, ds, device, result)
@@ -157,22 +241,47 @@ def run_search(args) -> dict:
     if args.search_queries:
         xq, gt = xq[:args.search_queries], gt[:args.search_queries]
     result["n_search_queries"] = len(xq)
-    mirror = index._code_mirror()
-    result["mirror_bytes_per_vector"] = mirror.nbytes / max(1, mirror.ntotal)
+    memory = memory_per_vector(index)
+    result["mirror_bytes_per_vector"] = memory["scan_store"]
     queries = torch.from_numpy(xq).to(device) if device.type == "cuda" else xq
 
     def ours(q, params):
         return index.search(q, K, params=params)[1]
 
+    def points(specs):
+        return [dict(zip(("nprobe", "nshort"), map(int, p.split(":")))) for p in specs]
+
     grid = [{"nprobe": p, "nshort": s} for p in args.nprobe for s in args.nshort]
+    rows, latencies = [], []
+    saved = scan_kernel.CONFIG["enabled"]
+    try:  # on CUDA, each scan the run names: the fused Triton scan, the torch gather
+        for scan_name in (args.gpu_scans if device.type == "cuda" else ["auto"]):
+            scan_kernel.CONFIG["enabled"] = scan_name != "gather"
+            stamp = {} if scan_name == "auto" else {"scan": scan_name}
+            rows += [dict(row, **stamp) for row in qps_grid(ours, queries, gt, grid)]
+            latencies += [dict(row, **stamp) for row in (latency(ours, xq, p, args.latency_queries)
+                                                         for p in points(args.latency))]
+        if args.profile:
+            # eager decodes: replaying a CUDA graph recorded before the profiler starts is not safe
+            execution = index.execution
+            index.set_execution(cuda_graphs=False)
+            scan_kernel.CONFIG["enabled"] = saved
+            result["profile"] = [dict(profile_search(ours, q, p), batch=name) for p in points(args.profile)
+                                 for name, q in (("all queries", queries), ("one query", xq[:1]))]
+            index.execution = execution
+    finally:
+        scan_kernel.CONFIG["enabled"] = saved
     result["methods"]["IVF-RQ-MoE"] = {"config": index.config.to_dict(), "device": str(device), "mse": result.get("mse"),
-                                       "bytes": index.code_size, "grid": qps_grid(ours, queries, gt, grid)}
+                                       "bytes": index.code_size, "memory_bytes_per_vector": memory,
+                                       "grid": rows, "latency": latencies}
     write_result(result, args.out)
     if args.cpu_points and device.type == "cuda":
         index.to("cpu")
-        points = [dict(zip(("nprobe", "nshort"), map(int, p.split(":")))) for p in args.cpu_points]
+        cpu_points = points(args.cpu_points)
         result["methods"]["IVF-RQ-MoE (CPU path)"] = {"config": index.config.to_dict(), "device": "cpu",
-                                                      "bytes": index.code_size, "grid": qps_grid(ours, xq, gt, points)}
+                                                      "bytes": index.code_size,
+                                                      "memory_bytes_per_vector": memory_per_vector(index),
+                                                      "grid": qps_grid(ours, xq, gt, cpu_points)}
         write_result(result, args.out)
     for name, (ref, train_s, ref_mse) in refs.items():
         refine = isinstance(faiss.downcast_index(ref), faiss.IndexRefine)
@@ -182,9 +291,11 @@ def run_search(args) -> dict:
             return ref.search(q, K, params=baselines.search_params(ref, params["nprobe"],
                                                                      params.get("k_factor", 1)))[1]
 
-        points = [dict({"nprobe": p}, **({"k_factor": f} if refine else {})) for p in args.nprobe for f in factors]
+        ref_points = [dict({"nprobe": p}, **({"k_factor": f} if refine else {})) for p in args.nprobe for f in factors]
+        ref_latency = [latency(search, xq, dict({"nprobe": p["nprobe"]}, **({"k_factor": 1} if refine else {})),
+                               args.latency_queries) for p in points(args.latency)]
         result["methods"][name] = {"train_s": train_s, "mse": ref_mse, "bytes": baselines.stored_bytes(ref),
                                    "device": "cpu",
-                                   "grid": qps_grid(search, xq, gt, points)}
+                                   "grid": qps_grid(search, xq, gt, ref_points), "latency": ref_latency}
         write_result(result, args.out)
     return result
