@@ -142,7 +142,8 @@ def merge_shards(index_path, shard_paths: Sequence, out_path=None, ondisk_path=N
         total_bytes = int(counts.sum()) * (ivf.code_size + 8)
         if total_bytes:
             invlists.update_totsize(total_bytes)
-        invlists.set_all_lists_sizes(faiss.swig_ptr(counts.astype(np.uint64)))
+        sizes = counts.astype(np.uint64)  # named: swig_ptr keeps no reference to its array
+        invlists.set_all_lists_sizes(faiss.swig_ptr(sizes))
         ivf.replace_invlists(invlists, True)
         invlists.this.disown()
         filled = np.zeros(ivf.nlist, dtype=np.int64)
