@@ -71,7 +71,8 @@ def encode_shard(index, vectors: np.ndarray, start: int, end: int, out_dir: Path
     list_nos = index._assign(x)
     codes = index._encode(x - index.centroids[list_nos], list_nos, desc=f"shard {start}-{end}")
     path = shard_path(out_dir, start, end)
-    save_arrays(path, {"codes": codes.astype(np.int32), "list_nos": list_nos,
+    code_dtype = np.uint8 if index.config.nbits <= 8 else np.uint16 if index.config.nbits <= 16 else np.int32
+    save_arrays(path, {"codes": codes.astype(code_dtype), "list_nos": list_nos,
                        "ids": np.arange(first_id + start, first_id + end, dtype=np.int64)},
                 {"format": SHARD_FORMAT, "start": start, "end": end})
     return path
@@ -105,7 +106,8 @@ def build_shards(index_path, vectors_path, out_dir, shard_size: int = 1_000_000,
 
 
 def load_shard(path):
-    """The arrays of one shard file: codes (n, M) int32, list_nos (n,) int64, ids (n,) int64."""
+    """The arrays of one shard file: codes (n, M) (uint8 up to 8 bits a step, uint16 up to 16, else int32),
+    list_nos (n,) int64, ids (n,) int64."""
     arrays, meta = load_arrays(path, "a shard file")
     if meta.get("format") != SHARD_FORMAT:
         raise ValueError(f"{path} is not a shard file (format {meta.get('format')!r})")
