@@ -224,6 +224,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """``python -m faiss_rqmoe.cluster build ...``: prints the merged index's path and size as JSON."""
+    from ._openmp import rerun_with_passive_openmp
+
+    if argv is None:
+        argv = sys.argv[1:]
+        rerun_with_passive_openmp("faiss_rqmoe.cluster", argv)  # local workers inherit the policy
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     distributed = _distributed()

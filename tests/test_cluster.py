@@ -154,3 +154,15 @@ def test_a_killed_worker_s_shard_is_rerun_by_the_cluster(client, trained, tmp_pa
     paths = cluster.build_shards(client, index_path, npy, tmp_path / "work", shard_size=SHARD_SIZE, _task=task)
     assert (tmp_path / "killed").exists()  # the worker died once; Dask ran its shard again elsewhere
     assert_same_storage(shards.merge_shards(index_path, paths), shards.merge_shards(index_path, reference))
+
+
+def test_the_build_command_on_a_local_cluster(trained, tmp_path, capsys):
+    index_path, npy, _ = trained
+    out = tmp_path / "full.rqmoe"
+    assert cluster.main(["build", "--workers", "1", "--index", str(index_path), "--vectors", str(npy),
+                         "--work-dir", str(tmp_path / "work"), "--out", str(out), "--shard-size", "1000"]) == 0
+    assert '"ntotal": 3000' in capsys.readouterr().out
+    reference = shards.merge_shards(index_path, shards.build_shards(index_path, npy, tmp_path / "one",
+                                                                    shard_size=1000, device="cpu"))
+    assert_same_storage(faiss_rqmoe.read_index(out, device="cpu"), reference)
+    assert (tmp_path / "full.ivfdata").exists()
