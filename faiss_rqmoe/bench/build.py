@@ -37,6 +37,10 @@ def _search(search, xq: np.ndarray, k: int, params: dict, row: dict) -> None:
 
 def run_build(args) -> dict:
     """One build of args.vectors into the trained index args.index; see the module docstring."""
+    if args.devices:  # the option of earlier results: several devices were several local workers
+        args.device = args.device or args.devices[0]
+        if len(args.devices) > 1:
+            args.mode, args.workers = "cluster", len(args.devices)
     device = resolve_device(args.device)
     vectors = open_vectors(args.vectors)
     xq = np.ascontiguousarray(open_vectors(args.queries)[:args.nq], dtype=np.float32) if args.queries else None

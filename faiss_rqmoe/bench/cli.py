@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shard-size", type=int, default=131_072, help="rows a shard (default 131072)")
     build.add_argument("--device", default=None, help="where encoding and search run: cpu, cuda (default: cuda "
                        "if available; on a cluster, each worker's own GPU if it has one)")
+    build.add_argument("--devices", nargs="+", default=None, help="as in earlier results: one device (--device), or "
+                       "several for cluster mode with one local worker each")
     build.add_argument("--scheduler", default=None, help="cluster mode: a running Dask scheduler, e.g. "
                        "tcp://head:8786 (default: a local cluster of --workers processes)")
     build.add_argument("--workers", type=int, default=2, help="cluster mode: local worker processes (default 2)")
