@@ -46,18 +46,28 @@ def _distributed():
     return distributed
 
 
-def local_client(n_workers: int = 2, threads_per_worker: int = 1, **cluster_options):
+def local_client(n_workers: int = 2, threads_per_worker: int = 1, gpus: Optional[Sequence[int]] = None,
+                 **cluster_options):
     """A Dask client of a new cluster of worker processes on this host (127.0.0.1, free ports).
 
-    Close it with ``client.close(); client.cluster.close()`` (or use it as a
-    context manager and close the cluster after). cluster_options go to
-    ``distributed.LocalCluster``.
+    gpus: GPU numbers, one worker each that sees only its GPU
+    (``CUDA_VISIBLE_DEVICES``, kept when a worker restarts) and offers the
+    resource ``GPU=1``; n_workers is then ignored. Close it with
+    ``client.close(); client.cluster.close()``. cluster_options go to
+    ``distributed.LocalCluster`` (or ``SpecCluster`` with gpus).
     """
     distributed = _distributed()
-    options = dict(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                   host="127.0.0.1", dashboard_address="127.0.0.1:0")
-    options.update(cluster_options)
-    return distributed.Client(distributed.LocalCluster(**options))
+    if gpus is None:
+        options = dict(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                       host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        options.update(cluster_options)
+        return distributed.Client(distributed.LocalCluster(**options))
+    scheduler = {"cls": distributed.Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
+    workers = {f"gpu{gpu}": {"cls": distributed.Nanny,
+                             "options": {"nthreads": threads_per_worker, "host": "127.0.0.1", "resources": {"GPU": 1},
+                                         "env": {"CUDA_VISIBLE_DEVICES": str(gpu)}}}
+               for gpu in gpus}
+    return distributed.Client(distributed.SpecCluster(workers=workers, scheduler=scheduler, **cluster_options))
 
 
 # ------------------------------------------------------------------- build
@@ -216,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--scheduler", default=None, help="a running cluster, e.g. tcp://head:8786 "
                        "(default: a local cluster of --workers processes)")
     build.add_argument("--workers", type=int, default=2, help="local workers (without --scheduler)")
+    build.add_argument("--gpus", type=int, nargs="+", default=None, help="local workers on these GPUs, one each "
+                       "(without --scheduler), e.g. --gpus 0 1")
     build.add_argument("--shard-size", type=int, default=1_000_000, help="rows a shard (default 1000000)")
     build.add_argument("--first-id", type=int, default=0, help="the id of the database's first row")
     build.add_argument("--gpus-per-task", type=float, default=0, help="GPU resources a shard task needs "
@@ -234,9 +246,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     distributed = _distributed()
     client = (distributed.Client(args.scheduler) if args.scheduler
-              else local_client(args.workers, threads_per_worker=1))
+              else local_client(args.workers, threads_per_worker=1, gpus=args.gpus))
     try:
-        resources = {"GPU": args.gpus_per_task} if args.gpus_per_task else None
+        gpus_per_task = args.gpus_per_task or (1 if args.gpus and not args.scheduler else 0)
+        resources = {"GPU": gpus_per_task} if gpus_per_task else None
         index = build_index(client, args.index, args.vectors, args.work_dir, args.out, args.shard_size,
                             args.first_id, resources=resources)
         print(json.dumps({"out": args.out, "ntotal": index.ntotal, "workers": len(client.scheduler_info()["workers"])}))

@@ -166,3 +166,22 @@ def test_the_build_command_on_a_local_cluster(trained, tmp_path, capsys):
                                                                     shard_size=1000, device="cpu"))
     assert_same_storage(faiss_rqmoe.read_index(out, device="cpu"), reference)
     assert (tmp_path / "full.ivfdata").exists()
+
+
+def visible_gpus():
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_a_local_cluster_of_one_worker_a_gpu(trained, tmp_path):
+    index_path, npy, _ = trained
+    client = cluster.local_client(gpus=[0, 1])
+    try:
+        assert sorted(client.run(visible_gpus).values()) == ["0", "1"]  # each worker sees only its GPU
+        paths = cluster.build_shards(client, index_path, npy, tmp_path / "work", shard_size=1000,
+                                     resources={"GPU": 1})
+    finally:
+        local = client.cluster
+        client.close()
+        local.close()
+    reference = shards.build_shards(index_path, npy, tmp_path / "one", shard_size=1000, device="cpu")
+    assert_same_storage(shards.merge_shards(index_path, paths), shards.merge_shards(index_path, reference))

@@ -37,10 +37,16 @@ def _search(search, xq: np.ndarray, k: int, params: dict, row: dict) -> None:
 
 def run_build(args) -> dict:
     """One build of args.vectors into the trained index args.index; see the module docstring."""
+    gpus = None
     if args.devices:  # the option of earlier results: several devices were several local workers
-        args.device = args.device or args.devices[0]
-        if len(args.devices) > 1:
+        if len(args.devices) == 1:
+            args.device = args.device or args.devices[0]
+        else:
             args.mode, args.workers = "cluster", len(args.devices)
+            if all(d.startswith("cuda:") for d in args.devices):
+                gpus = [int(d.split(":")[1]) for d in args.devices]  # each worker sees its GPU as cuda
+            else:
+                args.device = args.device or args.devices[0]
     device = resolve_device(args.device)
     vectors = open_vectors(args.vectors)
     xq = np.ascontiguousarray(open_vectors(args.queries)[:args.nq], dtype=np.float32) if args.queries else None
@@ -67,13 +73,14 @@ def run_build(args) -> dict:
         from .. import cluster
 
         client = (cluster._distributed().Client(args.scheduler) if args.scheduler
-                  else cluster.local_client(args.workers, threads_per_worker=args.threads_per_worker))
+                  else cluster.local_client(args.workers, threads_per_worker=args.threads_per_worker, gpus=gpus))
         row["workers"] = len(client.scheduler_info()["workers"])
         row["threads_per_worker"] = args.threads_per_worker
         row["cluster_start_s"] = time.perf_counter() - start
         start = time.perf_counter()
         paths = cluster.build_shards(client, args.index, args.vectors, work, args.shard_size,
-                                     device=None if args.device is None else str(device))
+                                     device=None if args.device is None else str(device),
+                                     resources={"GPU": 1} if gpus else None)
         row["encode_s"] = time.perf_counter() - start
         index = merge_shards(args.index, paths, work / "full.rqmoe", ondisk_path=work / "full.ivfdata")
         row["build_s"] = time.perf_counter() - start
