@@ -174,7 +174,9 @@ class ClusterIndex:
     actor); device: where each worker searches (None: its GPU if it has one).
     ``search(x, k, params)`` takes params as a dict (``{"nprobe": 16,
     "nshort": 200}``) and returns D, I (nq, k) as one index over all shards would,
-    up to the shortlist: each shard keeps its own ``nshort`` best.
+    up to the shortlist: each shard keeps its own ``nshort`` best. A part is
+    held by its worker only (a Dask actor): if that worker dies, searches
+    raise; a new ClusterIndex places the parts on the workers left.
     """
 
     def __init__(self, client, index_path, shard_paths: Sequence, workers: Optional[Sequence[str]] = None,
