@@ -1,21 +1,22 @@
-"""Past one machine's memory and one process: sharded, resumable index builds and sharded search.
+"""Sharded, resumable index builds and the merge of shards and of search results, in one process.
 
 Build: the database rows of an on-disk array (.npy memory map, .fvecs, .bvecs)
-are cut into shards of ``shard_size`` rows; worker processes (one a GPU, or a
-few on the CPU) encode shards with a trained index and write each shard's
-codes, list numbers and ids to its own file (written whole or not at all), so
-a crash loses at most the shards in progress and ``build_shards`` run again
-skips the finished ones. ``merge_shards`` adds the shards' codes to the
-trained index through faiss (``add_sa_codes``: faiss's inverted lists),
-one shard in memory at a time. Search: ``search_shards`` queries several
-index files or objects in threads and merges their results as
+are cut into shards of ``shard_size`` rows; ``encode_shard`` writes one
+shard's codes, list numbers and ids to its own file (written whole or not at
+all), so a crash loses at most the shard in progress and ``build_shards`` run
+again skips the finished ones. Several workers, on one host or many, encode
+the same shards through ``faiss_rqmoe.cluster`` (Dask). ``merge_shards`` is
+the one merge: it writes the shards' codes into the trained index's faiss
+inverted lists, in memory or in faiss's on-disk inverted lists
+(``OnDiskInvertedLists``), one shard in memory at a time. Search:
+``search_shards`` queries several index files or objects in threads of one
+process and ``merge_results`` merges per-shard results as
 ``faiss.IndexShards`` does (the k best of the concatenation, ids as stored).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import multiprocessing
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -56,8 +57,9 @@ def shard_ranges(n: int, shard_size: int) -> List[tuple]:
     return [(i0, min(n, i0 + shard_size)) for i0 in range(0, n, shard_size)]
 
 
-def _shard_path(out_dir: Path, start: int, end: int) -> Path:
-    return out_dir / f"shard_{start:012d}_{end:012d}.npz"
+def shard_path(out_dir, start: int, end: int) -> Path:
+    """The file of the shard of rows start..end-1 under out_dir."""
+    return Path(out_dir) / f"shard_{start:012d}_{end:012d}.npz"
 
 
 def encode_shard(index, vectors: np.ndarray, start: int, end: int, out_dir: Path, first_id: int = 0) -> Path:
@@ -68,71 +70,102 @@ def encode_shard(index, vectors: np.ndarray, start: int, end: int, out_dir: Path
     x = as_vectors(vectors[start:end], index.d, "vectors")
     list_nos = index._assign(x)
     codes = index._encode(x - index.centroids[list_nos], list_nos, desc=f"shard {start}-{end}")
-    path = _shard_path(out_dir, start, end)
-    save_arrays(path, {"codes": codes.astype(np.int32), "list_nos": list_nos,
+    path = shard_path(out_dir, start, end)
+    code_dtype = np.uint8 if index.config.nbits <= 8 else np.uint16 if index.config.nbits <= 16 else np.int32
+    save_arrays(path, {"codes": codes.astype(code_dtype), "list_nos": list_nos,
                        "ids": np.arange(first_id + start, first_id + end, dtype=np.int64)},
                 {"format": SHARD_FORMAT, "start": start, "end": end})
     return path
 
 
-def _worker(index_path: str, vectors_path: str, ranges: Sequence[tuple], out_dir: str, device: Optional[str],
-            threads: Optional[int], first_id: int) -> List[str]:
-    import torch
-
-    from .io import read_index
-
-    if threads:
-        torch.set_num_threads(threads)
-        faiss.omp_set_num_threads(threads)
-    index = read_index(index_path, device=device)
-    index.train_config = index.train_config.replace(progress=False)
-    vectors = open_vectors(vectors_path)
-    return [str(encode_shard(index, vectors, start, end, Path(out_dir), first_id)) for start, end in ranges]
-
-
-def build_shards(index_path, vectors_path, out_dir, shard_size: int = 1_000_000, devices: Sequence = (None,),
-                 threads_per_worker: Optional[int] = None, first_id: int = 0) -> List[Path]:
-    """Encode an on-disk database in shards with a trained, saved index; resumable.
+def build_shards(index_path, vectors_path, out_dir, shard_size: int = 1_000_000, device=None,
+                 first_id: int = 0) -> List[Path]:
+    """Encode an on-disk database in shards with a trained, saved index, in this process; resumable.
 
     index_path: a file written by ``write_index`` (trained, empty or not);
-    vectors_path: .npy/.fvecs/.bvecs with the database rows; devices: one
-    worker process a device (e.g. ["cuda:0", "cuda:1"] or [None, None] for
-    two CPU workers). Finished shards (their files exist) are skipped.
+    vectors_path: .npy/.fvecs/.bvecs with the database rows; device: where
+    the codec runs (None: cuda if available). Finished shards (their files
+    exist) are skipped. Several workers or hosts: ``faiss_rqmoe.cluster.build_shards``.
     Returns every shard's path, in row order.
     """
+    from .io import read_index
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n = open_vectors(vectors_path).shape[0]
-    ranges = shard_ranges(n, shard_size)
-    todo = [r for r in ranges if not _shard_path(out_dir, *r).exists()]
+    vectors = open_vectors(vectors_path)
+    ranges = shard_ranges(vectors.shape[0], shard_size)
+    todo = [r for r in ranges if not shard_path(out_dir, *r).exists()]
     logger.info("%d shards of %d rows: %d done, %d to encode", len(ranges), shard_size, len(ranges) - len(todo),
                 len(todo))
     if todo:
-        if len(devices) == 1:
-            _worker(str(index_path), str(vectors_path), todo, str(out_dir), devices[0], threads_per_worker, first_id)
-        else:
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(len(devices), mp_context=context) as pool:
-                jobs = [pool.submit(_worker, str(index_path), str(vectors_path), todo[w::len(devices)],
-                                    str(out_dir), devices[w], threads_per_worker, first_id)
-                        for w in range(len(devices))]
-                for job in jobs:
-                    job.result()
-    return [_shard_path(out_dir, *r) for r in ranges]
+        index = read_index(index_path, device=device)
+        index.train_config = index.train_config.replace(progress=False)
+        for start, end in todo:
+            encode_shard(index, vectors, start, end, out_dir, first_id)
+    return [shard_path(out_dir, *r) for r in ranges]
 
 
-def merge_shards(index_path, shard_paths: Sequence, out_path=None):
-    """Add the codes of encoded shards to the trained index of index_path, in order, through faiss;
-    writes the full index to out_path when given and returns it. One shard is in memory at a time."""
+def load_shard(path):
+    """The arrays of one shard file: codes (n, M) (uint8 up to 8 bits a step, uint16 up to 16, else int32),
+    list_nos (n,) int64, ids (n,) int64."""
+    arrays, meta = load_arrays(path, "a shard file")
+    if meta.get("format") != SHARD_FORMAT:
+        raise ValueError(f"{path} is not a shard file (format {meta.get('format')!r})")
+    return arrays
+
+
+def merge_shards(index_path, shard_paths: Sequence, out_path=None, ondisk_path=None):
+    """Add the codes of encoded shards to the trained index of index_path, in order; returns the index and
+    writes it to out_path when given. One shard is in memory at a time.
+
+    The entries go straight into faiss's inverted lists, sized once from the
+    shards' list counts, in the order one ``add`` of the same rows gives.
+    ondisk_path: a file for faiss's on-disk inverted lists
+    (``OnDiskInvertedLists``, memory-mapped): the codes and ids stay there,
+    not in memory, and the index file written to out_path refers to it by
+    its absolute path, so keep the two together. The trained index must then
+    be empty. Without it the lists are in memory, after any entries the
+    trained index already holds.
+    """
     from .io import read_index, write_index
 
     index = read_index(index_path, device="cpu")
+    ivf = index.ivf
+    shard_paths = list(shard_paths)
+    counts = np.zeros(ivf.nlist, dtype=np.int64)
+    for path in shard_paths:  # a first pass sizes every list once: no regrowth, an exact on-disk layout
+        counts += np.bincount(load_shard(path)["list_nos"], minlength=ivf.nlist)
+    invlists = ivf.invlists
+    if ondisk_path is not None:
+        if ivf.ntotal:
+            raise ValueError(f"{index_path} holds {ivf.ntotal} vectors; on-disk lists are filled into an empty "
+                             "trained index")
+        invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, os.path.abspath(ondisk_path))
+        total_bytes = int(counts.sum()) * (ivf.code_size + 8)
+        if total_bytes:
+            invlists.update_totsize(total_bytes)
+        sizes = counts.astype(np.uint64)  # named: swig_ptr keeps no reference to its array
+        invlists.set_all_lists_sizes(faiss.swig_ptr(sizes))
+        ivf.replace_invlists(invlists, True)
+        invlists.this.disown()
+        filled = np.zeros(ivf.nlist, dtype=np.int64)
+    else:
+        filled = np.array([invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+        for list_no in np.flatnonzero(counts):
+            invlists.resize(int(list_no), int(filled[list_no] + counts[list_no]))
+    coarse_size = ivf.coarse_code_size()
     for path in shard_paths:
-        arrays, meta = load_arrays(path, "a shard file")
-        if meta.get("format") != SHARD_FORMAT:
-            raise ValueError(f"{path} is not a shard file (format {meta.get('format')!r})")
-        sa_codes = lut.encode_sa_codes(index.ivf, arrays["codes"], arrays["list_nos"])
-        index.ivf.add_sa_codes(sa_codes, arrays["ids"])
+        arrays = load_shard(path)
+        order = np.argsort(arrays["list_nos"], kind="stable")  # rows keep their order within a list
+        list_nos = arrays["list_nos"][order]
+        packed = np.ascontiguousarray(lut.encode_sa_codes(ivf, arrays["codes"][order], list_nos)[:, coarse_size:])
+        ids = np.ascontiguousarray(arrays["ids"][order], dtype=np.int64)
+        lists, firsts, sizes = np.unique(list_nos, return_index=True, return_counts=True)
+        for list_no, i0, size in zip(lists.tolist(), firsts.tolist(), sizes.tolist()):
+            invlists.update_entries(list_no, int(filled[list_no]), size, faiss.swig_ptr(ids[i0:]),
+                                    faiss.swig_ptr(packed[i0:]))
+            filled[list_no] += size
+    ivf.ntotal += int(counts.sum())
     index._mirror = None
     if out_path is not None:
         write_index(index, out_path)
@@ -162,7 +195,14 @@ def search_shards(indexes: Sequence, xq, k: int, params=None, threads: Optional[
 
     with concurrent.futures.ThreadPoolExecutor(threads or len(shards)) as pool:
         results = list(pool.map(one, shards))
-    heap = faiss.ResultHeap(len(xq), k, keep_max=metric == faiss.METRIC_INNER_PRODUCT)
+    return merge_results(results, k, metric)
+
+
+def merge_results(results: Sequence, k: int, metric: int):
+    """Merge per-shard search results as faiss.IndexShards does: results is a sequence of (D, I), each
+    (nq, k); returns D, I (nq, k) of the k best over all shards, best first (-1 ids where none)."""
+    nq = len(results[0][0])
+    heap = faiss.ResultHeap(nq, k, keep_max=metric == faiss.METRIC_INNER_PRODUCT)
     for D, I in results:
         heap.add_result(np.ascontiguousarray(D, dtype=np.float32), np.ascontiguousarray(I, dtype=np.int64))
     heap.finalize()

@@ -121,18 +121,6 @@ def test_a_build_killed_between_shards_resumes_and_ends_identical(trained, tmp_p
         np.testing.assert_array_equal(a, b)
 
 
-def test_two_worker_processes_build_the_same_shards(trained, tmp_path):
-    index_path, vectors = trained
-    one = shards.build_shards(index_path, vectors, tmp_path / "one", shard_size=700)
-    two = shards.build_shards(index_path, vectors, tmp_path / "two", shard_size=700, devices=["cpu", "cpu"],
-                              threads_per_worker=1)
-    for a, b in zip(one, two):
-        arrays_a, _ = faiss_rqmoe.storage.load_arrays(a)
-        arrays_b, _ = faiss_rqmoe.storage.load_arrays(b)
-        for key in ("codes", "list_nos", "ids"):
-            np.testing.assert_array_equal(arrays_a[key], arrays_b[key])
-
-
 def test_sharded_search_equals_search_on_the_merged_index(trained, tmp_path, sift):
     index_path, vectors = trained
     data = np.load(vectors)

@@ -23,7 +23,8 @@ JOBS = {
     "codec": "train or fit every codec on one split: MSE, recall@1/10/100, training time, encode/decode speed",
     "search": "our IVF index against faiss IVF-PQ, IVF-RQ and IVF-PQ FastScan+refine over an nprobe x nshort grid",
     "speed": "decode, encode and training vectors a second by batch size and execution strategy",
-    "build": "fill a trained index with an on-disk database in one add or in resumable shards: time and memory",
+    "build": "fill a trained index with an on-disk database (one add, resumable shards, or a Dask cluster) and "
+             "search it: time and memory a process",
     "report": "print result files as markdown tables",
     "merge": "combine codec results measured on the same split into one file",
     "plot": "draw the figures of result files as PNG",
@@ -128,9 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help=JOBS["build"], description=JOBS["build"])
     build.add_argument("--index", required=True, help="a trained index file (write_index)")
     build.add_argument("--vectors", required=True, help="the database: .npy, .fvecs or .bvecs")
-    build.add_argument("--mode", choices=["single", "sharded"], default="sharded", help="one add, or shards")
+    build.add_argument("--mode", choices=["single", "sharded", "cluster"], default="sharded",
+                       help="one add; shards in this process; shards on a Dask cluster (the cluster extra)")
     build.add_argument("--shard-size", type=int, default=131_072, help="rows a shard (default 131072)")
-    build.add_argument("--devices", nargs="+", default=["cpu"], help="one worker a device: cpu, cuda:0, ...")
+    build.add_argument("--device", default=None, help="where encoding and search run: cpu, cuda (default: cuda "
+                       "if available; on a cluster, each worker's own GPU if it has one)")
+    build.add_argument("--devices", nargs="+", default=None, help="as in earlier results: one device (--device), or "
+                       "several for cluster mode with one local worker each")
+    build.add_argument("--scheduler", default=None, help="cluster mode: a running Dask scheduler, e.g. "
+                       "tcp://head:8786 (default: a local cluster of --workers processes)")
+    build.add_argument("--workers", type=int, default=2, help="cluster mode: local worker processes (default 2)")
+    build.add_argument("--threads-per-worker", type=int, default=1, help="cluster mode: threads a local worker")
+    build.add_argument("--queries", default=None, help="query vectors (.npy, .fvecs, .bvecs): also time a search")
+    build.add_argument("--nq", type=int, default=1000, help="queries searched (the first nq of --queries)")
+    build.add_argument("--k", type=int, default=10, help="neighbours a query")
+    build.add_argument("--nprobe", type=int, default=16, help="lists probed a query")
+    build.add_argument("--nshort", type=int, default=100, help="shortlist decoded a query (a shard)")
     build.add_argument("--work-dir", default="shards", help="where shard files go (and are resumed from)")
     build.add_argument("--fresh", action="store_true", help="delete earlier shard files first")
     build.add_argument("--out", default=None, help="JSON file to write the result to")
