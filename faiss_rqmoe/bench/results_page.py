@@ -472,12 +472,7 @@ def draw_recall_qps(results: Dict[str, dict], path: Path) -> Path:
             grid = [row for row in _get(results, name)["methods"][method]["grid"] if row.get("qps", 0) > 0]
             front = pareto_front([(row["R@1"], row["qps"]) for row in grid])
             ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", label=label)
-        ax.set_yscale("log")
-        ax.set_xlabel("recall@1")
-        ax.set_ylabel("queries a second")
-        ax.set_title(title, fontsize="medium")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        _style(ax, title, "recall@1", "queries a second")
     return _save_svg(fig, path)
 
 
@@ -491,13 +486,18 @@ def draw_decode_speed(results: Dict[str, dict], path: Path) -> Path:
                             for row in rows if row["method"] == method)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("batch (codes decoded together)")
-        ax.set_ylabel("decoded vectors a second")
-        ax.set_title(title, fontsize="medium")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        _style(ax, title, "batch (codes decoded together)", "decoded vectors a second")
     return _save_svg(fig, path)
+
+
+def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
+    """One panel's look: a logarithmic y axis, labels, title, grid and legend."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize="medium")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 # ------------------------------------------------------------------------------------------------ render
