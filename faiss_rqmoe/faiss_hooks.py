@@ -15,17 +15,15 @@ Turn them off with the environment variable ``FAISS_RQMOE_FAISS_HOOKS=0``
 puts them back. Installing twice is harmless: each hook keeps faiss's own
 function and is recognised as a hook.
 
-This module also keeps ``faiss.cvar.indexIVF_stats`` (``count_ivf_search``):
+The CPU scan keeps ``faiss.cvar.indexIVF_stats`` (``scan.count_ivf_search``):
 harnesses read distance computations from it.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import List
 
 import faiss
-import numpy as np
 
 from .storage import is_package_file, sniff
 
@@ -216,18 +214,3 @@ def install_unless_disabled() -> None:
 
 
 # ------------------------------------------------------------------- stats
-def count_ivf_search(probes: np.ndarray, segment_offsets: List[np.ndarray]) -> None:
-    """Add a search's scans to ``faiss.cvar.indexIVF_stats`` as faiss's CPU IVF indexes do: queries
-    (nq), non-empty lists probed (nlist) and codes scanned in them (ndis).
-
-    probes: (nq, nprobe) int64 list numbers, -1 for none; segment_offsets: per stored segment,
-    (nlist+1,) int64 offsets of its lists."""
-    stats = faiss.cvar.indexIVF_stats
-    stats.nq += int(probes.shape[0])
-    if not segment_offsets:
-        return
-    sizes = sum(np.diff(offsets) for offsets in segment_offsets)
-    valid = probes[probes >= 0]
-    scanned = sizes[valid]
-    stats.nlist += int(np.count_nonzero(scanned))
-    stats.ndis += int(scanned.sum())

@@ -22,13 +22,12 @@ import faiss
 import numpy as np
 import torch
 
-from . import distributed, lut, scan
+from . import distributed, lut, scan, snapshot
 from .arrays import (as_id_list, as_ids, as_vectors, as_vectors_on, check_positive_int, fill_output,
                      returns_like, to_host)
 from .config import Condition, RQMoEConfig
 from .devices import resolve_device
 from .engine import DEFAULT_MEM_BUDGET_BYTES, Engine, Execution
-from .faiss_hooks import count_ivf_search
 from .model import RQMoE
 from .progress import folded_faiss_warnings, matmul_rate, timed_stage
 from .train import AUTO, TrainConfig, TrainHistory, reconstruction_mse, train_faiss_rq, train_rqmoe
@@ -248,25 +247,19 @@ class IndexRQMoE:
 
     # ---------------------------------------------------- copy and pickle
     def __copy__(self) -> "IndexRQMoE":
-        """An independent index (``io.clone_index``): faiss's ``copy.copy`` of an index is one too, and
+        """An independent index (``snapshot.clone``): faiss's ``copy.copy`` of an index is one too, and
         a copy that shared the storage would see the original's ``add`` and ``reset``."""
-        from .io import clone_index
-
-        return clone_index(self)
+        return snapshot.clone(self)
 
     def __deepcopy__(self, memo) -> "IndexRQMoE":
-        from .io import clone_index
-
-        clone = clone_index(self)
+        clone = snapshot.clone(self)
         memo[id(self)] = clone
         return clone
 
     def __reduce__(self):
-        """Pickles hold the bytes of the package's file format (``io.pickle_payload``); unpickling reads
+        """Pickles hold the bytes of the package's file format (``snapshot.payload``); unpickling reads
         them with its reader onto the default device, as ``read_index`` does."""
-        from .io import index_from_pickle, pickle_payload
-
-        return index_from_pickle, (pickle_payload(self),)
+        return index_from_pickle, (snapshot.payload(self),)
 
     def merge_from(self, other: "IndexRQMoE", add_id: int = 0) -> None:
         """Move the vectors of ``other`` into this index, as faiss's ``IndexIVF.merge_from`` does: their
@@ -720,7 +713,7 @@ class IndexRQMoE:
         inner_product = self.metric_type == faiss.METRIC_INNER_PRODUCT
         probes, coarse = self._coarse(xq, nprobe)
         if not probes.is_cuda:  # faiss's CPU IVF indexes count their scans; its GPU ones do not
-            count_ivf_search(probes.numpy(), mirror.list_offsets())
+            scan.count_ivf_search(probes.numpy(), mirror.list_offsets())
         device = self.model.device
         shortlist = scan.scan(mirror, self._on_device("codebooks", self.static_codebooks), xq,
                               probes.to(device), coarse.to(device), nshort, inner_product, masks)
@@ -883,3 +876,10 @@ class IndexRQMoE:
             self.ivf.reset()
         if self._mirror is not None:
             self._mirror.reset()
+
+
+def index_from_pickle(payload: bytes) -> IndexRQMoE:
+    """The index of a pickle's payload (pickle's reconstructor for IndexRQMoE), on the default device (cuda
+    if available), as ``read_index`` loads one. Parses the bytes with the package's reader only: an
+    IndexRQMoE file or the JSON of an untrained index, nothing else."""
+    return snapshot.from_payload(IndexRQMoE, payload, resolve_device(None))

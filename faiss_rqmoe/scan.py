@@ -556,3 +556,20 @@ def scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor
     valid = torch.isfinite(out_d)
     out_i.masked_fill_(~valid, -1)
     return Shortlist(out_d, out_i, out_l, out_c, valid)
+
+
+def count_ivf_search(probes: np.ndarray, segment_offsets: List[np.ndarray]) -> None:
+    """Add a search's scans to ``faiss.cvar.indexIVF_stats`` as faiss's CPU IVF indexes do: queries
+    (nq), non-empty lists probed (nlist) and codes scanned in them (ndis).
+
+    probes: (nq, nprobe) int64 list numbers, -1 for none; segment_offsets: per stored segment,
+    (nlist+1,) int64 offsets of its lists."""
+    stats = faiss.cvar.indexIVF_stats
+    stats.nq += int(probes.shape[0])
+    if not segment_offsets:
+        return
+    sizes = sum(np.diff(offsets) for offsets in segment_offsets)
+    valid = probes[probes >= 0]
+    scanned = sizes[valid]
+    stats.nlist += int(np.count_nonzero(scanned))
+    stats.ndis += int(scanned.sum())

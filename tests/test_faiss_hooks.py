@@ -127,11 +127,11 @@ def test_pickle_holds_the_file_format_and_only_its_reader(flat, queries):
     # the pickle names one function, the package's reader, and its one argument is the format's bytes
     globals_named = [op.name for op, _, _ in pickletools.genops(payload) if "GLOBAL" in op.name]
     strings = [arg for op, arg, _ in pickletools.genops(payload) if op.name.endswith("UNICODE")]
-    assert globals_named == ["STACK_GLOBAL"] and strings == ["faiss_rqmoe.io", "index_from_pickle"]
+    assert globals_named == ["STACK_GLOBAL"] and strings == ["faiss_rqmoe.index", "index_from_pickle"]
     blobs = [arg for op, arg, _ in pickletools.genops(payload) if op.name.endswith("BYTES")]
     assert len(blobs) == 1 and faiss_rqmoe.io.is_serialized_index(blobs[0])
     with pytest.raises(FileFormatError):
-        faiss_rqmoe.io.index_from_pickle(pickle.dumps(["not", "an", "index"]))
+        faiss_rqmoe.index.index_from_pickle(pickle.dumps(["not", "an", "index"]))
 
 
 def test_a_file_nested_in_the_faiss_part_is_refused(flat, tmp_path):
