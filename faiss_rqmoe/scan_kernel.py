@@ -61,6 +61,12 @@ def kept_slots(k: int) -> int:
 
 if triton is not None:
     @triton.jit
+    def _smallest(keys, K: tl.constexpr):
+        # the K smallest int64 keys: tl.topk keeps the largest (its order argument is newer than Triton
+        # 3.6), and ~ reverses the order of int64 without overflow
+        return ~tl.topk(~keys, K)
+
+    @triton.jit
     def _scan_kernel(luts_ptr, probes_ptr, coarse_ptr, offsets_ptr, codes_ptr, terms_ptr, mask_ptr, keys_ptr,
                      P, n_split, M: tl.constexpr, K: tl.constexpr, MP: tl.constexpr, KP: tl.constexpr,
                      BLOCK_N: tl.constexpr, INNER_PRODUCT: tl.constexpr, HAS_MASK: tl.constexpr):
@@ -99,10 +105,10 @@ if triton is not None:
                 keys = tl.where(keep, keys, 0x7FFFFFFFFFFFFFFF)
                 if tl.min(keys, axis=0) < worst_kept:
                     if BLOCK_N > KP:
-                        merged = tl.reshape(tl.join(best, tl.topk(keys, KP, descending=False)), (2 * KP,))
+                        merged = tl.reshape(tl.join(best, _smallest(keys, KP)), (2 * KP,))
                     else:
                         merged = tl.reshape(tl.join(best, keys), (2 * KP,))
-                    best = tl.topk(merged, KP, descending=False)
+                    best = _smallest(merged, KP)
                     worst_kept = tl.max(best, axis=0)
         out = keys_ptr + (q.to(tl.int64) * n_split + share) * KP + tl.arange(0, KP)
         tl.store(out, tl.sort(best, descending=False))

@@ -283,16 +283,15 @@ README_SEARCH_ROWS = [
 SEARCH_POINT = {"nprobe": 16, "nshort": 50}
 # (file, method, execution or None, label): one row of the speed table
 README_SPEED_ROWS = [
-    ("speed_h100_scored_encode.json", "RQ-MoE", None, "**RQ-MoE**, fused kernel, bfloat16"),
-    ("speed_h100_scored_encode.json", "QINCo1-shape", None, "QINCo1-shaped config of ours (N=1), same kernel"),
+    ("speed_h100_engine_defaults.json", "RQ-MoE", "auto", "**RQ-MoE**, defaults: fused kernel, bfloat16"),
+    ("speed_h100_engine_defaults.json", "RQ-MoE", "float32", "RQ-MoE, torch path, float32"),
+    ("speed_h100_scored_encode.json", "QINCo1-shape", None, "QINCo1-shaped config of ours (N=1), fused kernel"),
     ("speed_h200_split.json", "RQ-MoE", None, "**RQ-MoE**, fused kernel, bfloat16"),
     ("speed_h200_split.json", "QINCo1 (public code)", None, "QINCo1, public code"),
     ("speed_h200_split.json", "RQ-MoE reference (sequential)", None, "RQ-MoE, public reference code"),
     ("speed_cpu_2cores_h256_z_tables.json", "RQ-MoE", "float32", "**RQ-MoE**, float32"),
-    ("speed_cpu_2cores_h256_z_tables.json", "RQ-MoE", "bfloat16", "**RQ-MoE**, bfloat16"),
     ("speed_cpu_2cores_h256_z_tables.json", "RQ-MoE top-1", "float32", "RQ-MoE top-1 routing, float32"),
     ("speed_cpu_2cores_h256_z_tables.json", "QINCo1-shape", "float32", "QINCo1-shaped config of ours, float32"),
-    ("speed_cpu_2cores_h256.json", "RQ-MoE", None, "**RQ-MoE**, float32"),
     ("speed_cpu_2cores_h256.json", "QINCo1 (public code)", None, "QINCo1, public code"),
 ]
 SPEED_BATCHES = (1024, 8192, 100_000)
