@@ -40,7 +40,7 @@ AUTO = "auto"
 # What "auto" means where a default depends on the device: (cpu, cuda)
 AUTO_TIME_BUDGET_S = (30.0, 300.0)
 AUTO_ENCODE_CANDIDATES = (16, 32)
-ENCODE_PRECISIONS = (AUTO, "model") + DTYPES
+ENCODE_PRECISIONS = (AUTO, "model") + tuple(d for d in DTYPES if d != AUTO)
 # the TrainConfig fields that take one of a few words (checked in TrainConfig, and the choices of their flags)
 TRAIN_OPTION_CHOICES = {"lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS,
                         "rq_train_type": RQ_TRAIN_TYPES + (AUTO,), "encode_precision": ENCODE_PRECISIONS}
