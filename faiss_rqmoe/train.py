@@ -39,10 +39,20 @@ AUTO = "auto"
 
 # What "auto" means where a default depends on the device: (cpu, cuda)
 AUTO_TIME_BUDGET_S = (30.0, 300.0)
-AUTO_ENCODE_CANDIDATES = (16, 32)
+# On a CPU the budget buys two or three epochs of 100 000 vectors: too few validations for the plateau
+# rule ever to lower the lr. Annealing over the budget after a warm-up from 0, the codebooks at 3x the
+# networks' lr, and 2 candidates a step (more steps than 16 buy) turn them into a gain over the RQ start
+# (docs/experiments.md, section 7). The GPU keeps its measured defaults, and a CPU without a time budget
+# the earlier ones (plateau, 16 candidates): its length is then max_epochs, by default far too many epochs
+# to warm up and anneal over.
+AUTO_ENCODE_CANDIDATES = (2, 32)
+UNBUDGETED_CPU_ENCODE_CANDIDATES = 16
+AUTO_LR_SCHEDULE = ("cosine", "plateau")
+AUTO_WARMUP_FRACTION = (0.1, 0.0)
+AUTO_CODEBOOK_LR_SCALE = (3.0, 1.0)
 ENCODE_PRECISIONS = (AUTO, "model") + tuple(d for d in DTYPES if d != AUTO)
 # the TrainConfig fields that take one of a few words (checked in TrainConfig, and the choices of their flags)
-TRAIN_OPTION_CHOICES = {"lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS,
+TRAIN_OPTION_CHOICES = {"lr_schedule": LR_SCHEDULES + (AUTO,), "optimizer": OPTIMIZERS,
                         "rq_train_type": RQ_TRAIN_TYPES + (AUTO,), "encode_precision": ENCODE_PRECISIONS}
 
 
@@ -75,13 +85,17 @@ class TrainConfig:
     GPU; None: no limit); stops after ``stop_patience`` validations without
     gain. Optimiser: ``optimizer`` adam | adamw, ``lr``, ``weight_decay``,
     ``lr_schedule`` plateau (lr / 10 after ``lr_patience`` validations
-    without gain) | cosine (half cosine to 0 over the training length, after
-    a linear warm-up over ``warmup_fraction`` of it), ``instr_lr_scale``
-    multiplies the lr of the instruction codewords. Regularisation:
+    without gain) | cosine (half cosine to 0 over the training length), both
+    after a linear warm-up from 0 over ``warmup_fraction`` of the length;
+    ``instr_lr_scale`` and ``codebook_lr_scale`` multiply the lr of the
+    instruction codewords and of the base codebooks; "auto" for the
+    schedule, the warm-up and the codebooks' scale: cosine, 0.1 and 3 on a
+    CPU with a time budget, else plateau, 0 and 1 (``resolved_schedule``;
+    docs/experiments.md, section 7). Regularisation:
     ``dropout`` on the experts' hidden units, ``balance_loss`` weight of the
     gate load-balancing loss (Σ_n mean(a_n)² a step). Encoding while
-    training: ``train_encode_candidates`` (None: exact; "auto": 16 on a CPU, 32 on
-    a GPU) and ``encode_precision``, the matmul inputs of that encoding on
+    training: ``train_encode_candidates`` (None: exact; "auto": 2 on a CPU
+    with a time budget, 16 without, 32 on a GPU) and ``encode_precision``, the matmul inputs of that encoding on
     CUDA ("auto": bfloat16 unless the codec's kernel is "torch": it learns
     as much a sample as float32 in a faster loop, docs/experiments.md,
     section 1e; "model": the codec's own ``Execution``; or a dtype);
@@ -105,13 +119,14 @@ class TrainConfig:
     epoch_size: Optional[int] = None
     batch_size: int = 1024
     lr: float = 1e-3
-    lr_schedule: str = "plateau"
+    lr_schedule: str = AUTO
     lr_patience: int = 3
     stop_patience: int = 8
-    warmup_fraction: float = 0.0
+    warmup_fraction: Union[float, str] = AUTO
     optimizer: str = "adam"
     weight_decay: float = 0.0
     instr_lr_scale: float = 1.0
+    codebook_lr_scale: Union[float, str] = AUTO
     dropout: float = 0.0
     balance_loss: float = 0.0
     train_encode_candidates: Union[int, str, None] = AUTO
@@ -142,11 +157,15 @@ class TrainConfig:
                                                      minimum=1, allow_auto=True))
         set_("time_budget_s", _as_optional(self.time_budget_s, float, "time_budget_s", minimum=0,
                                            allow_auto=True))
-        for name in ("lr", "weight_decay", "instr_lr_scale", "dropout", "balance_loss", "warmup_fraction"):
-            set_(name, _as_optional(getattr(self, name), float, name, minimum=0))
+        for name in ("lr", "weight_decay", "instr_lr_scale", "codebook_lr_scale", "dropout", "balance_loss",
+                     "warmup_fraction"):
+            set_(name, _as_optional(getattr(self, name), float, name, minimum=0,
+                                    allow_auto=name in ("codebook_lr_scale", "warmup_fraction")))
+            if getattr(self, name) is None:
+                raise ValueError(f"TrainConfig.{name} must be a number, got None")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if self.dropout >= 1 or self.warmup_fraction >= 1:
+        if self.dropout >= 1 or (self.warmup_fraction != AUTO and self.warmup_fraction >= 1):
             raise ValueError(f"TrainConfig.dropout and warmup_fraction must be < 1, got {self.dropout}, "
                              f"{self.warmup_fraction}")
         for name, allowed in TRAIN_OPTION_CHOICES.items():
@@ -196,6 +215,16 @@ class TrainConfig:
             return AUTO_TIME_BUDGET_S[device.type == "cuda"]
         return self.time_budget_s
 
+    def resolved_schedule(self, device: torch.device) -> "TrainConfig":
+        """A copy with the "auto" lr_schedule, warmup_fraction and codebook_lr_scale resolved for
+        ``device``: on a CPU with a time budget a cosine over the training length after a 10 % warm-up,
+        the codebooks at 3x the lr; on a GPU, or without a budget, plateau steps, no warm-up, one lr."""
+        gpu = device.type == "cuda" or self.resolved_time_budget_s(device) is None
+        auto = {"lr_schedule": AUTO_LR_SCHEDULE[gpu], "warmup_fraction": AUTO_WARMUP_FRACTION[gpu],
+                "codebook_lr_scale": AUTO_CODEBOOK_LR_SCALE[gpu]}
+        changes = {name: value for name, value in auto.items() if getattr(self, name) == AUTO}
+        return self.replace(**changes) if changes else self
+
     def resolved_encode_execution(self, execution: Execution, device: torch.device) -> Execution:
         """The execution training encodes its batches with, for a codec that runs ``execution``: the
         model's on a CPU, with encode_precision "model", or with "auto" for a model set to the torch path
@@ -208,8 +237,11 @@ class TrainConfig:
         return dataclasses.replace(execution, dtype=dtype)
 
     def resolved_encode_candidates(self, device: torch.device) -> Optional[int]:
-        """Training's candidate count on ``device`` ("auto" resolved; None: exact)."""
+        """Training's candidate count on ``device`` ("auto" resolved; None: exact): 2 on a CPU with a time
+        budget, 16 on one without, 32 on a GPU."""
         if self.train_encode_candidates == AUTO:
+            if device.type != "cuda" and self.resolved_time_budget_s(device) is None:
+                return UNBUDGETED_CPU_ENCODE_CANDIDATES
             return AUTO_ENCODE_CANDIDATES[device.type == "cuda"]
         return self.train_encode_candidates
 
@@ -221,17 +253,21 @@ TRAIN_OPTION_HELP = {
     "epoch_size": "vectors an epoch (default: all training vectors)",
     "batch_size": "vectors a training batch (the global batch under torchrun)",
     "lr": "learning rate",
-    "lr_schedule": "plateau: lr / 10 on a validation plateau; cosine: warm-up, then half cosine to 0",
+    "lr_schedule": "plateau: lr / 10 on a validation plateau; cosine: warm-up, then half cosine to 0; 'auto': "
+                   "cosine on a CPU with a time budget, else plateau",
     "lr_patience": "validations without gain before lr / 10 (plateau schedule)",
     "stop_patience": "validations without gain before training stops",
-    "warmup_fraction": "share of the training length spent warming the lr up (cosine schedule)",
+    "warmup_fraction": "share of the training length spent raising the lr from 0 ('auto': 0.1 on a CPU with a "
+                       "time budget, else 0)",
     "optimizer": "adam or adamw",
     "weight_decay": "weight decay (decoupled with adamw)",
     "instr_lr_scale": "learning-rate multiplier of the instruction codewords",
+    "codebook_lr_scale": "learning-rate multiplier of the base codebooks, the RQ start's codewords ('auto': 3 on "
+                         "a CPU with a time budget, else 1)",
     "dropout": "dropout on the experts' hidden units while training",
     "balance_loss": "weight of the gate load-balancing loss (sum over experts of the mean gate weight squared)",
-    "train_encode_candidates": "candidates a step when training encodes its batches ('auto': 16 on a CPU, 32 on a "
-                         "GPU; 'none': exact)",
+    "train_encode_candidates": "candidates a step when training encodes its batches ('auto': 2 on a CPU with a "
+                               "time budget, 16 without, 32 on a GPU; 'none': exact)",
     "encode_precision": "matmul inputs when training encodes its batches on CUDA ('auto': bfloat16 unless the "
                         "kernel is torch; 'model': the model's execution; or float32, tfloat32, bfloat16)",
     "rq_train_max": "training vectors for the faiss RQ start",
@@ -449,14 +485,19 @@ def train_step(engine: Engine, forward, optimizer, xs: torch.Tensor, ctx: Option
 
 
 def make_optimizer(model: RQMoE, config: TrainConfig, capturable: bool = False):
-    """Adam or AdamW over the model's parameters (the instruction codewords in their own group when their
-    lr is scaled). capturable: state and learning rate on the model's (CUDA) device, as a training step
-    recorded into a CUDA graph needs; set_lr then fills the lr tensors in place."""
+    """Adam or AdamW over the model's parameters (the instruction codewords and the base codebooks each in
+    their own group when their lr is scaled; "auto" resolved for the model's device). capturable:
+    state and learning rate on the model's (CUDA) device, as a training step recorded into a CUDA graph
+    needs; set_lr then fills the lr tensors in place."""
+    config = config.resolved_schedule(model.device)
     instr = [model.instr_codebooks] if model.instr_codebooks is not None and config.instr_lr_scale != 1 else []
-    rest = [p for p in model.parameters() if all(p is not q for q in instr)]
+    base = [model.codebooks] if config.codebook_lr_scale != 1 else []
+    rest = [p for p in model.parameters() if all(p is not q for q in instr + base)]
     groups = [{"params": rest, "lr_scale": 1.0}]
     if instr:
         groups.append({"params": instr, "lr_scale": config.instr_lr_scale})
+    if base:
+        groups.append({"params": base, "lr_scale": config.codebook_lr_scale})
     if capturable:
         for group in groups:
             group["lr"] = torch.tensor(config.lr * group["lr_scale"], device=model.device)
@@ -476,23 +517,28 @@ def _set_lr(optimizer, lr: float) -> None:
 
 
 class _Schedule:
-    """The learning rate as training goes: plateau steps, or warm-up then half cosine over the length."""
+    """The learning rate as training goes: a linear warm-up from 0 over ``warmup_fraction`` of the length,
+    then plateau steps or a half cosine to 0 over the rest."""
 
-    def __init__(self, config: TrainConfig, budget_s: Optional[float], start: float):
-        self.config, self.budget_s, self.start = config, budget_s, start
+    def __init__(self, config: TrainConfig, budget_s: Optional[float]):
+        self.config, self.budget_s = config, budget_s
 
-    def progress(self, epochs_done: float) -> float:
+    def progress(self, epochs_done: float, spent_s: float) -> float:
+        """The share of the training length done: of max_epochs, or of the budget where that binds first.
+        spent_s: seconds of the steps taken so far, so the first step's lr never depends on the clock (a
+        run that max_epochs ends well within its budget stays deterministic for a seed)."""
         fraction = epochs_done / self.config.max_epochs
         if self.budget_s:
-            fraction = max(fraction, (time.perf_counter() - self.start) / self.budget_s)
+            fraction = max(fraction, spent_s / self.budget_s)
         return min(1.0, fraction)
 
-    def lr(self, base_lr: float, epochs_done: float) -> float:
-        if self.config.lr_schedule == "plateau":
-            return base_lr
-        progress, warmup = self.progress(epochs_done), self.config.warmup_fraction
+    def lr(self, base_lr: float, epochs_done: float, spent_s: float) -> float:
+        progress, warmup = self.progress(epochs_done, spent_s), self.config.warmup_fraction
+        plateau = self.config.lr_schedule == "plateau"
         if progress < warmup:
-            return self.config.lr * progress / warmup
+            return (base_lr if plateau else self.config.lr) * progress / warmup
+        if plateau:
+            return base_lr
         progress = (progress - warmup) / (1 - warmup)
         return self.config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -555,6 +601,7 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
     config = (config or TrainConfig()).replace(**options) if options else (config or TrainConfig())
     xt, xval, ctx, ctx_val = _check_inputs(model, xt, xval, ctx, ctx_val)
     device = distributed.device_for_rank(resolve_device(config.device))
+    config = config.resolved_schedule(device)
     budget_s = config.resolved_time_budget_s(device)
     candidates = config.resolved_encode_candidates(device)
     home_device = model.device
@@ -599,7 +646,8 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
     per_epoch = min(config.epoch_size, n_train) if config.epoch_size else n_train
     batch = config.batch_size
     start = time.perf_counter() - state["elapsed_s"]
-    schedule = _Schedule(config, budget_s, start)
+    schedule = _Schedule(config, budget_s)
+    spent = state["elapsed_s"]
     out_of_time = False
     logger.info("training %s on %d vectors (%s): up to %s, %d epochs of %d, batch %d, %s candidates",
                 model.config.mode.display_name, n_train, device,
@@ -623,8 +671,8 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
             order = torch.randperm(n_train, generator=generator)[:per_epoch].to(device)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync a batch
             for i0 in range(0, per_epoch, batch):
-                if config.lr_schedule == "cosine":
-                    _set_lr(optimizer, schedule.lr(state["lr"], state["epoch"] + i0 / per_epoch))
+                if config.lr_schedule == "cosine" or config.warmup_fraction > 0:
+                    _set_lr(optimizer, schedule.lr(state["lr"], state["epoch"] + i0 / per_epoch, spent))
                 rows = distributed.my_share(order[i0:i0 + batch])
                 xs, ctx_batch = xt_scaled[rows], None if ctx_norm is None else ctx_norm[rows]
                 loss = None if graphed is None else graphed(xs, ctx_batch)

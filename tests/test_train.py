@@ -14,8 +14,10 @@ TINY = dict(n_experts=2, n_layers=1, hidden=32)
 @pytest.mark.parametrize("condition", ["instruction", "reconstruction", "none"])
 def test_each_mode_lowers_validation_mse_on_real_sift(sift, condition):
     model = RQMoE(RQMoEConfig(128, 4, 6, condition=condition, **TINY))
+    # validation encodes with training's candidates: 16, as the index encodes on a CPU, so that the
+    # restored weights' exact encoding below lands near the validation's figure
     history = train_rqmoe(model, sift.xt[:4000], sift.xval[:500], max_epochs=5, batch_size=256,
-                          device="cpu", progress=False)
+                          train_encode_candidates=16, device="cpu", progress=False)
     # seconds of CPU training on 4 000 vectors: a small but real gain over the faiss RQ start
     assert history.best_val_mse < history.init_val_mse * 0.998
     # the restored weights are the best ones
@@ -44,7 +46,9 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, device):
     loads them into its own capturable optimiser (and records its graph again)."""
     x = clustered(3000, d=16)
     rel, atol = (1e-6, 1e-6) if device == "cpu" else (1e-3, 1e-4)
+    # the plateau schedule: this test interrupts a run by a shorter max_epochs, over which a cosine would anneal
     options = dict(batch_size=128, device=device, progress=False, lr_patience=1, stop_patience=10,
+                   lr=1e-3, lr_schedule="plateau", warmup_fraction=0,
                    train_encode_candidates=8)  # fewer than K = 16: exact encoding never records
 
     def fresh():
@@ -236,8 +240,8 @@ def test_plateau_counts_trained_epochs_only():
     plateau reference, so the lr is cut only after later epochs fail to beat it, never after epoch 1."""
     x = clustered(2000, d=16)
     model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
-    history = train_rqmoe(model, x, max_epochs=4, batch_size=128, lr=0.5, device="cpu", progress=False,
-                          lr_patience=1, stop_patience=10)
+    history = train_rqmoe(model, x, max_epochs=4, batch_size=128, lr=0.5, lr_schedule="plateau",
+                          warmup_fraction=0, device="cpu", progress=False, lr_patience=1, stop_patience=10)
     assert history.val_mse[0] > history.init_val_mse  # the premise: epoch 1 is worse than the start
     assert history.lr[1] == 0.5  # not cut for being worse than the initialisation
     for epoch in range(1, 3):  # from then on: cut exactly when an epoch beats no earlier trained epoch
@@ -275,10 +279,52 @@ def test_cosine_schedule_anneals_the_lr_to_zero_over_max_epochs():
     x = clustered(3000, d=16)
     model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
     history = train_rqmoe(model, x, max_epochs=4, batch_size=270, lr=2e-3, lr_schedule="cosine",
-                          stop_patience=10, device="cpu", progress=False)
+                          warmup_fraction=0, stop_patience=10, device="cpu", progress=False)
     # the lr of each epoch's last batch: 2700 vectors = 10 batches, so progress (e - 1 + 0.9) / 4
     expected = [1e-3 * (1 + np.cos(np.pi * (e - 0.1) / 4)) for e in (1, 2, 3, 4)]
     np.testing.assert_allclose(history.lr, expected, rtol=1e-9)
     assert history.best_val_mse < history.init_val_mse
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         train_rqmoe(model, x, max_epochs=1, lr_schedule="linear", progress=False)
+
+
+def test_plateau_schedule_warms_up_from_zero():
+    x = clustered(3000, d=16)
+    model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
+    history = train_rqmoe(model, x, max_epochs=4, batch_size=270, lr=2e-3, lr_schedule="plateau",
+                          warmup_fraction=0.5, stop_patience=10, lr_patience=10, device="cpu", progress=False)
+    # the lr of each epoch's last batch: progress (e - 1 + 0.9) / 4, linear up to half the length, then flat
+    expected = [2e-3 * min(1.0, (e - 0.1) / 4 / 0.5) for e in (1, 2, 3, 4)]
+    np.testing.assert_allclose(history.lr, expected, rtol=1e-9)
+
+
+def test_codebook_lr_scale_zero_freezes_the_codebooks():
+    x = clustered(2000, d=16)
+    model = RQMoE(RQMoEConfig(16, 3, 4, **TINY))
+    train_rqmoe(model, x, max_epochs=1, device="cpu", progress=False)  # the RQ start, then some training
+    codebooks = model.codebooks.detach().clone()
+    w2 = model.expert_w2.detach().clone()
+    train_rqmoe(model, x, max_epochs=1, batch_size=128, codebook_lr_scale=0, device="cpu", progress=False)
+    assert torch.equal(model.codebooks, codebooks)
+    assert not torch.equal(model.expert_w2, w2)
+
+
+def test_auto_schedule_follows_the_device():
+    """CPU: annealed over the budget after a warm-up, codebooks at 3x the lr, 2 candidates; GPU: unchanged."""
+    config = TrainConfig()
+    cpu, gpu = config.resolved_schedule(torch.device("cpu")), config.resolved_schedule(torch.device("cuda"))
+    fields = lambda c: (c.lr, c.lr_schedule, c.warmup_fraction, c.codebook_lr_scale)  # noqa: E731
+    assert fields(cpu) == (1e-3, "cosine", 0.1, 3.0)
+    assert fields(gpu) == (1e-3, "plateau", 0.0, 1.0)
+    assert (config.resolved_encode_candidates(torch.device("cpu")),
+            config.resolved_encode_candidates(torch.device("cuda"))) == (2, 32)
+    # without a budget the length is max_epochs (1000 by default): too long to anneal over
+    unbudgeted = TrainConfig(time_budget_s=None)
+    assert fields(unbudgeted.resolved_schedule(torch.device("cpu"))) == fields(gpu)
+    assert unbudgeted.resolved_encode_candidates(torch.device("cpu")) == 16
+    explicit = TrainConfig(lr_schedule="plateau", warmup_fraction=0.2, codebook_lr_scale=1)
+    assert fields(explicit.resolved_schedule(torch.device("cpu"))) == (1e-3, "plateau", 0.2, 1.0)
+    for bad in ({"lr": None}, {"lr": 0}, {"warmup_fraction": 1}, {"lr_schedule": "linear"},
+                {"codebook_lr_scale": None}):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
