@@ -483,6 +483,17 @@ def scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor
     ``ListMirror`` is always scanned list by list.
     Temporaries stay near ``budget_bytes`` (queries are taken in chunks). Returns a ``Shortlist``.
     """
+    try:
+        return _scan(mirror, codebooks, xq, probes, coarse, k, inner_product, masks, budget_bytes, strategy)
+    except scan_kernel.Unusable as exc:
+        if strategy == "fused":
+            raise
+        scan_kernel.unusable(exc)  # "auto" chose it: the torch scan gives the same shortlist
+        return _scan(mirror, codebooks, xq, probes, coarse, k, inner_product, masks, budget_bytes, "gather")
+
+
+def _scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor, coarse: torch.Tensor, k: int,
+          inner_product: bool, masks: Optional[list], budget_bytes: int, strategy: str) -> Shortlist:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     M, K = codebooks.shape[0], codebooks.shape[1]

@@ -22,6 +22,7 @@ CPU tensors (the tests do).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -32,8 +33,11 @@ try:
 except ImportError:  # CPU-only installs: the torch scan is used
     triton = None
 
+logger = logging.getLogger(__name__)
+
 # Candidates a program scores at a time, at least the kept top-k (a power of two); warps a program;
-# enabled: whether scan(strategy="auto") takes this kernel on CUDA (off: the torch gather, e.g. to compare).
+# enabled: whether scan(strategy="auto") takes this kernel on CUDA (off: the torch gather, e.g. to compare;
+# turned off for the process when the kernel cannot be compiled here, see ``unusable``).
 CONFIG = {"BLOCK_N": 128, "num_warps": 4, "enabled": True}
 # The largest shortlist kept on chip: a program's keys (KP int64) and a block's sort stay in registers.
 MAX_K = 256
@@ -43,10 +47,23 @@ TARGET_PROGRAMS = 2048
 NONE_KEY = (1 << 63) - 1  # an empty slot: after every real key
 
 
+class Unusable(RuntimeError):
+    """The fused scan could not be compiled or launched here (e.g. a Triton release whose language lacks
+    something it uses); the torch scan computes the same shortlist."""
+
+
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the fused scan can run here: Triton importable and a CUDA device present."""
     return triton is not None and torch.cuda.is_available()
+
+
+def unusable(error: Exception) -> None:
+    """Stop choosing the fused scan in this process after ``error`` (an ``Unusable``), saying why once."""
+    if CONFIG["enabled"]:
+        CONFIG["enabled"] = False
+        logger.warning("the fused GPU scan cannot run with this Triton (%s); searches use the torch scan, "
+                       "which returns the same shortlists", str(error).splitlines()[0] if str(error) else error)
 
 
 def interpreting() -> bool:
@@ -156,10 +173,14 @@ def scan_segment(luts: torch.Tensor, probes: torch.Tensor, coarse: torch.Tensor,
         dummy = codes.new_zeros(1)
         terms_arg = terms if terms is not None else luts
         mask_arg = mask.view(torch.uint8) if mask is not None else dummy
-        _scan_kernel[(B, n_split)](
-            luts.contiguous(), probes.contiguous(), coarse.contiguous(), offsets, codes, terms_arg, mask_arg, keys,
-            P, n_split, M=M, K=K, MP=triton.next_power_of_2(M), KP=KP, BLOCK_N=max(KP, CONFIG["BLOCK_N"]),
-            INNER_PRODUCT=inner_product, HAS_MASK=mask is not None, num_warps=CONFIG["num_warps"])
+        try:
+            _scan_kernel[(B, n_split)](
+                luts.contiguous(), probes.contiguous(), coarse.contiguous(), offsets, codes, terms_arg, mask_arg,
+                keys, P, n_split, M=M, K=K, MP=triton.next_power_of_2(M), KP=KP,
+                BLOCK_N=max(KP, CONFIG["BLOCK_N"]), INNER_PRODUCT=inner_product, HAS_MASK=mask is not None,
+                num_warps=CONFIG["num_warps"])
+        except triton.CompilationError as exc:
+            raise Unusable(str(exc)) from exc
     keys = keys.view(B, n_split * KP)
     if n_split > 1:
         keys = keys.topk(KP, dim=1, largest=False).values

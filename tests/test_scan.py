@@ -378,3 +378,29 @@ def test_fused_scan_on_a_gpu_equals_the_torch_scan(ip):
 
 def _on_host(short):
     return scan.Shortlist(*(t.cpu() for t in (short.distances, short.ids, short.list_nos, short.codes, short.valid)))
+
+
+def test_a_fused_scan_that_cannot_compile_falls_back_to_the_torch_scan(monkeypatch, caplog):
+    """Where "auto" chose the fused scan and this Triton cannot compile it, the search runs the torch scan
+    (the same shortlist) and stops choosing the kernel, saying so once; asked for by name, it raises."""
+    import logging
+
+    from faiss_rqmoe import scan as scan_module, scan_kernel
+
+    calls = []
+
+    def fake_scan(*args):
+        calls.append(args[-1])
+        if args[-1] in ("auto", "fused"):  # the kernel would run: it cannot compile
+            raise scan_kernel.Unusable("topk() got an unexpected keyword argument")
+        return "the torch scan's shortlist"
+
+    monkeypatch.setattr(scan_module, "_scan", fake_scan)
+    monkeypatch.setitem(scan_kernel.CONFIG, "enabled", True)
+    with caplog.at_level(logging.WARNING, logger="faiss_rqmoe.scan_kernel"):
+        got = scan_module.scan(None, None, None, None, None, 5, False)
+    assert got == "the torch scan's shortlist" and calls == ["auto", "gather"]
+    assert not scan_kernel.CONFIG["enabled"] and "cannot run with this Triton" in caplog.text
+    calls.clear()
+    with pytest.raises(scan_kernel.Unusable):
+        scan_module.scan(None, None, None, None, None, 5, False, strategy="fused")
