@@ -6,7 +6,6 @@ of Debian's wallpaper packages. Both are cached as .npy under ``cache_dir()``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
