@@ -151,14 +151,14 @@ def test_training_with_centroid_context_lowers_validation_mse_on_real_sift(sift)
     xval, ctx_val = sift.xval[:500] - kmeans.centroids[lists_v], kmeans.centroids[lists_v]
     model = RQMoE(RQMoEConfig(128, 4, 6, n_experts=2, n_layers=1, hidden=32, ctx_dim=128))
     history = train_rqmoe(model, xt, xval, ctx=ctx, ctx_val=ctx_val, max_epochs=5, batch_size=256,
-                          progress=False, device="cpu")
+                          progress=False, device="cpu", train_encode_candidates=16)
     assert history.best_val_mse < history.init_val_mse * 0.998
     # training fixed the context normalisation from the training contexts: mean 0, entries of RMS 0.1
     normalised = model.normalize_ctx(torch.from_numpy(ctx))
     assert normalised.mean(0).abs().max() < 1e-3
     assert float(normalised.pow(2).mean().sqrt()) == pytest.approx(0.1, rel=1e-3)
-    # the history's validation MSE is the model's own error with those contexts
-    recon = model.decode(model.encode(xval, ctx=ctx_val), ctx=ctx_val).numpy()
+    # the history's validation MSE is the model's own error with those contexts (and training's candidates)
+    recon = model.decode(model.encode(xval, 16, ctx=ctx_val), ctx=ctx_val).numpy()
     assert ((recon - xval) ** 2).sum(1).mean() == pytest.approx(history.best_val_mse, rel=1e-4)
 
 
