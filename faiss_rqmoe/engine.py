@@ -28,7 +28,7 @@ from .config import Condition
 from .encode import encode_scaled, score_morphed
 from .graphs import GraphCache, WeightsCache, bucket, stamp
 from .model import RQMoE, add_into, autocast_enabled, kept_out
-from .streams import instruction_stream, step_rows
+from .streams import step_rows
 
 DEFAULT_MEM_BUDGET_BYTES = 1 << 30
 # CPU decodes and encodes take chunks whose temporaries stay within this: larger chunks page-fault after
@@ -398,26 +398,18 @@ class Engine:
         or None: (n, d) float32, the network's ``decode_steps(codes, ctx, sum_steps=True)`` on this engine's
         backend."""
         c, m = self.config, self.model
-        if c.n_morph_steps == 0 or c.mode is Condition.RECONSTRUCTION:
-            if c.n_morph_steps == 0:
-                return step_rows(m.codebooks, codes).sum(1)
-            steps = m.decode_steps_sequential(codes, step_rows(m.codebooks, codes), m.ctx_cond(ctx), morph=self.morph)
-            return steps.sum(1)
+        if c.n_morph_steps == 0:
+            return step_rows(m.codebooks, codes).sum(1)
         ctx_cond = m.ctx_cond(ctx)
+        if c.mode is Condition.RECONSTRUCTION:
+            return m.decode_steps_sequential(codes, step_rows(m.codebooks, codes), ctx_cond, morph=self.morph).sum(1)
         backend = self.backend(codes.device)
         if backend.fused and kernels.gathers_z(c):  # the kernel sums each step's input from tables
             ctx_cond = ctx_cond.float() if ctx_cond is not None and c.De > 0 else None  # (autocast)
             return m.plus_unmorphed(kernels.decode_sum(c, self.kernel_weights(backend.precision), backend.precision,
                                                        codes, ctx_cond, self.decode_tables()), codes)
-        S, f = c.n_morph_steps, c.first_morphed
-        if self._z_from_tables():
-            z = self.gathered_z(codes, ctx_cond)
-        else:
-            cond = None
-            if c.De > 0:
-                cond = instruction_stream(m.instr_codebooks, codes, ctx_cond, include_first=f == 0).transpose(0, 1)
-            z = m.project(0, S, step_rows(m.codebooks[f:], codes[:, f:]).transpose(0, 1), cond)
-        return m.plus_unmorphed(self.morph(0, S, z, sum_steps=True), codes)
+        z = self.gathered_z(codes, ctx_cond) if self._z_from_tables() else m.step_inputs(codes, ctx_cond)
+        return m.plus_unmorphed(self.morph(0, c.n_morph_steps, z, sum_steps=True), codes)
 
     def _decode_block(self, codes: torch.Tensor, ctx_s: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw reconstructions of a block of validated codes (n, M), normalised contexts or None -> (n, d)."""

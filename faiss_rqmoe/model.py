@@ -387,7 +387,8 @@ class RQMoE(nn.Module):
     def score_candidates(self, m: int, candidates: Optional[torch.Tensor], cond: Optional[torch.Tensor],
                          residual: torch.Tensor, owner: Optional[torch.Tensor] = None,
                          n_rows: Optional[int] = None):
-        """``encode.score_candidates`` on the reference path: every candidate morphed, then scored."""
+        """A coder's ``score_candidates`` (encode.py) on the reference path: every candidate morphed, then
+        scored (``encode.score_morphed``)."""
         morphed = self.morph_candidates(m, candidates, cond, n_rows)
         return score_morphed(morphed, residual, owner), lambda rows, which: morphed[rows, which]
 
@@ -418,16 +419,23 @@ class RQMoE(nn.Module):
         if c.mode is Condition.RECONSTRUCTION:
             steps_out = self.decode_steps_sequential(codes, step_rows(self.codebooks, codes), ctx_cond)
             return steps_out.sum(1) if sum_steps else steps_out
-        S, f = c.n_morph_steps, c.first_morphed
+        f = c.first_morphed
+        morphed = self.morph(0, c.n_morph_steps, self.step_inputs(codes, ctx_cond))  # (S, n, d)
+        if sum_steps:
+            return self.plus_unmorphed(morphed.sum(0), codes)
+        return torch.cat([step_rows(self.codebooks[:f], codes[:, :f]), morphed.transpose(0, 1)], dim=1)
+
+    def step_inputs(self, codes: torch.Tensor, ctx_cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """The morphed steps' network inputs z of a parallel decode (condition 'instruction' or 'none'):
+        codes (n, M) int64, ctx_cond (n, De) or None -> (S, n, d), the projected codewords and instruction
+        stream."""
+        c = self.config
+        f = c.first_morphed
         cond = None
         if c.De > 0:
             cond = instruction_stream(self.instr_codebooks, codes, ctx_cond, include_first=f == 0)
             cond = cond.transpose(0, 1)  # (S, n, De)
-        z = self.project(0, S, step_rows(self.codebooks[f:], codes[:, f:]).transpose(0, 1), cond)
-        morphed = self.morph(0, S, z)  # (S, n, d)
-        if sum_steps:
-            return self.plus_unmorphed(morphed.sum(0), codes)
-        return torch.cat([step_rows(self.codebooks[:f], codes[:, :f]), morphed.transpose(0, 1)], dim=1)
+        return self.project(0, c.n_morph_steps, step_rows(self.codebooks[f:], codes[:, f:]).transpose(0, 1), cond)
 
     def plus_unmorphed(self, morphed_sum: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """A decode's sum over the morphed steps (n, d) plus the codewords of the steps before them."""
