@@ -625,7 +625,9 @@ def train_rqmoe(model: RQMoE, xt, xval=None, config: Optional[TrainConfig] = Non
     ctx_val_norm = None if ctx_val is None else model.normalize_ctx(torch.from_numpy(ctx_val).to(device))
     execution = execution or Execution()
     val_engine = Engine(model, execution)  # validation runs what the trained codec will run
-    batch_engine = Engine(model, config.resolved_encode_execution(execution, device))
+    batch_execution = config.resolved_encode_execution(execution, device)
+    # one engine where the batches are encoded as validation runs (a CPU): one set of derived tables
+    batch_engine = val_engine if batch_execution == execution else Engine(model, batch_execution)
     graph_steps = config.cuda_graphs and graphable(batch_engine, device, candidates, world)
     optimizer = make_optimizer(model, config, capturable=graph_steps)
     forward = distributed.wrap(model, device)
