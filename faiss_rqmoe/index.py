@@ -543,8 +543,8 @@ class IndexRQMoE:
         xs = torch.from_numpy(x).to(model.device) / model.scale
         ctx_s = None if ctx is None else model.normalize_ctx(torch.from_numpy(ctx).to(model.device))
         with torch.inference_mode():
-            return reconstruction_mse(Engine(model, self.execution, self.mem_budget_bytes), xs, candidates,
-                                      ctx=ctx_s, beam_size=beam)
+            engine = self.engine if model is self.model else Engine(model, self.execution, self.mem_budget_bytes)
+            return reconstruction_mse(engine, xs, candidates, ctx=ctx_s, beam_size=beam)
 
     def _build_storage(self, quantizer: faiss.Index, codes: np.ndarray, residuals: np.ndarray) -> None:
         """The faiss index that stores codes, with lookup-table codebooks fitted to (codes, residuals)."""
