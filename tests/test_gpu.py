@@ -35,10 +35,18 @@ def test_gpu_search_equals_the_cpu_path(pair, sift, nprobe, nshort):
     params = {"nprobe": nprobe, "nshort": nshort}
     D, I = cpu.search(xq, 10, params)
     Dg, Ig = gpu.search(xq, 10, params)
-    # the same shortlists up to float32 rounding of the stored terms, and the same exact re-ranking
-    assert (Ig == I).mean() > 0.98
-    same = Ig == I
-    np.testing.assert_allclose(Dg[same], D[same], rtol=1e-4, atol=1e-2)
+    assert_same_up_to_ties(Dg, Ig, D, I, rtol=1e-4, atol=1e-2)
+
+
+def assert_same_up_to_ties(D, I, D_ref, I_ref, rtol, atol):
+    """The same k-th distances (within float32 rounding of the stored terms) and the same ids, but where
+    distances tie: SIFT has duplicate descriptors, and their identical codes decode to one vector, which the
+    two paths may order differently (a tie at the last place may bring in one from beyond the k)."""
+    np.testing.assert_allclose(D, D_ref, rtol=rtol, atol=atol)
+    for q, j in zip(*np.nonzero(I != I_ref)):
+        ties = np.isclose(D_ref[q], D_ref[q, j], rtol=rtol, atol=atol)
+        assert ties.sum() > 1 or j == I.shape[1] - 1, (q, j, D_ref[q])
+        assert I[q, j] not in np.delete(I[q], j), (q, I[q])
 
 
 @cuda_only
