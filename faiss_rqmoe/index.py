@@ -509,7 +509,7 @@ class IndexRQMoE:
         if distributed.rank_and_world()[0] == 0:  # the faiss start is trained once and broadcast
             rq = train_faiss_rq(residuals, self.config.M, self.config.nbits, config.rq_beam, config.rq_train_type,
                                 config.rq_train_max, config.seed, config.progress)
-            self.model.init_from_rq(rq, scale=float(np.abs(residuals).max()) or 1.0)
+            self.model.init_from_rq(rq, scale=float(np.abs(residuals).max()) or 1.0, instr_init=config.instr_init)
         distributed.broadcast_module(self.model)
         rq_init_s = time.perf_counter() - start
         rq_model = RQMoE(RQMoEConfig(**{**self.config.to_dict(), "condition": "none", "ctx_dim": 0})).to(self.device)

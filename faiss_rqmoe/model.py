@@ -22,6 +22,8 @@ from .streams import advance_instruction, instruction_stream, recon_cond, step_r
 
 # morphed rows a reference encode or decode takes at once
 REFERENCE_CHUNK_ROWS = 1 << 16
+# starts of the instruction codewords (init_from_rq)
+INSTR_INITS = ("codebooks", "random")
 
 
 def _uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -144,14 +146,20 @@ class RQMoE(nn.Module):
 
     # ---------------------------------------------------------- initialisation
     @torch.no_grad()
-    def init_from_rq(self, rq, scale: Optional[float] = None) -> "RQMoE":
+    def init_from_rq(self, rq, scale: Optional[float] = None, instr_init: str = "random") -> "RQMoE":
         """Initialise from a trained ``faiss.ResidualQuantizer`` so the model *is* that RQ.
 
         rq: trained, with the same d, M and nbits. scale: the data scale
         (max |x| of the training set); None keeps the current ``scale``.
         Codebooks become rq's (divided by scale); the morphing networks are
         set to identity, so greedy encoding and decoding equal faiss RQ's.
+        instr_init (RQ-MoE only): "codebooks" starts the instruction codewords
+        as the base codewords (through a fixed orthonormal map when De != d),
+        so that the instruction stream starts as the partial reconstruction
+        QINCo-style conditions on; "random" keeps their small random start.
         """
+        if instr_init not in INSTR_INITS:
+            raise ValueError(f"instr_init must be one of {INSTR_INITS}, got {instr_init!r}")
         import faiss  # the model's only contact with faiss
 
         c = self.config
@@ -167,9 +175,21 @@ class RQMoE(nn.Module):
             self.scale.fill_(float(scale))
         codebooks = faiss.vector_to_array(rq.codebooks).reshape(c.M, c.K, c.d)
         self.codebooks.copy_(torch.from_numpy(codebooks) / self.scale.cpu())
+        if self.instr_codebooks is not None and instr_init == "codebooks":
+            self.instr_codebooks.copy_(self.codebooks[:-1] @ self.codeword_map())
         self.reset_morphing()
         self.initialized.fill_(True)
         return self
+
+    def codeword_map(self) -> torch.Tensor:
+        """(d, De) float32 on the model's device: the identity when De == d, else fixed orthonormal columns
+        (De < d; seed 0) or the identity padded with zeros (De > d): how codewords become instruction words."""
+        d, De = self.config.d, self.config.De
+        if De >= d:
+            return torch.eye(d, De, device=self.device)
+        generator = torch.Generator().manual_seed(0)
+        q, _ = torch.linalg.qr(torch.randn(d, De, generator=generator))
+        return q.to(self.device)
 
     @torch.no_grad()
     def reset_morphing(self) -> None:

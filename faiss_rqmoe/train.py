@@ -23,7 +23,7 @@ from . import distributed
 from .arrays import as_vectors
 from .devices import resolve_device
 from .engine import DTYPES, Engine, Execution
-from .model import RQMoE
+from .model import INSTR_INITS, RQMoE
 from .progress import folded_faiss_warnings, matmul_rate, timed_stage
 from .train_graph import GraphedTrainStep, graphable
 from .storage import FileFormatError, arrays_to_state, load_arrays, save_arrays, state_to_arrays
@@ -53,7 +53,8 @@ AUTO_CODEBOOK_LR_SCALE = (3.0, 1.0)
 ENCODE_PRECISIONS = (AUTO, "model") + tuple(d for d in DTYPES if d != AUTO)
 # the TrainConfig fields that take one of a few words (checked in TrainConfig, and the choices of their flags)
 TRAIN_OPTION_CHOICES = {"lr_schedule": LR_SCHEDULES + (AUTO,), "optimizer": OPTIMIZERS,
-                        "rq_train_type": RQ_TRAIN_TYPES + (AUTO,), "encode_precision": ENCODE_PRECISIONS}
+                        "rq_train_type": RQ_TRAIN_TYPES + (AUTO,), "encode_precision": ENCODE_PRECISIONS,
+                        "instr_init": INSTR_INITS}
 
 
 def _as_optional(value, kind, name: str, minimum=None, allow_auto: bool = False):
@@ -126,6 +127,7 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     instr_lr_scale: float = 1.0
+    instr_init: str = "random"
     codebook_lr_scale: Union[float, str] = AUTO
     dropout: float = 0.0
     balance_loss: float = 0.0
@@ -262,6 +264,8 @@ TRAIN_OPTION_HELP = {
     "optimizer": "adam or adamw",
     "weight_decay": "weight decay (decoupled with adamw)",
     "instr_lr_scale": "learning-rate multiplier of the instruction codewords",
+    "instr_init": "start of RQ-MoE's instruction codewords: codebooks (the RQ start's codewords, so the "
+                  "instruction stream starts as the partial reconstruction) or random (small noise)",
     "codebook_lr_scale": "learning-rate multiplier of the base codebooks, the RQ start's codewords ('auto': 3 on "
                          "a CPU with a time budget, else 1)",
     "dropout": "dropout on the experts' hidden units while training",
@@ -406,7 +410,7 @@ def init_from_data(model: RQMoE, xt: np.ndarray, config: Optional["TrainConfig"]
                 config.rq_train_max)
     rq = train_faiss_rq(xt, c.M, c.nbits, config.rq_beam, config.rq_train_type, config.rq_train_max,
                         config.seed, config.progress)
-    model.init_from_rq(rq, scale=float(np.abs(xt).max()) or 1.0)
+    model.init_from_rq(rq, scale=float(np.abs(xt).max()) or 1.0, instr_init=config.instr_init)
     return time.perf_counter() - start
 
 

@@ -5,6 +5,7 @@ import torch
 
 from faiss_rqmoe import Engine, Execution, RQMoE, RQMoEConfig
 from faiss_rqmoe.lut import unpack_bits
+from faiss_rqmoe.streams import instruction_stream
 
 from conftest import clustered
 
@@ -46,6 +47,29 @@ def test_untrained_model_is_faiss_rq(condition, through):
     mse_model = ((recon - x) ** 2).sum(1).mean()
     mse_faiss = ((rq.decode(rq.compute_codes(x)) - x) ** 2).sum(1).mean()
     assert mse_model == pytest.approx(mse_faiss, rel=1e-5)
+
+
+@pytest.mark.parametrize("instr_dim", [None, 5, 40])
+def test_instructions_started_from_codebooks_carry_the_partial_reconstruction(instr_dim):
+    """instr_init="codebooks": the instruction stream I_m starts as the RQ partial reconstruction (mapped
+    to De columns), and the model is still exactly faiss RQ."""
+    x = clustered(3000, d=16)
+    rq = faiss_rq(x, 3, 5)
+    model = RQMoE(RQMoEConfig(16, 3, 5, n_experts=2, n_layers=1, hidden=8, instr_dim=instr_dim))
+    model.init_from_rq(rq, scale=float(np.abs(x).max()), instr_init="codebooks")
+    codes = torch.randint(0, 32, (50, 3))
+    books = torch.from_numpy(faiss.vector_to_array(rq.codebooks).reshape(3, 32, 16)) / model.scale
+    partial = torch.cumsum(books[torch.arange(2), codes[:, :2]], dim=1)  # (50, 2, d): after steps 1 and 2
+    mapping = model.codeword_map()
+    assert mapping.shape == (16, model.config.De)
+    torch.testing.assert_close(mapping.T @ mapping if model.config.De <= 16 else mapping @ mapping.T,
+                               torch.eye(min(16, model.config.De)), rtol=0, atol=1e-5)
+    stream = instruction_stream(model.instr_codebooks.detach(), codes, None, include_first=False)
+    torch.testing.assert_close(stream, partial @ mapping, rtol=1e-5, atol=1e-6)
+    rq_recon = books[torch.arange(3), codes].sum(1) * model.scale  # plain RQ's decode, by hand
+    torch.testing.assert_close(model.decode(codes), rq_recon, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="instr_init must be one of"):
+        model.init_from_rq(rq, instr_init="zeros")
 
 
 @pytest.mark.parametrize("condition", ["instruction", "reconstruction", "none"])
