@@ -92,7 +92,9 @@ class TrainConfig:
     instruction codewords and of the base codebooks; "auto" for the
     schedule, the warm-up and the codebooks' scale: cosine, 0.1 and 3 on a
     CPU with a time budget, else plateau, 0 and 1 (``resolved_schedule``;
-    docs/experiments.md, section 7). Regularisation:
+    docs/experiments.md, section 7). ``instr_init``: how RQ-MoE's
+    instruction codewords start, "random" or "codebooks" (as the RQ start's
+    codewords; equal within the runs' spread, section 9). Regularisation:
     ``dropout`` on the experts' hidden units, ``balance_loss`` weight of the
     gate load-balancing loss (Σ_n mean(a_n)² a step). Encoding while
     training: ``train_encode_candidates`` (None: exact; "auto": 2 on a CPU
