@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 import torch
 
-from . import lut, scan_kernel
+from . import lut, lutscan, scan_kernel
 
 MAX_SEGMENTS = 8
 INT32_SPAN = 1 << 31
@@ -216,6 +216,7 @@ class ListMirror:
         self.terms: Optional[List[np.ndarray]] = [np.empty(0, np.float32)] * self.nlist if with_terms else None
         self.ntotal = 0
         self._lists: Optional[List[Optional[StoredList]]] = None
+        self._table: Optional[lutscan.ListTable] = None
         self._lock = threading.Lock()
 
     @property
@@ -252,6 +253,14 @@ class ListMirror:
             if self._lists is None:
                 self._lists = self._read_lists()
             return self._lists
+
+    def list_table(self) -> "lutscan.ListTable":
+        """The lists' addresses for the compiled scan, cached with ``lists``."""
+        stored = self.lists()
+        table = self._table
+        if table is None or table.lists is not stored:
+            table = self._table = lutscan.ListTable(stored)
+        return table
 
     def _read_lists(self) -> List[Optional[StoredList]]:
         invlists = faiss.downcast_InvertedLists(self.ivf.invlists)
@@ -480,7 +489,8 @@ def scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tensor
     its top k on chip: a GPU's where Triton is installed and k <= ``scan_kernel.MAX_K``), "gather" (all
     candidates of a query chunk in a few large torch gathers: a GPU's otherwise), "by_list" (one list at a
     time, its codes shared by the queries that probe it: the CPU's) or "auto" (by device, Triton and k); a
-    ``ListMirror`` is always scanned list by list.
+    ``ListMirror`` is scanned list by list: with "auto", by the compiled scan (``lutscan``) where it is
+    built and codes have 8 bits, else by torch.
     Temporaries stay near ``budget_bytes`` (queries are taken in chunks). Returns a ``Shortlist``.
     """
     try:
@@ -500,6 +510,7 @@ def _scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tenso
     nq = xq.shape[0]
     device = xq.device
     lists_mirror = isinstance(mirror, ListMirror)
+    compiled = lists_mirror and strategy == "auto" and lutscan.usable(mirror.nbits)
     by_list = lists_mirror or strategy == "by_list" or (strategy == "auto" and device.type == "cpu")
     fused = not by_list and (strategy == "fused" or (
         strategy == "auto" and device.type == "cuda" and scan_kernel.CONFIG["enabled"] and scan_kernel.available()
@@ -513,13 +524,18 @@ def _scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tenso
     coarse = torch.where(missing, torch.full_like(coarse, worst), coarse)
     flat_books = codebooks.reshape(M * K, -1)
     sub_dtype = code_dtype(mirror.nbits)
-    if lists_mirror:
+    if compiled:
+        table = mirror.list_table()
+        masks_at, kept_masks = lutscan.mask_addresses(masks, mirror.nlist)
+    elif lists_mirror:
         sources = [_mirror_lists(mirror, masks)]
         sizes = [0 if s is None else s.codes.shape[0] for s in mirror.lists()]
     elif by_list:
         sources = [_segment_lists(seg, None if masks is None else masks[s]) for s, seg in enumerate(mirror.segments)]
         sizes = [int((seg.offsets[1:] - seg.offsets[:-1]).max()) for seg in mirror.segments]
-    if fused:  # a chunk's tables, the kernel's keys and the candidates' rows, ids and codes
+    if compiled:  # a chunk's tables and outputs
+        per_query = 4 * M * K + (20 + M) * k
+    elif fused:  # a chunk's tables, the kernel's keys and the candidates' rows, ids and codes
         per_query = 4 * M * K + 8 * scan_kernel.kept_slots(k) * probes.shape[1] + (M + 40) * k * 2
     elif by_list:
         # a chunk's tables and candidate buffers, and one list's temporaries if every query probed the largest
@@ -537,7 +553,9 @@ def _scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tenso
     for i0 in range(0, nq, chunk):
         sl = slice(i0, i0 + chunk)
         luts = (xq[sl] @ flat_books.T).reshape(-1, M, K)
-        if fused:
+        if compiled:
+            parts = [lutscan.scan_lists(table, masks_at, luts, unclamped[sl], coarse[sl], k, inner_product)]
+        elif fused:
             parts = [_segment_candidates_fused(seg, luts, unclamped[sl], coarse[sl], k, inner_product,
                                                None if masks is None else masks[s])
                      for s, seg in enumerate(mirror.segments)]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from faiss_rqmoe import lut, scan
+from faiss_rqmoe import lut, lutscan, scan
 
 
 def setup(n=3000, nlist=12, M=4, K=16, d=8, seed=0):
@@ -404,3 +404,32 @@ def test_a_fused_scan_that_cannot_compile_falls_back_to_the_torch_scan(monkeypat
     calls.clear()
     with pytest.raises(scan_kernel.Unusable):
         scan_module.scan(None, None, None, None, None, 5, False, strategy="fused")
+
+
+@pytest.mark.skipif(not lutscan.built(), reason="the compiled scan is not built in this install")
+@pytest.mark.parametrize("ip", [False, True])
+def test_the_compiled_cpu_scan_equals_the_torch_scan_bit_for_bit(monkeypatch, ip):
+    """The C scan (lutscan) does the torch scan's float32 operations in the same order: the same distances
+    exactly, the same ids and codes but where distances tie, with a selector, empty lists and k above some
+    queries' candidates; splitting the queries over threads changes nothing."""
+    ivf, mirror, centroids, books, codes, lists, ids = faiss_lists(8, ip, n=3000, M=8)
+    xq = np.random.default_rng(7).standard_normal((41, 8)).astype(np.float32) * 3
+    probes, coarse = probe(xq, centroids, 3, ip)
+    args = (torch.from_numpy(books), torch.from_numpy(xq), torch.from_numpy(probes), torch.from_numpy(coarse),
+            700, ip)  # 700 > the candidates of some queries (3 lists of about 270)
+    for masks in (None, mirror.selector_masks(faiss.IDSelectorRange(500, 1_000_000))):
+        compiled = scan.scan(mirror, *args, masks=masks)
+        monkeypatch.setitem(lutscan.CONFIG, "enabled", False)
+        reference = scan.scan(mirror, *args, masks=masks)
+        monkeypatch.setitem(lutscan.CONFIG, "enabled", True)
+        assert torch.equal(compiled.distances, reference.distances)
+        assert compiled.valid.any() and not compiled.valid.all()
+        same_shortlist(compiled, reference, tolerance=0)
+        if masks is not None:
+            assert (compiled.ids[compiled.valid] >= 500).all()
+    luts = (torch.from_numpy(xq) @ torch.from_numpy(books).reshape(-1, 8).T).reshape(41, 8, 256)
+    masks_at, _ = lutscan.mask_addresses(None, mirror.nlist)
+    runs = [lutscan.scan_lists(mirror.list_table(), masks_at, luts, torch.from_numpy(probes),
+                               torch.from_numpy(coarse), 50, ip, threads=t) for t in (1, 3)]
+    for one, three in zip(*runs):
+        assert torch.equal(one, three)

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--gpu-scans", nargs="+", choices=["auto", "fused", "gather"], default=["auto"],
                         help="with --device cuda, run the grid with each scan: fused (the Triton kernel), gather "
                              "(torch) or auto (fused where Triton is installed)")
+    search.add_argument("--cpu-scans", nargs="+", choices=["auto", "compiled", "torch"], default=["auto"],
+                        help="with --device cpu, run the grid with each scan: compiled (the C scan built with the "
+                             "package), torch, or auto (compiled where built)")
     speed = sub.add_parser("speed", help=JOBS["speed"], description=JOBS["speed"])
     speed.add_argument("--devices", nargs="+", default=["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"],
                        help="devices to measure (default: cuda and cpu where there is a GPU, else cpu)")

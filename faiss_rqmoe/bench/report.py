@@ -38,7 +38,7 @@ def search_table(result: dict) -> str:
     if timed:
         lines += ["", "| method | params | one query alone, median ms | 90th percentile ms |", "|---|---|---:|---:|"]
         for name, row in timed:
-            params = ", ".join(f"{k}={row[k]}" for k in ("nprobe", "nshort", "scan") if k in row)
+            params = ", ".join(f"{k}={row[k]}" for k in ("nprobe", "nshort", "scan", "cuda_graphs") if k in row)
             lines.append(f"| {name} | {params} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} |")
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import baselines, datasets, evaluation
-from .. import scan_kernel
+from .. import lutscan, scan_kernel
 from ..devices import resolve_device
 from ..factory import index_factory
 from ..io import read_index, write_index
@@ -254,24 +254,33 @@ def run_search(args) -> dict:
 
     grid = [{"nprobe": p, "nshort": s} for p in args.nprobe for s in args.nshort]
     rows, latencies = [], []
-    saved = scan_kernel.CONFIG["enabled"]
-    try:  # on CUDA, each scan the run names: the fused Triton scan, the torch gather
-        for scan_name in (args.gpu_scans if device.type == "cuda" else ["auto"]):
+    saved = scan_kernel.CONFIG["enabled"], lutscan.CONFIG["enabled"]
+    if device.type == "cpu" and "compiled" in args.cpu_scans and not lutscan.built():
+        raise SystemExit("--cpu-scans compiled: the compiled scan is not built in this install")
+    try:  # each scan the run names: on CUDA the fused Triton scan or the torch gather; on the CPU the C scan or torch
+        for scan_name in (args.gpu_scans if device.type == "cuda" else args.cpu_scans):
             scan_kernel.CONFIG["enabled"] = scan_name != "gather"
+            lutscan.CONFIG["enabled"] = scan_name != "torch"
             stamp = {} if scan_name == "auto" else {"scan": scan_name}
             rows += [dict(row, **stamp) for row in qps_grid(ours, queries, gt, grid)]
             latencies += [dict(row, **stamp) for row in (latency(ours, xq, p, args.latency_queries)
                                                          for p in points(args.latency))]
+            if device.type == "cuda" and index.execution.cuda_graphs:  # the same queries without search graphs
+                execution = index.execution
+                index.set_execution(cuda_graphs=False)
+                latencies += [dict(row, cuda_graphs=False, **stamp) for row in (
+                    latency(ours, xq, p, args.latency_queries) for p in points(args.latency))]
+                index.execution = execution
         if args.profile:
             # eager decodes: replaying a CUDA graph recorded before the profiler starts is not safe
             execution = index.execution
             index.set_execution(cuda_graphs=False)
-            scan_kernel.CONFIG["enabled"] = saved
+            scan_kernel.CONFIG["enabled"], lutscan.CONFIG["enabled"] = saved
             result["profile"] = [dict(profile_search(ours, q, p), batch=name) for p in points(args.profile)
                                  for name, q in (("all queries", queries), ("one query", xq[:1]))]
             index.execution = execution
     finally:
-        scan_kernel.CONFIG["enabled"] = saved
+        scan_kernel.CONFIG["enabled"], lutscan.CONFIG["enabled"] = saved
     result["methods"]["IVF-RQ-MoE"] = {"config": index.config.to_dict(), "device": str(device), "mse": result.get("mse"),
                                        "bytes": index.code_size, "memory_bytes_per_vector": memory,
                                        "grid": rows, "latency": latencies}
