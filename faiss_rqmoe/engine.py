@@ -418,12 +418,15 @@ class Engine:
     def _graphed_decode(self, codes: torch.Tensor, ctx_s: Optional[torch.Tensor],
                         out: torch.Tensor) -> Optional[torch.Tensor]:
         """decode into out (n, d) through a recorded CUDA graph (graphs.py); None where that does not
-        apply: not on CUDA, graphs off, a batch past graphs.MAX_ROWS or the memory budget's chunk, or a
-        computation that synchronises with the host (top-k routing on the torch path)."""
+        apply: not on CUDA, graphs off, a batch past graphs.MAX_ROWS or the memory budget's chunk, a
+        computation that synchronises with the host (top-k routing on the torch path), or a decode that a
+        caller's graph is recording (it becomes part of that graph)."""
         c = self.config
         rows = bucket(codes.shape[0])
         if not (codes.is_cuda and self.execution.cuda_graphs and rows) or c.n_morph_steps == 0 \
                 or rows > self.rows_per_chunk(c.n_morph_steps, device=codes.device):
+            return None
+        if torch.cuda.is_current_stream_capturing():  # inside a caller's graph (a search): record into that one
             return None
         if c.top_k is not None and not (c.top_k == 1 and self.fused(codes.device)):
             return None
@@ -450,9 +453,15 @@ class Engine:
         GPU); ctx: (n, ctx_dim) float32 raw contexts (e.g. IVF centroids), required exactly when
         config.ctx_dim > 0. Returns (n, d) float32 on the model's device.
         """
-        m, c = self.model, self.config
+        m = self.model
         codes = m.check_codes(codes)
-        ctx_s = m.check_ctx(ctx, codes.shape[0])
+        return self.decode_checked(codes, m.check_ctx(ctx, codes.shape[0]))
+
+    def decode_checked(self, codes: torch.Tensor, ctx_s: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``decode`` of inputs already checked: codes (n >= 1, M) int64 in [0, K) and normalised contexts
+        (``RQMoE.normalize_ctx``) or None, on the model's device. Nothing here waits for the device, so a
+        CUDA graph can record it (an index's search decodes its own stored codes this way)."""
+        m, c = self.model, self.config
         out = torch.empty(codes.shape[0], c.d, device=m.device)  # a normal tensor, made outside inference mode
         with torch.inference_mode():
             if self._graphed_decode(codes, ctx_s, out) is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -38,7 +39,8 @@ def bucket(n: int) -> Optional[int]:
 def stamp(tensors: Sequence[torch.Tensor]) -> tuple:
     """What identifies some tensors' values, for the caches keyed on them (graphs, fused weights): every
     tensor's storage and in-place version."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    # inference tensors keep no version (made in inference mode, e.g. a search's store): their storage says it
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
 
 
 class WeightsCache(dict):
@@ -47,6 +49,24 @@ class WeightsCache(dict):
 
     def __reduce__(self):
         return (WeightsCache, ())
+
+
+def host_synchronisation(fn: Callable, inputs: Sequence[torch.Tensor]) -> Optional[str]:
+    """Run fn(*inputs) once more with torch's CUDA synchronisation warnings on: the first warning's text where
+    fn makes the host wait for the device (which a CUDA graph cannot record), else None. Warnings rather than
+    errors: the mode is global, and another thread's waits must not fail meanwhile."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(*inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    for warning in caught:  # (not the warning that the mode itself is a prototype)
+        if "called a synchronizing" in str(warning.message):
+            return str(warning.message).splitlines()[0]
+    return None
 
 
 class GraphCache:
@@ -78,13 +98,15 @@ class GraphCache:
             self._failed.clear()
             self._pool = None  # a pool whose graphs are all gone cannot take a new capture
 
-    def run(self, key: tuple, weights_stamp: tuple, fn: Callable[..., torch.Tensor], inputs: Tuple[torch.Tensor, ...],
-            out: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
+    def run(self, key: tuple, weights_stamp: tuple, fn: Callable, inputs: Tuple[torch.Tensor, ...],
+            out, rows: int):
         """out[:] = fn(*inputs) for inputs of n = len(out) rows through the graph recorded for ``rows`` padded
         rows and ``key``; returns out, or None when this computation cannot be recorded (the caller then runs
-        it eagerly). Every input and out are on one CUDA device."""
-        n = out.shape[0]
-        with self._lock, torch.cuda.device(out.device):
+        it eagerly). out is a tensor, or a tuple of tensors where fn returns a tuple (each output's first
+        dimension the rows). Every input and output is on one CUDA device."""
+        outs = out if isinstance(out, tuple) else (out,)
+        n = outs[0].shape[0]
+        with self._lock, torch.cuda.device(outs[0].device):
             if key in self._failed:
                 return None
             entry = self._graphs.get(key)
@@ -99,7 +121,8 @@ class GraphCache:
             for buffer, value in zip(static_inputs, inputs):
                 buffer[:n].copy_(value)
             graph.replay()
-            out.copy_(static_out[:n])
+            for target, recorded in zip(outs, static_out if isinstance(static_out, tuple) else (static_out,)):
+                target.copy_(recorded[:n])
             self._done = torch.cuda.Event()
             self._done.record(stream)
             return out
@@ -112,6 +135,11 @@ class GraphCache:
         try:
             with torch.cuda.stream(side):
                 fn(*static_inputs)  # warm-up: caches (fused weights, kernels) fill outside the graph
+                synchronising = host_synchronisation(fn, static_inputs)
+            if synchronising:  # a capture would fail part way, and a failed capture can leave torch's RNG broken
+                logger.info("running %s eagerly: it waits for the GPU inside (%s)", key, synchronising)
+                self._failed.add(key)
+                return None
             graph = torch.cuda.CUDAGraph()
             # into the pool of a graph still held: capturing into a pool whose graphs were all freed fails
             # inside capture_begin and leaves torch's RNG in capture mode; thread_local: other threads may

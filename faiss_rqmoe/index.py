@@ -22,13 +22,14 @@ import faiss
 import numpy as np
 import torch
 
-from . import distributed, lut, scan, snapshot
+from . import distributed, kernels, lut, scan, scan_kernel, snapshot
 from .arrays import (as_id_list, as_ids, as_vectors, as_vectors_on, check_positive_int, fill_output,
                      returns_like, to_host)
 from .config import Condition, RQMoEConfig
 from .devices import resolve_device
 from .engine import DEFAULT_MEM_BUDGET_BYTES, Engine, Execution
-from .model import RQMoE
+from .graphs import GraphCache, stamp
+from .model import RQMoE, autocast_enabled
 from .progress import folded_faiss_warnings, matmul_rate, timed_stage
 from .train import AUTO, TrainConfig, TrainHistory, reconstruction_mse, train_faiss_rq, train_rqmoe
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 METRICS = {faiss.METRIC_L2: "L2", faiss.METRIC_INNER_PRODUCT: "IP"}
 SEARCH_PARAMETERS = ("nprobe", "nshort", "sel")
+SEARCH_GRAPH_MAX_QUERIES = 64  # GPU searches of up to this many queries replay a recorded CUDA graph
 # Database encoding when the caller chooses nothing: (cpu, cuda)
 AUTO_ENCODE_CANDIDATES = (16, 32)
 AUTO_ENCODE_BEAM = (1, 4)
@@ -163,6 +165,7 @@ class IndexRQMoE:
         self._mirror = None  # scan.ListMirror (CPU) or scan.CodeMirror (GPU), built at the first search
         self._mirror_lock = threading.Lock()
         self._device_cache = {}
+        self._search_graphs = GraphCache()  # small GPU searches, one recorded graph a shape (``_graphed_search``)
         self._nprobe = 1
         self.nprobe = nprobe
         self.nshort = nshort
@@ -365,6 +368,7 @@ class IndexRQMoE:
             if self._mirror is not None and not self._mirror.in_step(self.ivf):
                 self._mirror = None
             if self._mirror is None:
+                self._search_graphs.clear()  # they read the store being replaced
                 with_terms = self.metric_type == faiss.METRIC_L2
                 if self.model.device.type == "cpu":
                     self._mirror = scan.ListMirror.from_faiss(
@@ -603,6 +607,9 @@ class IndexRQMoE:
     def _decode_on_device(self, codes: torch.Tensor, list_nos: torch.Tensor) -> torch.Tensor:
         """Reconstructions (n, d) float32 on the codec's device of codes (n, M) stored in lists list_nos (n,)."""
         centroids = self._on_device("centroids", self.centroids)[list_nos.to(self.model.device)]
+        if codes.is_cuda:  # the index's own codes and centroids: no check that would wait for the device
+            ctx_s = self.model.normalize_ctx(centroids) if self.config.ctx_dim else None
+            return self.engine.decode_checked(codes.long(), ctx_s) + centroids
         return self.engine.decode(codes, ctx=centroids if self.config.ctx_dim else None) + centroids
 
     def _decode(self, codes: np.ndarray, list_nos: np.ndarray) -> np.ndarray:
@@ -706,10 +713,12 @@ class IndexRQMoE:
         return None if sel is None else mirror.selector_masks(sel)
 
     def _shortlist_distances(self, mirror, xq: torch.Tensor, nshort: int, nprobe: int,
-                             masks=None):
+                             masks=None, decode_every_slot: Optional[bool] = None):
         """Scan, decode and score: xq (nq, d) float32 on the codec's device -> exact distances (nq, nshort)
         float32 (worst where empty) and ids (nq, nshort) int64 (-1 where empty), on that device.
-        masks: the mirror's ``selector_masks`` (None: all vectors)."""
+        masks: the mirror's ``selector_masks`` (None: all vectors). decode_every_slot (default: on a GPU)
+        decodes empty slots too, masking them after, instead of selecting the valid ones first: no host
+        synchronisation, which a CUDA graph needs."""
         inner_product = self.metric_type == faiss.METRIC_INNER_PRODUCT
         probes, coarse = self._coarse(xq, nprobe)
         if not probes.is_cuda:  # faiss's CPU IVF indexes count their scans; its GPU ones do not
@@ -717,9 +726,19 @@ class IndexRQMoE:
         device = self.model.device
         shortlist = scan.scan(mirror, self._on_device("codebooks", self.static_codebooks), xq,
                               probes.to(device), coarse.to(device), nshort, inner_product, masks)
+        if self.config.mode is Condition.NONE:
+            # a plain-RQ codec (e.g. the RQ start kept after training) reconstructs with the very codebooks the
+            # table holds: its table distance is the exact one, and decoding to re-rank would change nothing
+            return shortlist.distances, shortlist.ids
         worst = -torch.inf if inner_product else torch.inf
-        dist = torch.full(shortlist.ids.shape, worst, device=device)
         valid = shortlist.valid
+        if xq.is_cuda if decode_every_slot is None else decode_every_slot:
+            nq, width = valid.shape
+            recons = self._decode_on_device(shortlist.codes.reshape(nq * width, -1),
+                                            shortlist.list_nos.reshape(-1)).view(nq, width, -1)
+            exact = (xq.unsqueeze(1) * recons).sum(2) if inner_product else ((xq.unsqueeze(1) - recons) ** 2).sum(2)
+            return torch.where(valid, exact, torch.full_like(exact, worst)), shortlist.ids
+        dist = torch.full(shortlist.ids.shape, worst, device=device)
         if bool(valid.any()):
             recons = self._decode_on_device(shortlist.codes[valid], shortlist.list_nos[valid])
             queries = xq.unsqueeze(1).expand(-1, valid.shape[1], -1)[valid]
@@ -768,18 +787,56 @@ class IndexRQMoE:
         I_out = torch.full((nq, k), -1, dtype=torch.int64, device=device)
         if nq == 0 or self.ntotal == 0:
             return D_out, I_out
-        bs = self._query_chunk(nshort)
         mirror = self._code_mirror()
+        if sel is None and self._graphed_search(mirror, xq, k, nshort, nprobe, D_out, I_out) is not None:
+            return D_out, I_out
+        bs = self._query_chunk(nshort)
         masks = self._selector_masks(mirror, sel)
         with torch.inference_mode():
             for i0 in range(0, nq, bs):
-                dist, ids = self._shortlist_distances(mirror, xq[i0:i0 + bs], nshort, nprobe, masks)
-                top = min(k, dist.shape[1])
-                best, order = dist.topk(top, dim=1, largest=inner_product)
-                D_out[i0:i0 + bs, :top] = best
-                I_out[i0:i0 + bs, :top] = torch.where(torch.isfinite(best), ids.gather(1, order),
-                                                      torch.full_like(order, -1))
+                D_out[i0:i0 + bs], I_out[i0:i0 + bs] = self._search_block(mirror, xq[i0:i0 + bs], k, nshort,
+                                                                          nprobe, masks)
         return D_out, I_out
+
+    def _search_block(self, mirror, xq: torch.Tensor, k: int, nshort: int, nprobe: int, masks=None):
+        """One chunk of queries xq (b, d) -> D (b, k) float32 and I (b, k) int64 on the codec's device."""
+        inner_product = self.metric_type == faiss.METRIC_INNER_PRODUCT
+        dist, ids = self._shortlist_distances(mirror, xq, nshort, nprobe, masks)
+        D = torch.full((xq.shape[0], k), -torch.inf if inner_product else torch.inf, device=xq.device)
+        I = torch.full((xq.shape[0], k), -1, dtype=torch.int64, device=xq.device)
+        top = min(k, dist.shape[1])
+        best, order = dist.topk(top, dim=1, largest=inner_product)
+        D[:, :top] = best
+        I[:, :top] = torch.where(torch.isfinite(best), ids.gather(1, order), torch.full_like(order, -1))
+        return D, I
+
+    def _graphed_search(self, mirror, xq: torch.Tensor, k: int, nshort: int, nprobe: int, D_out, I_out):
+        """A small search on a GPU (up to ``SEARCH_GRAPH_MAX_QUERIES`` queries, no selector) replayed as one
+        CUDA graph recorded for its shape: a query alone is otherwise bound by the host launching some
+        sixty kernels (docs/experiments.md, section 8). Fills D_out, I_out and returns them, or None where
+        that does not apply (CPU, graphs off, larger batches, a search that cannot be recorded)."""
+        nq = xq.shape[0]
+        if not (xq.is_cuda and self.execution.cuda_graphs and nq <= SEARCH_GRAPH_MAX_QUERIES):
+            return None
+        rows = 1 << (nq - 1).bit_length()
+        if rows > self._query_chunk(nshort):
+            return None
+        # the graph reads the store's and the codec's tensors where they were when it was recorded: any new
+        # one (an add, a removal, a move, new weights) records it again
+        tensors = [self._on_device("codebooks", self.static_codebooks), self._on_device("centroids", self.centroids)]
+        tensors += [t for seg in mirror.segments for t in (seg.codes, seg.ids, seg.terms, seg.offsets) if t is not None]
+        # (the mirror and the engine themselves: the entry keeps them, and what the graph read, alive)
+        engine = self.engine
+        state = (mirror, engine, stamp(tensors), tuple(tuple(t.shape) for t in tensors), engine._weights_stamp())
+        # what else changes the recorded arithmetic or launches (see Engine._graphed_decode)
+        key = ("search", rows, k, nshort, min(nprobe, self.nlist), self.execution, xq.device,
+               torch.backends.cuda.matmul.allow_tf32, autocast_enabled("cuda"), kernels.launch_key(),
+               tuple(sorted(scan_kernel.CONFIG.items())))
+
+        def block(queries):
+            with torch.inference_mode():
+                return self._search_block(mirror, queries, k, nshort, nprobe)
+        return self._search_graphs.run(key, state, block, (xq,), (D_out, I_out), rows)
 
     @returns_like("x")
     def range_search(self, x, radius: float, params=None):

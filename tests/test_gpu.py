@@ -364,3 +364,27 @@ def test_fused_encode_stays_within_the_memory_budget():
     decoded = model.decode(many)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - held <= 2 * budget + decoded.numel() * 4
+
+
+@cuda_only
+@pytest.mark.parametrize("description", ["IVF16,RQMoE4x8_N2L2H32", "IVF16,RQMoE4x8_N2L2H32_centroid"])
+def test_small_gpu_searches_replay_a_recorded_graph_with_the_eager_results(sift, description):
+    """Up to 64 queries on a GPU replay one recorded CUDA graph a shape (index.SEARCH_GRAPH_MAX_QUERIES):
+    the results are the eager search's; an add records the graph again, and the new vectors are found."""
+    cpu = faiss_rqmoe.index_factory(128, description, device="cpu", **TRAIN)
+    cpu.train(sift.xt[:3000], sift.xval[:300])
+    cpu.add(sift.xb[:3000])
+    graphed = faiss_rqmoe.clone_index(cpu).to("cuda")
+    eager = faiss_rqmoe.clone_index(cpu).to("cuda").set_execution(cuda_graphs=False)
+    params = {"nprobe": 4, "nshort": 50}
+    for round_ in range(2):
+        for n in (1, 3, 64):
+            D, I = graphed.search(sift.xq[:n], 10, params)
+            D_eager, I_eager = eager.search(sift.xq[:n], 10, params)
+            assert_same_up_to_ties(D, I, D_eager, I_eager, rtol=1e-5, atol=1e-2)
+        assert len(graphed._search_graphs._graphs) == 3 and not graphed._search_graphs._failed
+        if round_ == 0:
+            for index in (graphed, eager):
+                index.add(sift.xb[3000:3500])
+    D, I = graphed.search(sift.xb[3000:3064], 1, {"nprobe": 16, "nshort": 50})
+    assert (I[:, 0] >= 3000).mean() > 0.5  # a stored vector's own code is usually its nearest

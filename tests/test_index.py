@@ -285,3 +285,36 @@ def test_a_plain_rq_codec_stores_what_faiss_rq_would(sift):
     assert np.array_equal(codes[:, :4], rq.compute_codes(residuals))
     np.testing.assert_allclose(index.sa_decode(codes), rq.decode(rq.compute_codes(residuals)) + index.centroids[0],
                                rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("fixture", ["ivf_l2", "ivf_ip"])
+def test_decoding_every_shortlist_slot_equals_decoding_the_valid_ones(request, sift, fixture):
+    """A GPU search decodes every shortlist slot and masks the empty ones after (no host synchronisation,
+    so that a CUDA graph can record it); the CPU decodes only the valid slots. Both give the same distances
+    and ids, empty slots (nshort > ntotal) included."""
+    index = request.getfixturevalue(fixture)
+    mirror = index._code_mirror()
+    xq = torch.from_numpy(sift.xq[:20])
+    for nshort in (10, 4000):  # 4000 > ntotal: the empty slots are decoded and masked
+        D_valid, I_valid = index._shortlist_distances(mirror, xq, nshort, 4, decode_every_slot=False)
+        D_every, I_every = index._shortlist_distances(mirror, xq, nshort, 4, decode_every_slot=True)
+        assert torch.equal(I_every, I_valid)
+        torch.testing.assert_close(D_every, D_valid, rtol=1e-5, atol=1e-2)
+        assert (I_valid == -1).any() == (nshort == 4000)
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
+def test_a_plain_rq_index_answers_from_the_table_distance_without_decoding(sift, metric, monkeypatch):
+    """A plain-RQ codec reconstructs with the codebooks its lookup table holds, so the table distance is the
+    exact distance to the reconstruction: the search decodes nothing and returns brute force's neighbours
+    over the reconstructions, within float32 rounding."""
+    index = faiss_rqmoe.index_factory(128, "IVF16,RQMoE4x8_rq", metric, device="cpu", progress=False)
+    index.train(sift.xt[:3000])
+    index.add(sift.xb[:2000])
+    recons = index.reconstruct_n(0, index.ntotal)
+    monkeypatch.setattr(index, "_decode_on_device", lambda *a: pytest.fail("a plain-RQ search decoded"))
+    xq = sift.xq[:50]
+    D, I = index.search(xq, 10, {"nprobe": 16, "nshort": 10})  # every list: exhaustive
+    D_ref, _ = brute_force(recons, xq, 10, metric)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-4, atol=1.0)
+    assert_same_neighbours(D, I, xq, recons, D_ref, "l2" if metric == faiss.METRIC_L2 else "ip")
