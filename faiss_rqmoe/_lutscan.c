@@ -15,39 +15,34 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* heap of (key, list, row), the largest key at the root: the worst of the kept candidates */
-static void sift_down(float *key, int64_t *lst, int64_t *row, int64_t n, int64_t i) {
-    float k0 = key[i];
-    int64_t l0 = lst[i], r0 = row[i];
+/* a kept candidate; the heap keeps the largest key (the worst kept) at its root */
+typedef struct {
+    float key;
+    int64_t list, row;
+} Entry;
+
+static void sift_down(Entry *heap, int64_t n, int64_t i) {
+    Entry moved = heap[i];
     for (;;) {
         int64_t c = 2 * i + 1;
         if (c >= n) break;
-        if (c + 1 < n && key[c + 1] > key[c]) c++;
-        if (key[c] <= k0) break;
-        key[i] = key[c];
-        lst[i] = lst[c];
-        row[i] = row[c];
+        if (c + 1 < n && heap[c + 1].key > heap[c].key) c++;
+        if (heap[c].key <= moved.key) break;
+        heap[i] = heap[c];
         i = c;
     }
-    key[i] = k0;
-    lst[i] = l0;
-    row[i] = r0;
+    heap[i] = moved;
 }
 
-static void sift_up(float *key, int64_t *lst, int64_t *row, int64_t i) {
-    float k0 = key[i];
-    int64_t l0 = lst[i], r0 = row[i];
+static void sift_up(Entry *heap, int64_t i) {
+    Entry moved = heap[i];
     while (i > 0) {
         int64_t p = (i - 1) / 2;
-        if (key[p] >= k0) break;
-        key[i] = key[p];
-        lst[i] = lst[p];
-        row[i] = row[p];
+        if (heap[p].key >= moved.key) break;
+        heap[i] = heap[p];
         i = p;
     }
-    key[i] = k0;
-    lst[i] = l0;
-    row[i] = r0;
+    heap[i] = moved;
 }
 
 static inline float table_sum(const float *lut, const uint8_t *code, int64_t M) {
@@ -63,12 +58,11 @@ static inline float table_sum(const float *lut, const uint8_t *code, int64_t M) 
         float s = table_sum(lut, codes + j * stride, (MM));                              \
         float key = ip ? -(c + s) : (c + terms[j]) - 2.0f * s;                           \
         if (n < k) {                                                                     \
-            hkey[n] = key; hlist[n] = l; hrow[n] = j;                                    \
-            sift_up(hkey, hlist, hrow, n);                                               \
-            n++;                                                                         \
-        } else if (key < hkey[0]) {                                                      \
-            hkey[0] = key; hlist[0] = l; hrow[0] = j;                                    \
-            sift_down(hkey, hlist, hrow, n, 0);                                          \
+            heap[n] = (Entry){key, l, j};                                                \
+            sift_up(heap, n++);                                                          \
+        } else if (key < heap[0].key) {                                                  \
+            heap[0] = (Entry){key, l, j};                                                \
+            sift_down(heap, n, 0);                                                       \
         }                                                                                \
     }
 
@@ -86,13 +80,8 @@ int rqmoe_lutscan(int64_t nq, int64_t P, int64_t M, int64_t k, int32_t ip, const
                   const int64_t *probes, const float *coarse, const int64_t *codes_at, const int64_t *ids_at,
                   const int64_t *terms_at, const int64_t *mask_at, const int64_t *sizes, int64_t stride,
                   float *out_dist, int64_t *out_ids, int64_t *out_lists, uint8_t *out_codes) {
-    float *hkey = malloc(sizeof(float) * (k > 0 ? k : 1));
-    int64_t *hlist = malloc(sizeof(int64_t) * (k > 0 ? k : 1));
-    int64_t *hrow = malloc(sizeof(int64_t) * (k > 0 ? k : 1));
-    if (!hkey || !hlist || !hrow) {
-        free(hkey); free(hlist); free(hrow);
-        return -1;
-    }
+    Entry *heap = malloc(sizeof(Entry) * (k > 0 ? k : 1));
+    if (!heap) return -1;
     for (int64_t q = 0; q < nq; q++) {
         const float *lut = luts + q * M * 256;
         int64_t n = 0;
@@ -114,17 +103,17 @@ int rqmoe_lutscan(int64_t nq, int64_t P, int64_t M, int64_t k, int32_t ip, const
         }
         /* heap sort in place: the worst goes last, so the array ends best first */
         for (int64_t end = n - 1; end > 0; end--) {
-            float tk = hkey[0]; int64_t tl = hlist[0], tr = hrow[0];
-            hkey[0] = hkey[end]; hlist[0] = hlist[end]; hrow[0] = hrow[end];
-            hkey[end] = tk; hlist[end] = tl; hrow[end] = tr;
-            sift_down(hkey, hlist, hrow, end, 0);
+            Entry worst = heap[0];
+            heap[0] = heap[end];
+            heap[end] = worst;
+            sift_down(heap, end, 0);
         }
         float *od = out_dist + q * k;
         int64_t *oi = out_ids + q * k, *ol = out_lists + q * k;
         uint8_t *oc = out_codes + q * k * M;
         for (int64_t i = 0; i < n; i++) {
-            int64_t l = hlist[i], j = hrow[i];
-            od[i] = ip ? -hkey[i] : hkey[i];
+            int64_t l = heap[i].list, j = heap[i].row;
+            od[i] = ip ? -heap[i].key : heap[i].key;
             oi[i] = ((const int64_t *)(intptr_t)ids_at[l])[j];
             ol[i] = l;
             memcpy(oc + i * M, (const uint8_t *)(intptr_t)codes_at[l] + j * stride, (size_t)M);
@@ -136,6 +125,6 @@ int rqmoe_lutscan(int64_t nq, int64_t P, int64_t M, int64_t k, int32_t ip, const
             memset(oc + i * M, 0, (size_t)M);
         }
     }
-    free(hkey); free(hlist); free(hrow);
+    free(heap);
     return 0;
 }
