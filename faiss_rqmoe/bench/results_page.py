@@ -360,14 +360,20 @@ def _point(grid: List[dict], point: Dict[str, int]) -> Optional[dict]:
     return None
 
 
+def _timed_points(entry: dict, keep: Optional[dict] = None) -> List[dict]:
+    """A search method's grid points that were timed (queries a second > 0) and match ``keep`` (e.g. one scan
+    of a run that timed several: {"scan": "compiled"})."""
+    keep = keep or {}
+    return [row for row in entry["grid"] if row.get("qps", 0) > 0
+            and all(row.get(key) == value for key, value in keep.items())]
+
+
 def readme_search_table(results: Dict[str, dict]) -> str:
     out, previous_data = [], None
     for name, method, label, *where in README_SEARCH_ROWS:
         result = _get(results, name)
         entry = result["methods"][method]
-        keep = where[0] if where else {}  # e.g. one scan of a run that timed several
-        grid = [row for row in entry["grid"] if row.get("qps", 0) > 0
-                and all(row.get(key) == value for key, value in keep.items())]
+        grid = _timed_points(entry, *where)
         at = _point(grid, SEARCH_POINT)
         best = max(grid, key=lambda row: (row["R@1"], row["qps"]))
         settings = ", ".join(f"{key} {best[key]:g}" for key in ("nprobe", "nshort") if key in best)
@@ -482,9 +488,7 @@ def draw_recall_qps(results: Dict[str, dict], path: Path) -> Path:
     fig, axes = _figure(len(RECALL_QPS_PANELS))
     for ax, (title, lines) in zip(axes, RECALL_QPS_PANELS):
         for name, method, label, *where in lines:
-            keep = where[0] if where else {}
-            grid = [row for row in _get(results, name)["methods"][method]["grid"] if row.get("qps", 0) > 0
-                    and all(row.get(key) == value for key, value in keep.items())]
+            grid = _timed_points(_get(results, name)["methods"][method], *where)
             front = pareto_front([(row["R@1"], row["qps"]) for row in grid])
             ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", label=label)
         _style(ax, title, "recall@1", "queries a second")
