@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import faiss_rqmoe
-from faiss_rqmoe import Engine, Execution, RQMoE, RQMoEConfig, kernels
+from faiss_rqmoe import Engine, Execution, RQMoE, RQMoEConfig, graphs, kernels
 from faiss_rqmoe.engine import Backend
 
 from conftest import clustered
@@ -285,25 +285,39 @@ def test_fused_kernels_compile_for_hopper():
 @pytest.mark.parametrize("routing, kernel, ctx_dim", [("dense", "torch", 0), ("dense", "triton", 32),
                                                       ("top1", "triton", 0)])
 def test_graphed_decode_equals_eager_decode_and_follows_new_weights(routing, kernel, ctx_dim):
-    """Small CUDA decodes replay a recorded graph (padded to a power of two); they give what the eager
-    decode gives, for every batch size, and a change of the weights records the graph again."""
+    """Small CUDA decodes replay a graph recorded for the batch padded to a power of two (one graph a
+    padded size); they give what the eager decode of the padded batch gives (the same launches: the
+    kernels pick their variants by rows, so an unpadded batch may round otherwise in bfloat16), and a change
+    of the weights records the graph again."""
     torch.manual_seed(0)
     network = perturb(RQMoE(RQMoEConfig(32, 4, 5, n_experts=3, n_layers=2, hidden=32, routing=routing,
                                         ctx_dim=ctx_dim)), scale=0.2).cuda()
     model, eager_engine = run(network, kernel=kernel), run(network, kernel=kernel, cuda_graphs=False)
-    for n in (5, 1000, 3000):
+
+    def eager_padded(codes, ctx):
+        rows = graphs.bucket(codes.shape[0])
+        padded = torch.zeros(rows, codes.shape[1], dtype=codes.dtype, device="cuda")
+        padded[:codes.shape[0]] = codes
+        padded_ctx = None if ctx is None else torch.zeros(rows, ctx.shape[1], device="cuda")
+        if ctx is not None:
+            padded_ctx[:ctx.shape[0]] = ctx
+        return eager_engine.decode(padded, padded_ctx)[:codes.shape[0]]
+
+    sizes = (5, 1000, 3000)
+    for n in sizes:
         codes = torch.randint(0, 32, (n, 4), device="cuda")
         ctx = torch.randn(n, 32, device="cuda") if ctx_dim else None
-        eager = eager_engine.decode(codes, ctx)
         graphed = model.decode(codes, ctx)
         torch.testing.assert_close(model.decode(codes, ctx), graphed)  # the replay, not the recording
-        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
-    assert len(model._graphs._graphs) == 1 and not model._graphs._failed
+        torch.testing.assert_close(graphed, eager_padded(codes, ctx), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graphed, eager_engine.decode(codes, ctx), rtol=5e-2, atol=5e-2)
+    assert len(model._graphs._graphs) == len({graphs.bucket(n) for n in sizes}) == 2
+    assert not model._graphs._failed
     with torch.no_grad():
         network.codebooks.mul_(1.5)
         network.expert_w1.mul_(1.5)
     graphed = model.decode(codes, ctx)
-    torch.testing.assert_close(graphed, eager_engine.decode(codes, ctx), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graphed, eager_padded(codes, ctx), rtol=1e-5, atol=1e-5)
     graphed -= 1  # a normal tensor, as the eager decode returns
 
 
