@@ -155,14 +155,16 @@ def returns_like(arg: str, outputs: tuple = ()):
     as given). The one place of the returns-like-the-input rule."""
     def decorate(method):
         signature = inspect.signature(method)
+        position = list(signature.parameters).index(arg)
 
         @functools.wraps(method)
         def wrapper(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            like = bound.arguments.get(arg)
+            # read arg without binding the whole signature: a single query on a GPU pays this on the host
+            like = args[position] if len(args) > position else kwargs.get(arg)
             result = method(*args, **kwargs)
             if not isinstance(like, torch.Tensor):
                 return result
+            bound = signature.bind(*args, **kwargs)
             outs = tuple(bound.arguments[name] for name in outputs if bound.arguments.get(name) is not None)
             return _like(result, like, outs)
         return wrapper

@@ -14,6 +14,7 @@ while the model lives; ``clear`` frees them.
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -126,6 +127,27 @@ class GraphCache:
             self._done = torch.cuda.Event()
             self._done.record(stream)
             return out
+
+    def keys(self) -> list:
+        """The keys of the graphs recorded so far."""
+        with self._lock:
+            return list(self._graphs)
+
+    def replay_ms(self, key: tuple, repeats: int = 100) -> float:
+        """GPU milliseconds of one replay of the graph recorded for ``key``, alone on the device: the median
+        over ``repeats`` replays timed by CUDA events (a diagnostic: the device's share of a small search)."""
+        with self._lock:
+            graph = self._graphs[key][1]
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            return statistics.median(times)
 
     def _record(self, key, weights_stamp, fn, inputs, rows):
         static_inputs = tuple(torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)

@@ -783,10 +783,12 @@ class IndexRQMoE:
         """D (nq, k) float32 and I (nq, k) int64 on the codec's device."""
         inner_product = self.metric_type == faiss.METRIC_INNER_PRODUCT
         nq, device = xq.shape[0], xq.device
-        D_out = torch.full((nq, k), -torch.inf if inner_product else torch.inf, device=device)
-        I_out = torch.full((nq, k), -1, dtype=torch.int64, device=device)
         if nq == 0 or self.ntotal == 0:
-            return D_out, I_out
+            return (torch.full((nq, k), -torch.inf if inner_product else torch.inf, device=device),
+                    torch.full((nq, k), -1, dtype=torch.int64, device=device))
+        # every row is written below, by the graph's copy-out or a block's assignment: no fill first
+        D_out = torch.empty((nq, k), device=device)
+        I_out = torch.empty((nq, k), dtype=torch.int64, device=device)
         mirror = self._code_mirror()
         if sel is None and self._graphed_search(mirror, xq, k, nshort, nprobe, D_out, I_out) is not None:
             return D_out, I_out

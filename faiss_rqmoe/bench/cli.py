@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--latency-queries", type=int, default=200, help="queries timed alone a --latency point")
     search.add_argument("--profile", nargs="*", default=[],
                         help="NPROBE:NSHORT points at which to profile one search of all queries and of one query "
-                             "alone (torch.profiler: each kernel's own time, written under 'profile')")
+                             "alone (torch.profiler: each kernel's own time, written under 'profile'); on a GPU with "
+                             "search graphs also where one query's time goes (host, graph replay: "
+                             "'latency_stages')")
     search.add_argument("--gpu-scans", nargs="+", choices=["auto", "fused", "gather"], default=["auto"],
                         help="with --device cuda, run the grid with each scan: fused (the Triton kernel), gather "
                              "(torch) or auto (fused where Triton is installed)")

@@ -95,8 +95,55 @@ def profile_search(search, queries, params: dict, repeats: int = 3) -> dict:
            for e in prof.key_averages()]
     own = sorted(((name, ms) for name, ms in own if ms > 0), key=lambda item: -item[1])
     total_ms = max(sum(ms for _, ms in own), 1e-9)
+    kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
     return dict(params, queries=len(queries), repeats=repeats, wall_ms=wall_ms, profiled_ms=total_ms,
+                kernels_per_search=kernels / repeats if cuda else None,
                 top=[{"name": name[:120], "ms": ms, "share": ms / total_ms} for name, ms in own[:15]])
+
+
+def latency_stages(index, xq: np.ndarray, params: dict, n: int, host_top: int = 12) -> dict:
+    """Where the time of one query searched alone goes on a GPU with search graphs (a diagnostic of the
+    latency target), as medians over n queries:
+
+    - numpy_ms: numpy in, numpy out (what ``latency`` times);
+    - device_ms: the query already on the GPU and the results left there, until they are ready;
+    - host_ms: the same search until it returns: the host's share (Python, copies and the replay queued);
+    - replay_ms: the recorded search graph replayed alone, timed on the GPU by CUDA events: the device's share;
+
+    and host_top: the host functions with the most own time over those n searches (cProfile, which slows
+    the host: shares, not times)."""
+    import cProfile
+    import pstats
+
+    device = index.model.device
+    on_device = torch.from_numpy(xq[:n]).to(device)
+    numpy_ms = latency(lambda q, p: index.search(q, K, params=p), xq, params, n)["median_ms"]
+    host, total = [], []
+    for i in range(n):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        index.search(on_device[i:i + 1], K, params=params)
+        host.append(time.perf_counter() - start)
+        torch.cuda.synchronize(device)
+        total.append(time.perf_counter() - start)
+    nshort = max(params["nshort"], K)
+    keys = [key for key in index._search_graphs.keys()
+            if key[:2] == ("search", 1) and key[2:5] == (K, nshort, min(params["nprobe"], index.nlist))]
+    replay_ms = index._search_graphs.replay_ms(keys[0]) if keys else None
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(n):
+        index.search(on_device[i:i + 1], K, params=params)
+    torch.cuda.synchronize(device)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, primitive, own s, cumulative s, _)
+    own = sorted(stats.items(), key=lambda item: -item[1][2])[:host_top]
+    total_own = sum(value[2] for value in stats.values())
+    return dict(params, n=n, numpy_ms=numpy_ms, device_ms=1e3 * float(np.median(total)),
+                host_ms=1e3 * float(np.median(host)), replay_ms=replay_ms, graphed=bool(keys),
+                host_top=[{"function": f"{Path(file).name}:{line}:{name}", "calls_per_search": calls / n,
+                           "share": own_s / total_own}
+                          for (file, line, name), (calls, _, own_s, _, _) in own])
 
 
 def memory_per_vector(index) -> dict:
@@ -271,13 +318,16 @@ def run_search(args) -> dict:
                 latencies += [dict(row, cuda_graphs=False, **stamp) for row in (
                     latency(ours, xq, p, args.latency_queries) for p in points(args.latency))]
                 index.execution = execution
+        if args.profile and device.type == "cuda" and index.execution.cuda_graphs:
+            result["latency_stages"] = [latency_stages(index, xq, p, args.latency_queries)
+                                        for p in points(args.profile)]
         if args.profile:
             # eager decodes: replaying a CUDA graph recorded before the profiler starts is not safe
             execution = index.execution
             index.set_execution(cuda_graphs=False)
             scan_kernel.CONFIG["enabled"], lutscan.CONFIG["enabled"] = saved
             result["profile"] = [dict(profile_search(ours, q, p), batch=name) for p in points(args.profile)
-                                 for name, q in (("all queries", queries), ("one query", xq[:1]))]
+                                 for name, q in (("all queries", queries), ("one query", queries[:1]))]
             index.execution = execution
     finally:
         scan_kernel.CONFIG["enabled"], lutscan.CONFIG["enabled"] = saved
