@@ -360,6 +360,14 @@ class IndexRQMoE:
             self._device_cache[name] = cached
         return cached[1]
 
+    def _centroid_norms(self, centroids: torch.Tensor) -> torch.Tensor:
+        """||c||² (nlist,) float32 of the centroids on the codec's device (``_on_device``), cached with them."""
+        cached = self._device_cache.get("centroid norms")
+        if cached is None or cached[0] is not centroids:
+            cached = (centroids, (centroids * centroids).sum(1))
+            self._device_cache["centroid norms"] = cached
+        return cached[1]
+
     def _code_mirror(self):
         """What the scan reads beside faiss's lists: on the CPU a ``scan.ListMirror`` (the terms only; codes
         and ids read in place from the lists), on a GPU a ``scan.CodeMirror`` (codes, ids and terms there).
@@ -702,7 +710,7 @@ class IndexRQMoE:
             if inner_product:
                 scores = xq @ centroids.T
             else:
-                scores = torch.addmm((centroids * centroids).sum(1)[None, :], xq, centroids.T, alpha=-2)
+                scores = torch.addmm(self._centroid_norms(centroids)[None, :], xq, centroids.T, alpha=-2)
                 scores += (xq * xq).sum(1, keepdim=True)
             coarse, probes = scores.topk(nprobe, dim=1, largest=inner_product)
             return probes, coarse
@@ -804,12 +812,14 @@ class IndexRQMoE:
         """One chunk of queries xq (b, d) -> D (b, k) float32 and I (b, k) int64 on the codec's device."""
         inner_product = self.metric_type == faiss.METRIC_INNER_PRODUCT
         dist, ids = self._shortlist_distances(mirror, xq, nshort, nprobe, masks)
-        D = torch.full((xq.shape[0], k), -torch.inf if inner_product else torch.inf, device=xq.device)
-        I = torch.full((xq.shape[0], k), -1, dtype=torch.int64, device=xq.device)
         top = min(k, dist.shape[1])
         best, order = dist.topk(top, dim=1, largest=inner_product)
-        D[:, :top] = best
-        I[:, :top] = torch.where(torch.isfinite(best), ids.gather(1, order), torch.full_like(order, -1))
+        best_ids = torch.where(torch.isfinite(best), ids.gather(1, order), -1)
+        if top == k:  # the usual case: no padding, and no fill and copy kernels in a single query's chain
+            return best, best_ids
+        D = torch.full((xq.shape[0], k), -torch.inf if inner_product else torch.inf, device=xq.device)
+        I = torch.full((xq.shape[0], k), -1, dtype=torch.int64, device=xq.device)
+        D[:, :top], I[:, :top] = best, best_ids
         return D, I
 
     def _graphed_search(self, mirror, xq: torch.Tensor, k: int, nshort: int, nprobe: int, D_out, I_out):
