@@ -519,9 +519,10 @@ def _scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tenso
         raise ValueError(f"strategy 'fused' keeps at most {scan_kernel.MAX_K} candidates a query, got k={k}")
     worst = -torch.inf if inner_product else torch.inf
     unclamped = probes
-    missing = probes < 0
-    probes = probes.clamp(min=0)
-    coarse = torch.where(missing, torch.full_like(coarse, worst), coarse)
+    if not (compiled or fused):  # (those two scans skip the -1 probes themselves)
+        missing = probes < 0
+        probes = probes.clamp(min=0)
+        coarse = torch.where(missing, torch.full_like(coarse, worst), coarse)
     flat_books = codebooks.reshape(M * K, -1)
     sub_dtype = code_dtype(mirror.nbits)
     if compiled:
@@ -546,10 +547,13 @@ def _scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tenso
             cand += (seg.offsets[probes + 1] - seg.offsets[probes]).masked_fill(missing, 0).sum(1)
         per_query = max(1, int(cand.max()) if nq else 1) * (8 * M + 48) + 4 * M * K
     chunk = max(1, budget_bytes // per_query)
-    out_d = torch.full((nq, k), worst, device=device)
-    out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
-    out_l = torch.zeros((nq, k), dtype=torch.int64, device=device)
-    out_c = torch.zeros((nq, k, M), dtype=sub_dtype, device=device)
+
+    def empty():  # distances, ids, list numbers, codes of an all-empty shortlist
+        return (torch.full((nq, k), worst, device=device), torch.full((nq, k), -1, dtype=torch.int64, device=device),
+                torch.zeros((nq, k), dtype=torch.int64, device=device),
+                torch.zeros((nq, k, M), dtype=sub_dtype, device=device))
+
+    out_d = out_i = out_l = out_c = None  # made at the first chunk that needs them
     for i0 in range(0, nq, chunk):
         sl = slice(i0, i0 + chunk)
         luts = (xq[sl] @ flat_books.T).reshape(-1, M, K)
@@ -566,6 +570,13 @@ def _scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tenso
             parts = [_segment_candidates(seg, luts, probes[sl], coarse[sl], k, inner_product,
                                          None if masks is None else masks[s], K)
                      for s, seg in enumerate(mirror.segments)]
+        if len(parts) == 1 and nq <= chunk and parts[0][0].shape[1] == k:
+            # one chunk from one store, sorted already: the shortlist as it is (a single query's fewest launches)
+            out_d, out_i, out_l, out_c = parts[0]
+            out_c = out_c.to(sub_dtype)  # (a no-op where the scan kept them so)
+            break
+        if out_d is None:
+            out_d, out_i, out_l, out_c = empty()
         if not parts:
             continue
         if len(parts) == 1:  # one store's candidates come sorted already: no merge (fewer launches on a GPU)
@@ -582,8 +593,10 @@ def _scan(mirror, codebooks: torch.Tensor, xq: torch.Tensor, probes: torch.Tenso
         out_i[sl, :top] = torch.cat([p[1] for p in parts], 1).gather(1, where)
         out_l[sl, :top] = torch.cat([p[2] for p in parts], 1).gather(1, where)
         out_c[sl, :top] = torch.cat([p[3] for p in parts], 1).gather(1, where.unsqueeze(-1).expand(-1, top, M))
+    if out_d is None:  # no queries
+        out_d, out_i, out_l, out_c = empty()
     valid = torch.isfinite(out_d)
-    out_i.masked_fill_(~valid, -1)
+    out_i = out_i.masked_fill(~valid, -1)
     return Shortlist(out_d, out_i, out_l, out_c, valid)
 
 
