@@ -280,7 +280,7 @@ README_SEARCH_ROWS = [
      {"scan": "compiled"}),
     ("search_default200k_ivf256_cpu_compiled.json", "IVF-RQ8x8", "faiss IVF-RQ8x8"),
     ("search_default200k_ivf256_cpu_compiled.json", "IVF-PQ8x8", "faiss IVF-PQ8x8"),
-    ("search_synthetic1M_8B_h100_graphs.json", "IVF-RQ-MoE", "**IVF-RQ-MoE**"),
+    ("search_synthetic1M_8B_h100_fewer_kernels.json", "IVF-RQ-MoE", "**IVF-RQ-MoE**"),
     ("search_synthetic1M_8B_h100_gpu_cpu16.json", "IVF-RQ8x8", "faiss IVF-RQ8x8"),
     ("search_synthetic1M_8B_h100_gpu_cpu16.json", "IVF-PQ8x8", "faiss IVF-PQ8x8"),
     ("search_synthetic10M_8B_h100_ivf4096.json", "IVF-RQ-MoE", "**IVF-RQ-MoE**, IVF4096"),
@@ -449,7 +449,7 @@ RECALL_QPS_PANELS = [
         ("search_default200k_ivf256_cpu_compiled.json", "IVF-PQ8x8", "faiss IVF-PQ8x8 (8 B)"),
     ]),
     ("synthetic 1M (10M): our index on an H100, faiss on its 16 CPU cores", [
-        ("search_synthetic1M_8B_h100_graphs.json", "IVF-RQ-MoE", "IVF-RQ-MoE (9 B, GPU)"),
+        ("search_synthetic1M_8B_h100_fewer_kernels.json", "IVF-RQ-MoE", "IVF-RQ-MoE (9 B, GPU)"),
         ("search_synthetic10M_8B_h100_ivf4096.json", "IVF-RQ-MoE", "IVF-RQ-MoE, 10M, IVF4096 (9 B, GPU)"),
         ("search_synthetic1M_8B_h100_gpu_cpu16.json", "IVF-RQ8x8", "faiss IVF-RQ8x8 (9 B)"),
         ("search_synthetic1M_8B_h100_gpu_cpu16.json", "IVF-PQ8x8", "faiss IVF-PQ8x8 (8 B)"),
