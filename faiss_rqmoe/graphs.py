@@ -170,6 +170,7 @@ class GraphCache:
                 static_out = fn(*static_inputs)
             torch.cuda.current_stream().wait_stream(side)
         except torch.cuda.OutOfMemoryError:
+            torch.cuda.current_stream().wait_stream(side)  # the eager run after reads what the warm-up cached
             logger.info("running %s eagerly this time: no memory to record it as a CUDA graph", key)
             return None
         except RuntimeError as exc:  # e.g. a host synchronisation inside fn

@@ -835,7 +835,8 @@ class IndexRQMoE:
             return None
         # the graph reads the store's and the codec's tensors where they were when it was recorded: any new
         # one (an add, a removal, a move, new weights) records it again
-        tensors = [self._on_device("codebooks", self.static_codebooks), self._on_device("centroids", self.centroids)]
+        centroids = self._on_device("centroids", self.centroids)
+        tensors = [self._on_device("codebooks", self.static_codebooks), centroids, self._centroid_norms(centroids)]
         tensors += [t for seg in mirror.segments for t in (seg.codes, seg.ids, seg.terms, seg.offsets) if t is not None]
         # (the mirror and the engine themselves: the entry keeps them, and what the graph read, alive)
         engine = self.engine

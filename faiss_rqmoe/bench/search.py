@@ -127,8 +127,10 @@ def latency_stages(index, xq: np.ndarray, params: dict, n: int, host_top: int = 
         torch.cuda.synchronize(device)
         total.append(time.perf_counter() - start)
     nshort = max(params["nshort"], K)
+    scan_setting = tuple(sorted(scan_kernel.CONFIG.items()))  # (the graphs of the scan these searches ran)
     keys = [key for key in index._search_graphs.keys()
-            if key[:2] == ("search", 1) and key[2:5] == (K, nshort, min(params["nprobe"], index.nlist))]
+            if key[:2] == ("search", 1) and key[2:5] == (K, nshort, min(params["nprobe"], index.nlist))
+            and key[-1] == scan_setting]
     replay_ms = index._search_graphs.replay_ms(keys[0]) if keys else None
     profiler = cProfile.Profile()
     profiler.enable()
@@ -318,9 +320,9 @@ def run_search(args) -> dict:
                 latencies += [dict(row, cuda_graphs=False, **stamp) for row in (
                     latency(ours, xq, p, args.latency_queries) for p in points(args.latency))]
                 index.execution = execution
-        if args.profile and device.type == "cuda" and index.execution.cuda_graphs:
-            result["latency_stages"] = [latency_stages(index, xq, p, args.latency_queries)
-                                        for p in points(args.profile)]
+            if args.profile and device.type == "cuda" and index.execution.cuda_graphs:
+                result.setdefault("latency_stages", []).extend(
+                    dict(latency_stages(index, xq, p, args.latency_queries), **stamp) for p in points(args.profile))
         if args.profile:
             # eager decodes: replaying a CUDA graph recorded before the profiler starts is not safe
             execution = index.execution
