@@ -295,13 +295,11 @@ def test_graphed_decode_equals_eager_decode_and_follows_new_weights(routing, ker
     model, eager_engine = run(network, kernel=kernel), run(network, kernel=kernel, cuda_graphs=False)
 
     def eager_padded(codes, ctx):
-        rows = graphs.bucket(codes.shape[0])
-        padded = torch.zeros(rows, codes.shape[1], dtype=codes.dtype, device="cuda")
-        padded[:codes.shape[0]] = codes
-        padded_ctx = None if ctx is None else torch.zeros(rows, ctx.shape[1], device="cuda")
-        if ctx is not None:
-            padded_ctx[:ctx.shape[0]] = ctx
-        return eager_engine.decode(padded, padded_ctx)[:codes.shape[0]]
+        def pad(t):  # t's rows, then zeros up to the graph's rows
+            out = t.new_zeros((graphs.bucket(len(codes)),) + tuple(t.shape[1:]))
+            out[:len(t)] = t
+            return out
+        return eager_engine.decode(pad(codes), None if ctx is None else pad(ctx))[:len(codes)]
 
     sizes = (5, 1000, 3000)
     for n in sizes:
