@@ -787,13 +787,17 @@ class IndexRQMoE:
             D_out, I_out = D_out.cpu().numpy(), I_out.cpu().numpy()
         return fill_output(D_out, D, "D"), fill_output(I_out, I, "I")
 
+    def _no_results(self, nq: int, k: int, device: torch.device):
+        """D (nq, k) float32 of the metric's worst distance and I (nq, k) int64 of -1, as faiss fills missing
+        results."""
+        worst = -torch.inf if self.metric_type == faiss.METRIC_INNER_PRODUCT else torch.inf
+        return (torch.full((nq, k), worst, device=device), torch.full((nq, k), -1, dtype=torch.int64, device=device))
+
     def _search_on_device(self, xq: torch.Tensor, k: int, nshort: int, nprobe: int, sel):
         """D (nq, k) float32 and I (nq, k) int64 on the codec's device."""
-        inner_product = self.metric_type == faiss.METRIC_INNER_PRODUCT
         nq, device = xq.shape[0], xq.device
         if nq == 0 or self.ntotal == 0:
-            return (torch.full((nq, k), -torch.inf if inner_product else torch.inf, device=device),
-                    torch.full((nq, k), -1, dtype=torch.int64, device=device))
+            return self._no_results(nq, k, device)
         # every row is written below, by the graph's copy-out or a block's assignment: no fill first
         D_out = torch.empty((nq, k), device=device)
         I_out = torch.empty((nq, k), dtype=torch.int64, device=device)
@@ -817,15 +821,14 @@ class IndexRQMoE:
         best_ids = torch.where(torch.isfinite(best), ids.gather(1, order), -1)
         if top == k:  # the usual case: no padding, and no fill and copy kernels in a single query's chain
             return best, best_ids
-        D = torch.full((xq.shape[0], k), -torch.inf if inner_product else torch.inf, device=xq.device)
-        I = torch.full((xq.shape[0], k), -1, dtype=torch.int64, device=xq.device)
+        D, I = self._no_results(xq.shape[0], k, xq.device)
         D[:, :top], I[:, :top] = best, best_ids
         return D, I
 
     def _graphed_search(self, mirror, xq: torch.Tensor, k: int, nshort: int, nprobe: int, D_out, I_out):
         """A small search on a GPU (up to ``SEARCH_GRAPH_MAX_QUERIES`` queries, no selector) replayed as one
         CUDA graph recorded for its shape: a query alone is otherwise bound by the host launching some
-        sixty kernels (docs/experiments.md, section 8). Fills D_out, I_out and returns them, or None where
+        eighty kernels (docs/experiments.md, section 8). Fills D_out, I_out and returns them, or None where
         that does not apply (CPU, graphs off, larger batches, a search that cannot be recorded)."""
         nq = xq.shape[0]
         if not (xq.is_cuda and self.execution.cuda_graphs and nq <= SEARCH_GRAPH_MAX_QUERIES):
